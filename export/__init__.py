@@ -1,0 +1,1 @@
+"""Checkpoint to ONNX model package exporter (needs the [export] extra: torch, transformers)."""
