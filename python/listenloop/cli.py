@@ -1,0 +1,245 @@
+"""The `listenloop` command: run a file, listen to the microphone, list devices, show info, export."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from . import __version__
+from .errors import Error, ExportError
+
+CHUNK_SECONDS = 0.4
+EMOTION_MARKS = {"HAPPY": "😊", "SAD": "😢", "ANGRY": "😠", "SURPRISE": "😲", "NORMAL": "😐", "URGENT": "⚠️"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="listenloop", description="Always-on audio language model runtime.")
+    parser.add_argument("--version", action="version", version=f"listenloop {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def runtime_options(p):
+        p.add_argument("--package", metavar="DIR", help="model package folder (default: the embedded model)")
+        p.add_argument("--profile", default="cpu", help="cpu, cuda, jetson or a profile .json (default: cpu)")
+        p.add_argument("--json", action="store_true", help="print one JSON event per line")
+        p.add_argument("--speak-bias", type=float, default=None, help="added to the TEXT_BEGIN logit")
+        p.add_argument("--max-context", type=int, default=None, help="KV cache capacity in tokens")
+
+    run = sub.add_parser("run", help="stream an audio file through the model")
+    run.add_argument("file", help="audio file (wav, flac, ogg, mp3; any rate and channel count)")
+    run.add_argument("--realtime", action="store_true", help="feed at real-time pace instead of as fast as possible")
+    runtime_options(run)
+
+    listen = sub.add_parser("listen", help="listen to a microphone until Ctrl-C")
+    listen.add_argument("--device", default=None, help="input device index or name (see `listenloop devices`)")
+    runtime_options(listen)
+
+    sub.add_parser("devices", help="list audio input devices")
+
+    info = sub.add_parser("info", help="show the model, profile, providers and build")
+    info.add_argument("--package", metavar="DIR")
+    info.add_argument("--profile", default="cpu")
+
+    sub.add_parser("export", help="export a checkpoint to a model package (needs listenloop[export])", add_help=False)
+
+    from . import bench
+
+    bench.add_arguments(sub.add_parser("bench", help="measure latency, throughput and memory of a model package"))
+    return parser
+
+
+# --- output --------------------------------------------------------------------------------
+
+class Printer:
+    """Readable live transcript on stdout, plus a status line on stderr when it is a terminal."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+        self.status = sys.stderr.isatty() and not as_json
+        self.in_reply = False
+        self._status_len = 0
+
+    def __call__(self, event) -> None:
+        if self.as_json:
+            print(json.dumps(event.to_dict(), ensure_ascii=False), flush=True)
+            return
+        kind = event.kind
+        if kind == "Decision":
+            self._status(f"[{event.stream_time:7.1f}s] listening  p(speak)={event.p_speak:.2f}")
+        elif kind == "ReplyStarted":
+            self._clear_status()
+            mark = EMOTION_MARKS.get(event.emotion or "", "")
+            print(f"[{event.stream_time:7.1f}s] {mark + ' ' if mark else ''}", end="", flush=True)
+            self.in_reply = True
+        elif kind == "TextDelta":
+            print(event.text, end="", flush=True)
+        elif kind == "ReplyEnded":
+            print(" [cut]" if event.truncated else "", flush=True)
+            self.in_reply = False
+        elif kind in ("AudioDropped", "ContextReset", "Fault"):
+            self._clear_status()
+            detail = {"AudioDropped": lambda e: f"dropped {e.samples} samples: {e.reason}",
+                      "ContextReset": lambda e: f"context reset: {e.reason}",
+                      "Fault": lambda e: f"{e.where} fault: {e.message}"}[kind](event)
+            print(f"[{event.stream_time:7.1f}s] ({detail})", file=sys.stderr, flush=True)
+        elif kind == "Stats":
+            self._status(f"[{event.stream_time:7.1f}s] {event.chunks} chunks  step {event.step_ms:.1f} ms  "
+                         f"RTF {event.real_time_factor:.2f}  dropped {event.dropped_chunks} chunks")
+
+    def _status(self, text: str) -> None:
+        if self.status and not self.in_reply:
+            sys.stderr.write("\r" + text.ljust(self._status_len))
+            sys.stderr.flush()
+            self._status_len = len(text)
+
+    def _clear_status(self) -> None:
+        if self.status and self._status_len:
+            sys.stderr.write("\r" + " " * self._status_len + "\r")
+            sys.stderr.flush()
+            self._status_len = 0
+
+    def summary(self, stats) -> None:
+        if not self.as_json:
+            self._clear_status()
+            print(f"{stats.chunks} chunks ({stats.chunks * CHUNK_SECONDS:.1f} s), step {stats.step_ms:.2f} ms median, "
+                  f"RTF {stats.real_time_factor:.3f}, dropped {stats.dropped_chunks} chunks", file=sys.stderr)
+
+
+# --- commands ------------------------------------------------------------------------------
+
+def _runtime(args):
+    from .session import Runtime
+
+    options = {}
+    if args.speak_bias is not None:
+        options["speak_bias"] = args.speak_bias
+    return Runtime(args.package, args.profile, max_context=args.max_context, **options)
+
+
+def cmd_run(args) -> int:
+    from .audio import read_audio
+
+    samples = read_audio(args.file)  # read first: a bad file fails before the model loads
+    runtime = _runtime(args)
+    printer = Printer(args.json)
+    block = 1600  # 0.1 s
+    with runtime.session() as session:
+        start = time.monotonic()
+        for i in range(0, len(samples), block):
+            if args.realtime:
+                delay = start + i / 16000 - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            session.accept_waveform(samples[i:i + block], 16000)
+            for event in session.drain():
+                printer(event)
+        session.finish()
+        last = None
+        for event in session.events(timeout=None):
+            printer(event)
+            last = event if event.kind == "Stats" else last
+        printer.summary(last or session.stats())
+    return 0
+
+
+def cmd_listen(args) -> int:
+    runtime = _runtime(args)
+    printer = Printer(args.json)
+    device = int(args.device) if args.device is not None and str(args.device).isdigit() else args.device
+    with runtime.session() as session:
+        mic = session.listen(device)
+        print(f"listening on {mic.device_name!r} ({mic.rate} Hz); Ctrl-C to stop", file=sys.stderr)
+        try:
+            while True:
+                for event in session.events(timeout=0.5):
+                    printer(event)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            mic.stop()
+        printer.summary(session.stats())
+    return 0
+
+
+def cmd_devices(args) -> int:
+    from .audio import list_input_devices
+
+    devices = list_input_devices()
+    if not devices:
+        print("no audio input devices found")
+    for d in devices:
+        print(f"{'*' if d['default'] else ' '} {d['index']:3d}  {d['name']}  ({d['channels']} ch, {d['sample_rate']:.0f} Hz)")
+    return 0
+
+
+def _build_info() -> dict:
+    import onnxruntime as ort
+
+    info = {"listenloop": __version__, "onnxruntime": ort.__version__,
+            "onnxruntime_providers": ort.get_available_providers(),
+            "cuda": "CUDAExecutionProvider" in ort.get_available_providers()}
+    try:
+        from . import _core
+
+        info["core_build"] = _core.build_info() if hasattr(_core, "build_info") else "built (no build_info)"
+    except ImportError as exc:
+        info["core_build"] = f"not available ({exc})"
+    return info
+
+
+def cmd_info(args) -> int:
+    from .session import Runtime
+
+    info = _build_info()
+    try:
+        runtime = Runtime(args.package, args.profile)
+        info.update(runtime.info())
+    except Error as exc:
+        info["model"] = f"none ({exc})"
+    for key, value in info.items():
+        print(f"{key:24s} {value if not isinstance(value, (list, dict)) else json.dumps(value)}")
+    return 0
+
+
+def cmd_export(argv: list[str]) -> int:
+    try:
+        import torch  # noqa: F401 - only to give a clear message when the extra is missing
+    except ImportError:
+        raise ExportError("export needs PyTorch: pip install 'listenloop[export]'") from None
+    from listenloop.export.__main__ import main as export_main
+
+    return export_main(argv) or 0
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    return bench.main(args)
+
+
+COMMANDS = {"run": cmd_run, "listen": cmd_listen, "devices": cmd_devices, "info": cmd_info, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="listenloop: %(message)s")
+    try:
+        if argv and argv[0] == "export":
+            return cmd_export(argv[1:])
+        args = _parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except Error as exc:
+        print(f"listenloop: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # noqa: BLE001 - users get one line; --verbose shows the traceback
+        if verbose:
+            logging.exception("unexpected failure")
+        print(f"listenloop: error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,390 @@
+"""Model package loading and validation (format: runtime/PACKAGE_FORMAT.md, docs/DESIGN.md).
+
+`load_package` checks the manifest and the files without creating ONNX Runtime sessions;
+`check_graphs` checks live sessions against the manifest once the engine has created them.
+Every failure is one ModelPackageError naming the file and the field.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ModelPackageError
+
+FORMAT = "listenloop-model-package"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+IO_DTYPES = ("float32", "float16")
+# Every id of MODEL_SPEC §5.1 (SYSTEM aliases TEXT_BEGIN).
+TOKEN_NAMES = (
+    "USER", "ASSISTANT", "KEEP_SILENCE", "PAD", "ONLINE", "OFFLINE", "ENGLISH",
+    "HAPPY", "SAD", "ANGRY", "SURPRISE", "NORMAL", "URGENT",
+    "TEXT_END", "TEXT_BEGIN", "SYSTEM", "AUDIO_PAD", "AUDIO_BEGIN", "AUDIO_END",
+)
+EMOTION_NAMES = ("HAPPY", "SAD", "ANGRY", "SURPRISE", "NORMAL", "URGENT")
+
+_NUM = (int, float)
+# field -> expected python type(s); bool is excluded from numbers explicitly below.
+_AUDIO_FIELDS = {
+    "sample_rate": int, "chunk_samples": int, "n_fft": int, "hop_length": int, "n_mels": int,
+    "frames_per_chunk": int, "vectors_per_chunk": int, "mel_scale": str, "mel_norm": str,
+    "log_floor": _NUM, "dynamic_range_log10": _NUM,
+}
+# The runtime's front-end (listenloop._core) is built for exactly these values (§2).
+_AUDIO_FIXED = {
+    "sample_rate": 16000, "chunk_samples": 6400, "n_fft": 400, "hop_length": 160, "n_mels": 128,
+    "frames_per_chunk": 40, "vectors_per_chunk": 10, "mel_scale": "slaney", "mel_norm": "slaney",
+}
+_DECODER_FIELDS = {
+    "file": str, "precision": str, "io_dtype": str, "hidden_size": int, "num_layers": int,
+    "num_heads": int, "num_kv_heads": int, "head_dim": int, "vocab_size": int,
+    "rope_theta": _NUM, "rms_norm_eps": _NUM, "rope_position_rounding": str, "max_context": int,
+}
+_SAMPLING_FIELDS = {
+    "temperature": _NUM, "top_k": int, "top_p": _NUM, "speak_bias": _NUM, "max_reply_tokens": int,
+}
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """A validated model package folder."""
+
+    path: Path
+    manifest: dict
+    tokens: dict  # name -> id
+    emotions: dict  # name -> id
+    prefix_ids: tuple
+    encoder_path: Path
+    decoder_path: Path
+    embeddings_path: Path
+    tokenizer_path: Path
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def decoder(self) -> dict:
+        return self.manifest["decoder"]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.manifest["decoder"]["hidden_size"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["decoder"]["vocab_size"]
+
+    @property
+    def io_dtype(self) -> np.dtype:
+        return np.dtype(self.manifest["decoder"]["io_dtype"])
+
+    def embeddings(self) -> np.ndarray:
+        """The [V, H] embedding table, memory-mapped read-only."""
+        return np.load(self.embeddings_path, mmap_mode="r")
+
+
+def _fail(file: str, field: str, problem: str) -> ModelPackageError:
+    return ModelPackageError(f"{file}: {field}: {problem}")
+
+
+def _type_name(expected) -> str:
+    if expected is _NUM:
+        return "a number"
+    return {int: "an integer", str: "a string", dict: "an object", list: "a list"}[expected]
+
+
+def _get(obj: dict, key: str, expected, where: str, file: str = MANIFEST) -> Any:
+    field = f"{where}.{key}" if where else key
+    if key not in obj:
+        raise _fail(file, field, "missing")
+    value = obj[key]
+    is_bool = isinstance(value, bool)
+    if is_bool or not isinstance(value, expected):
+        raise _fail(file, field, f"must be {_type_name(expected)}, got {json.dumps(value)[:60]}")
+    return value
+
+
+def _check_section(manifest: dict, section: str, fields: dict) -> dict:
+    obj = _get(manifest, section, dict, "")
+    for key, expected in fields.items():
+        _get(obj, key, expected, section)
+    return obj
+
+
+def _positive(obj: dict, section: str, *keys: str) -> None:
+    for key in keys:
+        if obj[key] <= 0:
+            raise _fail(MANIFEST, f"{section}.{key}", f"must be > 0, got {obj[key]}")
+
+
+def _read_manifest(root: Path) -> dict:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise _fail(MANIFEST, "(file)", f"not found in {root}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(MANIFEST, "(file)", f"not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise _fail(MANIFEST, "(file)", "must hold a JSON object")
+    return manifest
+
+
+def _validate_header(manifest: dict) -> None:
+    if _get(manifest, "format", str, "") != FORMAT:
+        raise _fail(MANIFEST, "format", f"must be {FORMAT!r}, got {manifest['format']!r}")
+    version = _get(manifest, "format_version", int, "")
+    if version != FORMAT_VERSION:
+        raise _fail(MANIFEST, "format_version", f"this runtime reads version {FORMAT_VERSION}, got {version}")
+    _get(manifest, "name", str, "")
+    _get(manifest, "created_by", str, "")
+
+
+def _validate_audio(manifest: dict) -> None:
+    audio = _check_section(manifest, "audio", _AUDIO_FIELDS)
+    for key, value in _AUDIO_FIXED.items():
+        if audio[key] != value:
+            raise _fail(MANIFEST, f"audio.{key}", f"this runtime supports only {value!r}, got {audio[key]!r}")
+    _positive(audio, "audio", "log_floor", "dynamic_range_log10")
+
+
+def _validate_decoder(manifest: dict) -> None:
+    dec = _check_section(manifest, "decoder", _DECODER_FIELDS)
+    if dec["precision"] not in PRECISIONS:
+        raise _fail(MANIFEST, "decoder.precision", f"must be one of {PRECISIONS}, got {dec['precision']!r}")
+    if dec["io_dtype"] not in IO_DTYPES:
+        raise _fail(MANIFEST, "decoder.io_dtype", f"must be one of {IO_DTYPES}, got {dec['io_dtype']!r}")
+    if (dec["io_dtype"] == "float16") != (dec["precision"] == "fp16"):
+        raise _fail(MANIFEST, "decoder.io_dtype", f"{dec['io_dtype']} does not go with precision {dec['precision']}")
+    _positive(dec, "decoder", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "vocab_size", "rope_theta", "rms_norm_eps", "max_context")
+    if dec["num_heads"] % dec["num_kv_heads"]:
+        raise _fail(MANIFEST, "decoder.num_kv_heads", "must divide decoder.num_heads")
+    if "quantization" not in dec:
+        raise _fail(MANIFEST, "decoder.quantization", "missing (null for fp32/fp16)")
+    quant = dec["quantization"]
+    if dec["precision"] in ("fp32", "fp16"):
+        if quant is not None:
+            raise _fail(MANIFEST, "decoder.quantization", f"must be null for {dec['precision']}")
+    else:
+        if not isinstance(quant, dict):
+            raise _fail(MANIFEST, "decoder.quantization", f"must be an object for {dec['precision']}")
+        _get(quant, "method", str, "decoder.quantization")
+        bits = _get(quant, "bits", int, "decoder.quantization")
+        if bits != int(dec["precision"][3:]):
+            raise _fail(MANIFEST, "decoder.quantization.bits", f"{bits} does not match precision {dec['precision']}")
+    enc = _check_section(manifest, "encoder", {"file": str, "precision": str, "output_dim": int})
+    if enc["precision"] not in PRECISIONS:
+        raise _fail(MANIFEST, "encoder.precision", f"must be one of {PRECISIONS}, got {enc['precision']!r}")
+    if enc["output_dim"] != dec["hidden_size"]:
+        raise _fail(MANIFEST, "encoder.output_dim", f"{enc['output_dim']} != decoder.hidden_size {dec['hidden_size']}")
+
+
+def _token_id(value, field: str, vocab: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(MANIFEST, field, f"must be an integer token id, got {json.dumps(value)[:40]}")
+    if not 0 <= value < vocab:
+        raise _fail(MANIFEST, field, f"id {value} is outside the vocabulary [0, {vocab})")
+    return value
+
+
+def _validate_tokens(manifest: dict) -> tuple[dict, dict, tuple]:
+    vocab = manifest["decoder"]["vocab_size"]
+    raw = _get(manifest, "tokens", dict, "")
+    tokens = {}
+    for name in TOKEN_NAMES:
+        if name not in raw:
+            raise _fail(MANIFEST, f"tokens.{name}", "missing")
+        tokens[name] = _token_id(raw[name], f"tokens.{name}", vocab)
+    decision = {tokens["KEEP_SILENCE"], tokens["TEXT_BEGIN"]}
+    if len(decision) != 2:
+        raise _fail(MANIFEST, "tokens.KEEP_SILENCE", "must differ from tokens.TEXT_BEGIN")
+    if tokens["TEXT_END"] in decision:
+        raise _fail(MANIFEST, "tokens.TEXT_END", "must differ from KEEP_SILENCE and TEXT_BEGIN")
+    raw_emotions = _get(manifest, "emotions", dict, "")
+    emotions = {name: _token_id(value, f"emotions.{name}", vocab) for name, value in raw_emotions.items()}
+    if not emotions:
+        raise _fail(MANIFEST, "emotions", "must name at least one emotion id")
+    prompt = _get(manifest, "prompt", dict, "")
+    _get(prompt, "system_prompt", str, "prompt")
+    prefix = _get(prompt, "prefix_ids", list, "prompt")
+    if not prefix:
+        raise _fail(MANIFEST, "prompt.prefix_ids", "must not be empty")
+    prefix_ids = tuple(_token_id(v, f"prompt.prefix_ids[{i}]", vocab) for i, v in enumerate(prefix))
+    if manifest["decoder"]["max_context"] < len(prefix_ids) + 13 + 1:
+        raise _fail(MANIFEST, "decoder.max_context",
+                    f"{manifest['decoder']['max_context']} cannot hold the prefix and one listening step")
+    return tokens, emotions, prefix_ids
+
+
+def _validate_sampling(manifest: dict) -> None:
+    sampling = _check_section(manifest, "sampling", _SAMPLING_FIELDS)
+    if sampling["temperature"] < 0:
+        raise _fail(MANIFEST, "sampling.temperature", "must be >= 0")
+    if sampling["top_k"] < 0:
+        raise _fail(MANIFEST, "sampling.top_k", "must be >= 0")
+    if not 0 < sampling["top_p"] <= 1:
+        raise _fail(MANIFEST, "sampling.top_p", "must be in (0, 1]")
+    if sampling["max_reply_tokens"] <= 0:
+        raise _fail(MANIFEST, "sampling.max_reply_tokens", "must be > 0")
+
+
+def _check_file(root: Path, manifest: dict, field: str, name: str) -> Path:
+    if os.sep in name or "/" in name or name in ("", ".", ".."):
+        raise _fail(MANIFEST, field, f"must be a file name inside the package, got {name!r}")
+    path = root / name
+    if not path.is_file():
+        raise _fail(name, field, f"file not found in {root}")
+    return path
+
+
+def _validate_files(root: Path, manifest: dict) -> dict:
+    paths = {
+        "encoder": _check_file(root, manifest, "encoder.file", manifest["encoder"]["file"]),
+        "decoder": _check_file(root, manifest, "decoder.file", manifest["decoder"]["file"]),
+    }
+    emb = _get(manifest, "embeddings", dict, "")
+    paths["embeddings"] = _check_file(root, manifest, "embeddings.file", _get(emb, "file", str, "embeddings"))
+    tok = _get(manifest, "tokenizer", dict, "")
+    paths["tokenizer"] = _check_file(root, manifest, "tokenizer.file", _get(tok, "file", str, "tokenizer"))
+    files = _get(manifest, "files", dict, "")
+    for name in (manifest["encoder"]["file"], manifest["decoder"]["file"]):
+        if name not in files:
+            raise _fail(MANIFEST, f"files.{name}", "missing")
+    for name, entry in files.items():
+        if not isinstance(entry, dict):
+            raise _fail(MANIFEST, f"files.{name}", "must be an object with 'bytes'")
+        expected = _get(entry, "bytes", int, f"files.{name}")
+        path = _check_file(root, manifest, f"files.{name}", name)
+        actual = path.stat().st_size
+        if actual != expected:
+            raise _fail(name, f"files.{name}.bytes", f"manifest says {expected} bytes, file has {actual} (truncated or replaced?)")
+    return paths
+
+
+def _validate_embeddings(path: Path, manifest: dict) -> None:
+    emb = manifest["embeddings"]
+    dtype = _get(emb, "dtype", str, "embeddings")
+    shape = _get(emb, "shape", list, "embeddings")
+    dec = manifest["decoder"]
+    expected = [dec["vocab_size"], dec["hidden_size"]]
+    if shape != expected:
+        raise _fail(MANIFEST, "embeddings.shape", f"{shape} != [decoder.vocab_size, decoder.hidden_size] = {expected}")
+    if dtype != dec["io_dtype"]:
+        raise _fail(MANIFEST, "embeddings.dtype", f"{dtype} != decoder.io_dtype {dec['io_dtype']}")
+    try:
+        table = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as exc:
+        raise _fail(path.name, "embeddings.file", f"not a readable .npy array ({exc})") from None
+    if list(table.shape) != expected:
+        raise _fail(path.name, "embeddings.shape", f"array has shape {list(table.shape)}, manifest says {expected}")
+    if table.dtype != np.dtype(dtype):
+        raise _fail(path.name, "embeddings.dtype", f"array has dtype {table.dtype}, manifest says {dtype}")
+
+
+def load_package(path) -> ModelPackage:
+    """Validate the package folder at `path` and return it (no ONNX Runtime sessions made)."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ModelPackageError(f"{root}: model package folder not found")
+    manifest = _read_manifest(root)
+    _validate_header(manifest)
+    _validate_audio(manifest)
+    _validate_decoder(manifest)
+    tokens, emotions, prefix_ids = _validate_tokens(manifest)
+    _validate_sampling(manifest)
+    paths = _validate_files(root, manifest)
+    _validate_embeddings(paths["embeddings"], manifest)
+    return ModelPackage(
+        path=root, manifest=manifest, tokens=tokens, emotions=emotions, prefix_ids=prefix_ids,
+        encoder_path=paths["encoder"], decoder_path=paths["decoder"],
+        embeddings_path=paths["embeddings"], tokenizer_path=paths["tokenizer"],
+    )
+
+
+# --- graph signatures --------------------------------------------------------------------
+
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}
+
+
+def _expected_decoder_io(package: ModelPackage) -> tuple[dict, dict]:
+    """name -> (ort type, shape with None for dynamic dims) for the decoder's inputs/outputs."""
+    dec = package.decoder
+    io = _ORT_TYPES[dec["io_dtype"]]
+    h, kvh, d, v = dec["hidden_size"], dec["num_kv_heads"], dec["head_dim"], dec["vocab_size"]
+    inputs = {
+        "inputs_embeds": (io, [1, None, h]),
+        "position_ids": (_ORT_TYPES["int64"], [1, None]),
+        "logits_index": (_ORT_TYPES["int64"], [None]),
+    }
+    outputs = {"logits": (_ORT_TYPES["float32"], [None, v])}
+    for i in range(dec["num_layers"]):
+        for kind in ("key", "value"):
+            inputs[f"past_{kind}.{i}"] = (io, [1, None, kvh, d])
+            outputs[f"new_{kind}.{i}"] = (io, [1, None, kvh, d])
+    return inputs, outputs
+
+
+def _expected_encoder_io(package: ModelPackage) -> tuple[dict, dict]:
+    audio = package.manifest["audio"]
+    f32 = _ORT_TYPES["float32"]
+    return (
+        {"mel": (f32, [None, audio["n_mels"], audio["frames_per_chunk"]])},
+        {"audio_embeds": (f32, [None, audio["vectors_per_chunk"], package.hidden_size])},
+    )
+
+
+def _compare(file: str, kind: str, actual_args, expected: dict) -> None:
+    actual = {a.name: a for a in actual_args}
+    for name in actual:
+        if name not in expected:
+            raise _fail(file, f"{kind} {name!r}", "not part of the graph contract")
+    for name, (ort_type, shape) in expected.items():
+        if name not in actual:
+            raise _fail(file, f"{kind} {name!r}", "missing from the graph")
+        arg = actual[name]
+        if arg.type != ort_type:
+            raise _fail(file, f"{kind} {name!r}", f"dtype {arg.type}, manifest implies {ort_type}")
+        if len(arg.shape) != len(shape):
+            raise _fail(file, f"{kind} {name!r}", f"rank {len(arg.shape)}, expected {len(shape)}")
+        for axis, (got, want) in enumerate(zip(arg.shape, shape)):
+            # Dynamic dims may carry a symbolic name; static ones must agree exactly.
+            if want is not None and isinstance(got, int) and got != want:
+                raise _fail(file, f"{kind} {name!r} dim {axis}", f"{got} in the graph, manifest implies {want}")
+
+
+def check_graphs(package: ModelPackage, encoder_session, decoder_session) -> None:
+    """Check live ONNX Runtime sessions against the manifest (names, dtypes, static dims)."""
+    enc_in, enc_out = _expected_encoder_io(package)
+    _compare(package.encoder_path.name, "input", encoder_session.get_inputs(), enc_in)
+    _compare(package.encoder_path.name, "output", encoder_session.get_outputs(), enc_out)
+    dec_in, dec_out = _expected_decoder_io(package)
+    _compare(package.decoder_path.name, "input", decoder_session.get_inputs(), dec_in)
+    _compare(package.decoder_path.name, "output", decoder_session.get_outputs(), dec_out)
+
+
+def default_package_path() -> Path:
+    """Where the embedded default model lives (listenloop/runtime/models/default)."""
+    import listenloop.runtime as runtime_data
+
+    return Path(runtime_data.__file__).parent / "models" / "default"
+
+
+def resolve_package(path=None) -> ModelPackage:
+    """`path`, or the embedded default model when `path` is None."""
+    if path is not None:
+        return load_package(path)
+    default = default_package_path()
+    if not (default / MANIFEST).is_file():
+        raise ModelPackageError(
+            f"no model package given and no embedded default model at {default}; "
+            "pass a package folder (export one with `listenloop export CHECKPOINT OUT`)"
+        )
+    return load_package(default)
