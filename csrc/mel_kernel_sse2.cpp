@@ -1,0 +1,14 @@
+// The baseline frame kernel: 4-float vectors (SSE2 on x86-64, NEON on arm64).
+#define POCKETFFT_NO_MULTITHREADING
+#include <pocketfft_hdronly.h>
+
+#define LISTENLOOP_KERNEL_NS sse2
+#define LISTENLOOP_KERNEL_NAME "sse2"
+#define LISTENLOOP_LANES 4
+#include "mel_kernel_impl.h"
+
+namespace listenloop::kernels {
+std::unique_ptr<FrameKernel> make_sse2(const MelFilterbank& filterbank) {
+  return std::make_unique<sse2::Kernel>(filterbank);
+}
+}  // namespace listenloop::kernels

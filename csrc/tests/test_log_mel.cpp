@@ -1,0 +1,81 @@
+// LogMel invariants that need no NumPy (parity with features.py is in tests/test_core_mel.py).
+#include <cmath>
+#include <stdexcept>
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "check.h"
+#include "log_mel.h"
+#include "mel_kernel.h"
+
+using namespace listenloop;
+
+TEST_CASE(filterbank_is_sparse_slaney) {
+  MelFilterbank fb;
+  CHECK_EQ(fb.filters.size(), kNMels);
+  CHECK(fb.nonzeros() > 350 && fb.nonzeros() < 450);
+  // 128 triangles over 201 bins: every filter covers at least one bin.
+  for (const auto& f : fb.filters) CHECK(!f.weights.empty());
+}
+
+TEST_CASE(silence_is_the_constant_floor) {
+  LogMel mel;
+  std::vector<float> zeros(16000, 0.0f);
+  const std::vector<float> out = mel.compute(zeros.data(), zeros.size());
+  CHECK_EQ(out.size(), kNMels * 100);
+  bool all = true;
+  for (float v : out) all = all && v == -1.5f;
+  CHECK(all);
+}
+
+TEST_CASE(streaming_peak_is_running_and_reset_clears_it) {
+  StreamingMel mel;
+  std::vector<float> chunk(kChunkSamples), out(kNMels * mel.frames());
+  for (size_t i = 0; i < chunk.size(); ++i) chunk[i] = std::sin(0.05f * static_cast<float>(i));
+  mel.compute(chunk.data(), out.data());
+  const float loud_peak = mel.peak();
+  for (float& x : chunk) x *= 0.01f;
+  mel.compute(chunk.data(), out.data());
+  CHECK_EQ(mel.peak(), loud_peak);  // quieter audio does not lower the running max
+  mel.reset();
+  CHECK(std::isinf(mel.peak()) && mel.peak() < 0);
+  mel.compute(chunk.data(), out.data());
+  CHECK(mel.peak() < loud_peak);
+}
+
+TEST_CASE(bad_chunk_sizes_are_refused) {
+  for (size_t bad : {size_t{0}, size_t{161}, size_t{320}}) {
+    bool threw = false;
+    try {
+      StreamingMel mel(bad);
+    } catch (const std::invalid_argument&) {
+      threw = true;
+    }
+    CHECK(threw);
+  }
+}
+
+TEST_CASE(every_kernel_this_cpu_runs_gives_the_same_features) {
+  std::vector<float> x(16000);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = 0.4f * std::sin(0.031f * static_cast<float>(i)) + 0.01f * std::cos(1.7f * static_cast<float>(i * i % 977));
+  LogMel baseline("sse2");
+  CHECK(std::string(baseline.kernel_name()) == "sse2");
+  const std::vector<float> want = baseline.compute(x.data(), x.size());
+  const std::string best = best_frame_kernel();
+  LogMel fastest("auto");
+  CHECK(std::string(fastest.kernel_name()) == best);
+  const std::vector<float> got = fastest.compute(x.data(), x.size());
+  float worst = 0.0f;
+  for (size_t i = 0; i < want.size(); ++i) worst = std::max(worst, std::fabs(got[i] - want[i]));
+  CHECK(worst <= 1e-4f);  // the parity budget vs features.py; FFT rounding differs slightly
+  bool threw = false;
+  try {
+    LogMel bad("avx512");
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw);
+}
+
+TEST_MAIN()
