@@ -127,6 +127,8 @@ def session_options(profile: Profile):
     opts.execution_mode = getattr(ort.ExecutionMode, _EXECUTION_MODES[settings.get("execution_mode", "sequential")])
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
                                             _OPT_LEVELS[settings.get("graph_optimization_level", "all")])
+    for key, value in settings.get("config_entries", {}).items():
+        opts.add_session_config_entry(key, str(value))
     opts.log_severity_level = 3  # ORT's own warnings are noise for users; ours say what matters
     return opts
 
