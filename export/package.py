@@ -1,0 +1,185 @@
+"""Checkpoint -> model package folder (docs/DESIGN.md "Model package").
+
+The package is built in a temporary folder next to OUT_DIR and renamed into place only once
+every file is written, so a failed export never leaves a half-written package behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from listenloop.errors import CheckpointError, ExportError
+
+from . import quantize
+from .checkpoint import validate_checkpoint
+
+FORMAT = "listenloop-model-package"
+FORMAT_VERSION = 1
+VERSION = "0.1.0"
+AUDIO = {"sample_rate": 16000, "chunk_samples": 6400, "n_fft": 400, "hop_length": 160, "n_mels": 128,
+         "frames_per_chunk": 40, "vectors_per_chunk": 10, "mel_scale": "slaney", "mel_norm": "slaney",
+         "log_floor": 1e-10, "dynamic_range_log10": 8.0}
+SAMPLING = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "speak_bias": 0.0, "max_reply_tokens": 512}
+PROTOCOL_NAMES = ("USER", "ASSISTANT", "KEEP_SILENCE", "PAD", "ONLINE", "OFFLINE", "ENGLISH", "HAPPY", "SAD",
+                  "ANGRY", "SURPRISE", "NORMAL", "URGENT", "TEXT_END", "TEXT_BEGIN", "SYSTEM", "AUDIO_PAD",
+                  "AUDIO_BEGIN", "AUDIO_END")
+EMOTION_NAMES = ("HAPPY", "SAD", "ANGRY", "SURPRISE", "NORMAL", "URGENT")
+ENCODER_TOLERANCE = 1e-4  # batched wrapper vs HF forward, fp32
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf refuses single files above 2 GB
+
+
+def prefix_ids(tokens: dict, tokenizer, system_prompt: str) -> list:
+    """§5.2: [ONLINE, ENGLISH, SYSTEM, TEXT_BEGIN] + encode(system prompt) + [TEXT_END]."""
+    from .tokenizer_build import encode_text
+
+    return ([tokens["ONLINE"], tokens["ENGLISH"], tokens["SYSTEM"], tokens["TEXT_BEGIN"]]
+            + encode_text(tokenizer, system_prompt) + [tokens["TEXT_END"]])
+
+
+def _parameter_counts(llm: dict, audio) -> tuple[int, int]:
+    h, ff, v = llm["n_embd"], llm["intermediate_size"], llm["padded_vocab_size"]
+    qkv = (llm["n_head"] + 2 * llm["n_query_groups"]) * llm["head_size"]
+    layer = qkv * (h + 1) + llm["n_head"] * llm["head_size"] * h + 3 * ff * h + 2 * h
+    lm = llm["n_layer"] * layer + 2 * v * h + h
+    d, eff = audio.d_model, audio.encoder_ffn_dim
+    enc = audio.encoder_layers * (4 * d * d + 2 * d * eff + 10 * d) + 128 * d * 3 + d * d * 3 + d * audio.output_dim
+    return lm, enc
+
+
+def _check_disk(out_dir: Path, lm_params: int, enc_params: int) -> None:
+    # fp32 intermediate graphs + final graphs + the embedding table, with 10% headroom.
+    needed = int((lm_params * 4 * 2 + enc_params * 4 * 2) * 1.1)
+    free = shutil.disk_usage(out_dir.parent).free
+    if free < needed:
+        raise ExportError(f"{out_dir.parent}: not enough free disk space: need about {needed / 1e9:.1f} GB, "
+                          f"have {free / 1e9:.1f} GB")
+
+
+def _resolve_precisions(precision, encoder_precision, decoder_precision) -> tuple[str, str]:
+    enc = encoder_precision or precision
+    dec = decoder_precision or precision
+    for field, value in (("encoder precision", enc), ("decoder precision", dec)):
+        if value not in quantize.PRECISIONS:
+            raise ExportError(f"{field} {value!r}: must be one of {', '.join(quantize.PRECISIONS)}")
+    return enc, dec
+
+
+def _export_encoder(checkpoint, work: Path, out: Path, precision: str) -> None:
+    from .encoder_graph import ChunkEncoder, build_hf_encoder, check_against_hf, export_encoder
+
+    hf_encoder = build_hf_encoder(checkpoint.audio_config, checkpoint.encoder_state)
+    chunk_encoder = ChunkEncoder(hf_encoder)
+    diff = check_against_hf(hf_encoder, chunk_encoder, n_chunks=3)
+    if diff > ENCODER_TOLERANCE * max(1.0, _scale(chunk_encoder)):
+        raise ExportError(f"encoder: batched chunk wrapper differs from Qwen2_5OmniAudioEncoder.forward by {diff:.3g}")
+    fp32 = export_encoder(chunk_encoder, work / "encoder.fp32.onnx")
+    quantize.convert(fp32, out / "encoder.onnx", precision, keep_float32_io=["mel", "audio_embeds"])
+
+
+def _scale(chunk_encoder) -> float:
+    import torch
+
+    with torch.no_grad():
+        return float(chunk_encoder(torch.zeros(1, 128, 40)).abs().max())
+
+
+def _export_decoder(checkpoint, work: Path, out: Path, precision: str) -> None:
+    from .decoder_graph import ExportDecoder, export_decoder
+
+    cfg = checkpoint.llm_config
+    module = ExportDecoder(checkpoint.lm_state, cfg)
+    lm_bytes = sum(t.numel() * 4 for k, t in checkpoint.lm_state.items() if k != "model.embed_tokens.weight")
+    fp32 = export_decoder(module, work / "decoder.fp32.onnx", cfg, external_data=lm_bytes > EXTERNAL_DATA_BYTES)
+    del module
+    keep = ["logits"]  # fp16 decoders: float16 embeddings and KV, float32 logits (contract)
+    quantize.convert(fp32, out / "decoder.onnx", precision, keep_float32_io=keep)
+
+
+def _manifest(checkpoint, out: Path, enc_precision: str, dec_precision: str, max_context: int, name: str) -> dict:
+    from tokenizers import Tokenizer
+
+    cfg = checkpoint.llm_config
+    tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_path))
+    io_dtype = "float16" if dec_precision == "fp16" else "float32"
+    tokens = {n: int(checkpoint.tokens[n]) for n in PROTOCOL_NAMES}
+    files = {}
+    for path in sorted(out.iterdir()):
+        if path.is_file():
+            files[path.name] = {"bytes": path.stat().st_size}
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
+        "created_by": f"listenloop.export {VERSION}",
+        "audio": dict(AUDIO),
+        "encoder": {"file": "encoder.onnx", "precision": enc_precision, "output_dim": checkpoint.audio_config.output_dim},
+        "decoder": {"file": "decoder.onnx", "precision": dec_precision, "io_dtype": io_dtype,
+                    "hidden_size": cfg["n_embd"], "num_layers": cfg["n_layer"], "num_heads": cfg["n_head"],
+                    "num_kv_heads": cfg["n_query_groups"], "head_dim": cfg["head_size"],
+                    "vocab_size": cfg["padded_vocab_size"], "rope_theta": float(cfg["rope_base"]),
+                    "rms_norm_eps": float(cfg["norm_eps"]), "rope_position_rounding": "float16",
+                    "max_context": int(max_context), "quantization": quantize.quantization_record(dec_precision)},
+        "embeddings": {"file": "embeddings.npy", "dtype": io_dtype, "shape": [cfg["padded_vocab_size"], cfg["n_embd"]]},
+        "tokenizer": {"file": "tokenizer.json"},
+        "tokens": tokens,
+        "emotions": {n: tokens[n] for n in EMOTION_NAMES},
+        "prompt": {"system_prompt": checkpoint.system_prompt,
+                   "prefix_ids": prefix_ids(tokens, tokenizer, checkpoint.system_prompt)},
+        "sampling": dict(SAMPLING),
+        "files": files,
+    }
+
+
+def _build(checkpoint_dir: Path, tmp: Path, enc_precision: str, dec_precision: str, max_context: int) -> None:
+    from .checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(checkpoint_dir)
+    work = tmp / ".work"
+    work.mkdir()
+    _export_encoder(checkpoint, work, tmp, enc_precision)
+    _export_decoder(checkpoint, work, tmp, dec_precision)
+    shutil.rmtree(work)
+    io_dtype = np.float16 if dec_precision == "fp16" else np.float32
+    np.save(tmp / "embeddings.npy", checkpoint.lm_state["model.embed_tokens.weight"].numpy().astype(io_dtype))
+    shutil.copyfile(checkpoint.tokenizer_path, tmp / "tokenizer.json")
+    manifest = _manifest(checkpoint, tmp, enc_precision, dec_precision, max_context, checkpoint.name)
+    _write_manifest(tmp, manifest)
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def export_package(checkpoint_dir, out_dir, precision: str = "fp32", encoder_precision: str | None = None,
+                   decoder_precision: str | None = None, max_context: int = 4096, force: bool = False) -> Path:
+    """Export the checkpoint at `checkpoint_dir` to a model package folder `out_dir`."""
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir).expanduser().absolute()
+    enc_precision, dec_precision = _resolve_precisions(precision, encoder_precision, decoder_precision)
+    if out_dir.exists() and not force:
+        raise ExportError(f"{out_dir}: already exists (pass --force to replace it)")
+    if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
+        raise ExportError(f"{out_dir}: exists and is not a model package; refusing to replace it")
+    cfg, audio, _ = validate_checkpoint(checkpoint_dir)  # cheap: headers only, fails before long work
+    if max_context <= 0 or max_context > cfg["block_size"]:
+        raise ExportError(f"max_context {max_context}: must be in 1..{cfg['block_size']} (block_size)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _check_disk(out_dir, *_parameter_counts(cfg, audio))
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir()
+    try:
+        _build(checkpoint_dir, tmp, enc_precision, dec_precision, max_context)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except (CheckpointError, ExportError):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ExportError(f"{out_dir}: export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
+    return out_dir
