@@ -1,0 +1,52 @@
+"""Channel augmentations: gain, additive noise at an SNR, room reverb, low-rate resampling
+artefacts and clipping. All take and return 16 kHz float32."""
+from __future__ import annotations
+
+import numpy as np
+import soxr
+
+from .dsp import db_to_amplitude, fft_convolve, rms, seconds, time_axis
+
+
+def gain(x: np.ndarray, db: float) -> np.ndarray:
+    return (x * db_to_amplitude(db)).astype(np.float32)
+
+
+def add_noise(x: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    """x + noise scaled so that rms(x)/rms(noise) is `snr_db`."""
+    if noise.shape != x.shape:
+        raise ValueError(f"noise shape {noise.shape} differs from signal shape {x.shape}")
+    signal_rms, noise_rms = rms(x), rms(noise)
+    if signal_rms == 0.0 or noise_rms == 0.0:
+        return x.astype(np.float32)
+    return (x + noise * (signal_rms / noise_rms / db_to_amplitude(snr_db))).astype(np.float32)
+
+
+def reverb(rng: np.random.Generator, x: np.ndarray, rt60_s: float, wet: float) -> np.ndarray:
+    """Convolve with exponentially decaying noise (a small room's diffuse tail) plus the dry
+    path. The output keeps x's length and gets the tail appended, so the sound's own end time
+    is unchanged but its reverberation rings on."""
+    n_ir = seconds(rt60_s)
+    decay = np.exp(-6.9 * time_axis(n_ir) / rt60_s)  # -60 dB at rt60
+    ir = (rng.standard_normal(n_ir) * decay).astype(np.float32)
+    ir[: seconds(0.003)] = 0.0  # first reflections arrive a few ms after the direct sound
+    ir *= wet / max(1e-9, float(np.sqrt(np.sum(ir.astype(np.float64) ** 2))))
+    padded = np.concatenate([x, np.zeros(n_ir, np.float32)])
+    return (padded + fft_convolve(padded, ir)).astype(np.float32)
+
+
+def resample_artefacts(x: np.ndarray, via_rate: int) -> np.ndarray:
+    """Down to `via_rate` and back up with soxr's low-quality filters: band limit and aliasing
+    like a cheap microphone path or a phone line."""
+    if via_rate >= 16000:
+        raise ValueError(f"via_rate must be below 16000, got {via_rate}")
+    low = soxr.resample(x, 16000, via_rate, quality="LQ")
+    back = soxr.resample(low, via_rate, 16000, quality="LQ")
+    out = np.zeros_like(x)
+    out[: min(len(x), len(back))] = back[: len(x)]
+    return out.astype(np.float32)
+
+
+def clip(x: np.ndarray, drive_db: float) -> np.ndarray:
+    """Amplify by drive_db and hard-clip at full scale, as an overdriven input would."""
+    return np.clip(x * db_to_amplitude(drive_db), -1.0, 1.0).astype(np.float32)

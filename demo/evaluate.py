@@ -1,0 +1,123 @@
+"""Evaluate a trained demo model on held-out streams through the streaming protocol (greedy).
+
+  python -m demo.evaluate --run demo/.cache/run --streams 100
+
+For every event type and command: the share of occurrences answered with the right reply text
+between the item's first chunk and 2 chunks after its reply chunk (streams.py's labelling rule),
+and the median decision delay in chunks (reply chunk of the first right answer minus the
+labelled reply chunk; negative means it answered before the sound ended). Replies outside any
+such window are false replies, counted per 10 minutes of audio outside the windows.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import dataset, streams, tasks, vocab
+from .layout import Protocol
+from .listener import TorchListener
+from .model import DemoModel, DemoSizes
+
+LATE_CHUNKS = 2  # an answer up to this many chunks after the reply chunk still counts
+
+
+@dataclass
+class SpokenReply:
+    chunk: int
+    emotion: str | None
+    text: str
+
+
+def load_model(run: Path) -> tuple[DemoModel, Protocol, object]:
+    tokenizer, tokens = vocab.demo_tokenizer(run / "tokenizer")
+    path = run / "model.pt" if (run / "model.pt").exists() else run / "train_state.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no model.pt or train_state.pt in {run}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model = DemoModel(DemoSizes(**state["sizes"]), tokenizer.get_vocab_size())
+    model.load_state_dict(state["model"])
+    return model.eval(), Protocol.build(tokens, vocab.encoder_for(tokenizer)), tokenizer
+
+
+def run_stream(listener: TorchListener, tokenizer, features: np.ndarray) -> list[SpokenReply]:
+    emotion_names = {listener.protocol.tokens[e]: e for e in tasks.EMOTIONS}
+    listener.reset()
+    replies = []
+    for mel in features:
+        decision = listener.listen(mel)
+        if decision.spoke:
+            ids = decision.reply_ids
+            emotion = emotion_names.get(ids[0]) if ids else None
+            text_ids = [i for i in ids[1 if emotion else 0 :] if i != listener.protocol.tokens["TEXT_END"]]
+            replies.append(SpokenReply(decision.chunk, emotion, tokenizer.decode(text_ids).strip()))
+    return replies
+
+
+def score(stream: streams.Stream, replies: list[SpokenReply]) -> tuple[list[tuple[str, bool, int | None]], int, float]:
+    """Per positive item (name, answered right, delay); false replies; seconds outside windows."""
+    results = []
+    in_window: set[int] = set()
+    windows = 0
+    for seg in stream.segments:
+        if seg.reply is None:
+            continue
+        first, last = seg.start // streams.CHUNK_SAMPLES, seg.reply_chunk + LATE_CHUNKS
+        windows += last - first + 1
+        inside = [i for i, r in enumerate(replies) if first <= r.chunk <= last]
+        in_window.update(inside)
+        right = [replies[i].chunk for i in inside if replies[i].text == seg.reply.text]
+        results.append((seg.name, bool(right), (right[0] - seg.reply_chunk) if right else None))
+    false_replies = sum(1 for i in range(len(replies)) if i not in in_window)
+    outside_s = max(0, stream.n_chunks - windows) * streams.CHUNK_SAMPLES / 16000.0
+    return results, false_replies, outside_s
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, default=Path(__file__).resolve().parent / ".cache" / "run")
+    p.add_argument("--streams", type=int, default=100)
+    p.add_argument("--first-seed", type=int, default=10_000, help="eval-split seeds (the training run's quick eval uses 0..)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--show", type=int, default=0, help="print the replies of the first N streams")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, protocol, tokenizer = load_model(args.run)
+    listener = TorchListener(model, protocol)
+
+    answered: dict[str, list[bool]] = defaultdict(list)
+    delays: list[int] = []
+    false_total, outside_total = 0, 0.0
+    for seed in range(args.first_seed, args.first_seed + args.streams):
+        stream = streams.make_stream(seed, "eval")
+        replies = run_stream(listener, tokenizer, dataset.stream_features(stream.audio))
+        results, false_replies, outside_s = score(stream, replies)
+        for name, ok, delay in results:
+            answered[name].append(ok)
+            if delay is not None:
+                delays.append(delay)
+        false_total += false_replies
+        outside_total += outside_s
+        if seed - args.first_seed < args.show:
+            print(f"stream {seed}: expected " + ", ".join(f"{s.name}@{s.reply_chunk}" for s in stream.segments if s.reply)
+                  + " | got " + ", ".join(f"{r.chunk}:{r.emotion}:{r.text!r}" for r in replies))
+
+    print(f"\n{'item':<16} {'n':>4} {'answered':>9}")
+    order = list(tasks.EVENT_REPLIES) + [c.name for c in tasks.COMMANDS]
+    for name in order:
+        if answered.get(name):
+            print(f"{name:<16} {len(answered[name]):>4} {100 * np.mean(answered[name]):>8.1f}%")
+    everything = [ok for oks in answered.values() for ok in oks]
+    print(f"{'all':<16} {len(everything):>4} {100 * np.mean(everything) if everything else float('nan'):>8.1f}%")
+    rate = 600.0 * false_total / outside_total if outside_total else float("nan")
+    print(f"false replies: {false_total} in {outside_total / 60:.1f} min outside answer windows = {rate:.2f} per 10 min")
+    print(f"median decision delay: {np.median(delays) if delays else float('nan'):.1f} chunks "
+          f"(over {len(delays)} right answers)")
+
+
+if __name__ == "__main__":
+    main()

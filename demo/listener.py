@@ -1,0 +1,81 @@
+"""Greedy streaming protocol loop over the torch demo model with a KV cache (§5.3, §5.4).
+
+Listening: the first step feeds prefix + block, later steps [fed-back token] + block; the
+decision is the argmax over {KEEP_SILENCE, TEXT_BEGIN} at the ASSISTANT row (§11.1), with an
+optional speak bias on TEXT_BEGIN like the package's sampling.speak_bias.
+Speaking: greedy single-token steps from TEXT_BEGIN until TEXT_END or the cap; no audio is
+consumed meanwhile, and TEXT_END becomes the next block's fed-back token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .layout import VECTORS_PER_CHUNK, Protocol
+from .model import DemoModel, rounded_positions
+
+
+@dataclass
+class Decision:
+    chunk: int
+    spoke: bool
+    p_speak: float
+    reply_ids: list[int]  # emotion + text tokens + TEXT_END when spoke (TEXT_BEGIN excluded)
+
+
+class TorchListener:
+    def __init__(self, model: DemoModel, protocol: Protocol, max_reply_tokens: int = 48, speak_bias: float = 0.0):
+        self.model = model.eval()
+        self.protocol = protocol
+        self.max_reply_tokens = max_reply_tokens
+        self.speak_bias = speak_bias  # added to the TEXT_BEGIN logit before the two-way decision
+        self.reset()
+
+    def reset(self) -> None:
+        self._cache = None
+        self._position = 0
+        self._fed_back: list[int] | None = None  # tokens not yet in the cache; None: prefix next
+        self._chunk = 0
+
+    def _step(self, embeds: torch.Tensor) -> torch.Tensor:
+        positions = rounded_positions(embeds.shape[1], self._position).unsqueeze(0)
+        out = self.model.llm(inputs_embeds=embeds, position_ids=positions, cache=self._cache,
+                             use_cache=True, logits_to_keep=1)
+        self._cache = out.cache
+        self._position += embeds.shape[1]
+        return out.logits[0, -1]
+
+    @torch.no_grad()
+    def listen(self, mel: np.ndarray) -> Decision:
+        """Consume one chunk's [128, 40] mel; speak the whole reply if the decision is TEXT_BEGIN."""
+        t = self.protocol.tokens
+        head = list(self.protocol.prefix_ids) if self._fed_back is None else self._fed_back
+        ids = head + [t["AUDIO_BEGIN"]] + [t["PAD"]] * VECTORS_PER_CHUNK + [t["ASSISTANT"]]
+        audio = self.model.encode(torch.from_numpy(np.asarray(mel, np.float32))[None])
+        ids_t = torch.tensor([ids])
+        pad_rows = torch.arange(len(head) + 1, len(head) + 1 + VECTORS_PER_CHUNK)
+        logits = self._step(self.model.embed(ids_t, pad_rows, audio))
+        pair = torch.stack([logits[t["KEEP_SILENCE"]], logits[t["TEXT_BEGIN"]]])
+        p_speak = float(torch.softmax(pair.float(), 0)[1])
+        spoke = float(pair[1] - pair[0]) + self.speak_bias > 0.0
+        decision = Decision(self._chunk, spoke, p_speak, [])
+        self._chunk += 1
+        if not decision.spoke:
+            self._fed_back = [t["KEEP_SILENCE"]]
+            return decision
+        token = t["TEXT_BEGIN"]
+        embed = self.model.llm.get_input_embeddings()
+        for _ in range(self.max_reply_tokens):
+            token = int(self._step(embed(torch.tensor([[token]]))).argmax())
+            decision.reply_ids.append(token)
+            if token == t["TEXT_END"]:
+                break
+        else:
+            # Cap reached mid-reply: the last token is not in the cache yet; the next block
+            # feeds it, then a TEXT_END that closes the turn.
+            self._fed_back = [token, t["TEXT_END"]]
+            return decision
+        self._fed_back = [token]  # the reply's TEXT_END
+        return decision

@@ -1,0 +1,174 @@
+"""The demo model's task set: what it must answer, with which emotion and text, and what it
+must ignore.
+
+Three kinds of foreground items:
+- sound events (proactive alerts): a fixed reply per event type;
+- spoken commands and questions: several paraphrases each, some held out for evaluation;
+- distractors that must get no reply: unrelated sentences (held-out ones for evaluation).
+Backgrounds (noise, hum, music, babble) never get a reply either.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .sounds import SOUND_EVENTS
+
+# MODEL_SPEC §5.2, exactly.
+SYSTEM_PROMPT = (
+    "You are a helpful assistant. When there is no user text, if the audio contains a question, "
+    "please answer it. If it is a sound effect, determine based on the sound whether help is needed."
+)
+
+EMOTIONS = ("HAPPY", "SAD", "ANGRY", "SURPRISE", "NORMAL", "URGENT")
+
+
+@dataclass(frozen=True)
+class Reply:
+    emotion: str  # one of EMOTIONS
+    text: str
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    train_phrases: tuple[str, ...]
+    eval_phrases: tuple[str, ...]
+    reply: Reply
+
+    def phrases(self, split: str) -> tuple[str, ...]:
+        if split == "train":
+            return self.train_phrases
+        if split == "eval":
+            return self.eval_phrases
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+
+
+EVENT_REPLIES: dict[str, Reply] = {
+    "smoke_alarm": Reply("URGENT", "Smoke alarm! Please check the kitchen."),
+    "doorbell": Reply("NORMAL", "Someone is at the door."),
+    "phone_ring": Reply("NORMAL", "Your phone is ringing."),
+    "knocking": Reply("NORMAL", "Someone is knocking."),
+    "glass_break": Reply("URGENT", "I heard glass breaking. Is everyone okay?"),
+    "kettle_whistle": Reply("NORMAL", "The kettle is boiling."),
+}
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "lights_on",
+        ("turn on the lights", "lights on please", "could you switch the lights on", "switch on the light",
+         "turn the lights on"),
+        ("please put the lights on", "can you turn on the light"),
+        Reply("NORMAL", "Turning on the lights."),
+    ),
+    Command(
+        "lights_off",
+        ("turn off the lights", "lights off please", "could you switch the lights off", "switch off the light",
+         "turn the lights off"),
+        ("please put the lights out", "can you turn off the light"),
+        Reply("NORMAL", "Turning off the lights."),
+    ),
+    Command(
+        "capabilities",
+        ("what can you do", "what are you able to do", "tell me what you can do", "what do you do"),
+        ("what can you help me with", "what are you good at"),
+        Reply("NORMAL", "I can listen for alarms, doorbells and simple commands."),
+    ),
+    Command(
+        "stop",
+        ("stop", "stop that", "please stop", "stop it"),
+        ("stop now", "okay stop"),
+        Reply("NORMAL", "Okay, stopping."),
+    ),
+    Command(
+        "help",
+        ("help", "I need help", "help me please", "somebody help"),
+        ("please help me", "I need some help"),
+        Reply("URGENT", "I'm here. What do you need?"),
+    ),
+    Command(
+        "volume_up",
+        ("turn the volume up", "louder please", "increase the volume", "turn it up"),
+        ("make it louder", "volume up please"),
+        Reply("NORMAL", "Turning the volume up."),
+    ),
+    Command(
+        "timer",
+        ("set a timer for five minutes", "start a five minute timer", "five minute timer please",
+         "time five minutes"),
+        ("set a five minute timer", "can you start a timer for five minutes"),
+        Reply("NORMAL", "Timer set for five minutes."),
+    ),
+    Command(
+        "greeting",
+        ("hello", "hi there", "good morning", "hey"),
+        ("hello there", "good evening"),
+        Reply("HAPPY", "Hello! I'm listening."),
+    ),
+)
+
+# Speech that does not address the assistant: it must stay silent through it.
+TRAIN_DISTRACTORS: tuple[str, ...] = (
+    "the weather was lovely yesterday afternoon",
+    "I think we should paint the fence green",
+    "my brother bought a new bicycle last week",
+    "the meeting has been moved to Thursday",
+    "did you see the football match on Sunday",
+    "she keeps her keys in the blue bowl",
+    "we ran out of milk again",
+    "the train was twenty minutes late this morning",
+    "I'm reading a book about ancient Rome",
+    "they are building a new bridge across the river",
+    "the cat sleeps on the sofa all day",
+    "tomorrow I have to call the dentist",
+    "this soup needs a little more salt",
+    "the garden looks better after the rain",
+    "he plays the piano every evening",
+    "we should visit grandma next month",
+    "the printer in the office is broken again",
+    "I forgot my umbrella on the bus",
+    "the price of coffee went up",
+    "our neighbours have a very noisy dog",
+    "that film was much longer than I expected",
+    "the children are playing in the park",
+    "please remember to water the plants",
+    "I like my tea without sugar",
+    "the shop closes at six on Saturdays",
+    "we drove to the coast for the weekend",
+    "my phone battery lasts all day now",
+    "the new restaurant downtown is quite good",
+    "I need to finish this report by Friday",
+    "the mountains were covered in snow",
+)
+EVAL_DISTRACTORS: tuple[str, ...] = (
+    "the library opens late on Wednesdays",
+    "my sister moved to a small flat near the station",
+    "we planted tomatoes and beans this spring",
+    "the bus driver waved at the children",
+    "I usually go running before breakfast",
+    "the old clock in the hall stopped working",
+    "they painted the kitchen yellow last year",
+    "there is a new bakery on the corner",
+    "the concert tickets sold out in an hour",
+    "he repaired the roof before the storm",
+)
+
+
+def distractors(split: str) -> tuple[str, ...]:
+    if split == "train":
+        return TRAIN_DISTRACTORS
+    if split == "eval":
+        return EVAL_DISTRACTORS
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+
+
+def _all_replies() -> tuple[Reply, ...]:
+    replies = list(EVENT_REPLIES.values()) + [c.reply for c in COMMANDS]
+    return tuple(dict.fromkeys(replies))  # unique, in a fixed order
+
+
+# Replies are stored in the feature cache by their index in this tuple.
+REPLIES: tuple[Reply, ...] = _all_replies()
+REPLY_INDEX: dict[Reply, int] = {r: i for i, r in enumerate(REPLIES)}
+
+if set(EVENT_REPLIES) != set(SOUND_EVENTS):
+    raise RuntimeError("every synthesised sound event needs a reply and vice versa")

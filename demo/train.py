@@ -1,0 +1,217 @@
+"""Train the demo model on cached stream features (AdamW, warm-up + cosine, seeded, resumable).
+
+  python -m demo.train --run demo/.cache/run --train-streams 2000 --steps 3000 --time-budget-min 9
+  (run again with the same arguments to resume from the last training state)
+
+Every step draws its batch from a generator seeded by (seed, step), so a resumed run sees the
+same batches as an uninterrupted one. The silence class dominates (≈ 97 % of decisions), so the
+loss weighs TEXT_BEGIN decisions by --speak-weight.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import dataset, vocab
+from .layout import Protocol, build_sequence
+from .model import DemoModel, DemoSizes
+
+
+def crop(rng: np.random.Generator, labels: np.ndarray, min_chunks: int, p_reply: float) -> slice:
+    """A window of the stream: random length from min_chunks to the whole stream; with
+    probability p_reply it ends 1-6 chunks after a random reply chunk, so replies are seen more
+    often per second of compute than in whole streams (mostly silence)."""
+    n = len(labels)
+    length = int(rng.integers(min(min_chunks, n), n + 1))
+    replies = np.flatnonzero(labels >= 0)
+    if replies.size and rng.random() < p_reply:
+        end = min(n, int(rng.choice(replies)) + int(rng.integers(2, 8)))
+    else:
+        end = int(rng.integers(length, n + 1))
+    start = max(0, end - length)
+    return slice(start, start + length)
+
+
+def make_batch(protocol: Protocol, features: dataset.FeatureSet, indices, max_tokens: int,
+               rng: np.random.Generator | None = None, min_chunks: int = 0, p_reply: float = 0.0) -> dict[str, torch.Tensor]:
+    """Right-padded batch: ids, targets, speak flags, attention mask, mel chunks and the flat
+    rows of B·L where each chunk's 10 audio vectors go. With `rng` and min_chunks > 0 every
+    stream is cropped (see `crop`); the features keep the running-max floor of the whole
+    stream, like a session that started earlier."""
+    seqs, mels = [], []
+    for i in indices:
+        feats, labels = features.stream(int(i))
+        if rng is not None and min_chunks > 0:
+            window = crop(rng, labels, min_chunks, p_reply)
+            feats, labels = feats[window], labels[window]
+        seq = build_sequence(protocol, labels, max_tokens)
+        seqs.append(seq)
+        mels.append(np.asarray(feats[: seq.n_chunks], np.float32))
+    length = max(len(s.ids) for s in seqs)
+    batch = len(seqs)
+    ids = torch.full((batch, length), protocol.tokens["TEXT_END"], dtype=torch.long)
+    targets = torch.full((batch, length), -100, dtype=torch.long)
+    speak = torch.zeros((batch, length), dtype=torch.bool)
+    mask = torch.zeros((batch, length), dtype=torch.long)
+    rows = []
+    for b, s in enumerate(seqs):
+        n = len(s.ids)
+        ids[b, :n] = torch.from_numpy(s.ids)
+        targets[b, :n] = torch.from_numpy(s.targets)
+        speak[b, :n] = torch.from_numpy(s.speak_decision)
+        mask[b, :n] = 1
+        rows.append(torch.from_numpy(s.pad_positions) + b * length)
+    return {"ids": ids, "targets": targets, "speak": speak, "mask": mask,
+            "mel": torch.from_numpy(np.concatenate(mels)), "pad_rows": torch.cat(rows)}
+
+
+def batch_loss(model: DemoModel, batch: dict[str, torch.Tensor], speak_weight: float) -> tuple[torch.Tensor, dict]:
+    audio = model.encode(batch["mel"])
+    hidden = model.hidden_states(model.embed(batch["ids"], batch["pad_rows"], audio), batch["mask"])
+    at = batch["targets"] >= 0
+    logits = model.llm.lm_head(hidden[at])  # only rows with a target: the vocab is small, rows are many
+    targets = batch["targets"][at]
+    weights = torch.ones_like(targets, dtype=logits.dtype)
+    weights[batch["speak"][at]] = speak_weight
+    losses = F.cross_entropy(logits.float(), targets, reduction="none")
+    loss = (losses * weights).sum() / weights.sum()
+    with torch.no_grad():
+        pred = logits.argmax(-1)
+        speak = batch["speak"][at]
+        keep = targets == batch["keep_silence_id"]
+        text = ~speak & ~keep
+        stats = {
+            "loss": float(loss),
+            "speak_recall": float((pred[speak] == targets[speak]).float().mean()) if speak.any() else float("nan"),
+            "false_speak": float((pred[keep] != targets[keep]).float().mean()) if keep.any() else float("nan"),
+            "text_acc": float((pred[text] == targets[text]).float().mean()) if text.any() else float("nan"),
+        }
+    return loss, stats
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, default=Path(__file__).resolve().parent / ".cache" / "run")
+    p.add_argument("--train-streams", type=int, default=2000)
+    p.add_argument("--eval-streams", type=int, default=150)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=6)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--speak-weight", type=float, default=5.0)
+    p.add_argument("--max-tokens", type=int, default=1500)
+    p.add_argument("--crop-min-chunks", type=int, default=16, help="0: whole streams")
+    p.add_argument("--crop-reply-p", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--time-budget-min", type=float, default=0.0, help="stop (and save) after this long; 0: no limit")
+    p.add_argument("--workers", type=int, default=2, help="processes rendering the feature cache")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    args.run.mkdir(parents=True, exist_ok=True)
+
+    tokenizer, tokens = vocab.demo_tokenizer(args.run / "tokenizer")
+    protocol = Protocol.build(tokens, vocab.encoder_for(tokenizer))
+    train_set = dataset.load(dataset.build("train", 0, args.train_streams, args.workers))
+    eval_set = dataset.load(dataset.build("eval", 0, args.eval_streams, args.workers))
+
+    model = DemoModel(DemoSizes(), tokenizer.get_vocab_size()).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    state_path = args.run / "train_state.pt"
+    step = 0
+    if state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        print(f"[train] resumed at step {step}", flush=True)
+    counts = model.parameter_counts()
+    print(f"[train] parameters: encoder {counts['encoder']:,}, llm {counts['llm']:,}; "
+          f"{len(train_set)} train streams, {len(eval_set)} eval streams", flush=True)
+    eval_batch = make_batch(protocol, eval_set, range(min(16, len(eval_set))), args.max_tokens)
+
+    def save() -> None:
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                    "sizes": asdict(model.sizes), "args": {k: str(v) for k, v in vars(args).items()}}, tmp)
+        tmp.replace(state_path)
+
+    def to_device(batch):
+        out = {k: v.to(device) for k, v in batch.items()}
+        out["keep_silence_id"] = tokens["KEEP_SILENCE"]
+        return out
+
+    log = (args.run / "log.jsonl").open("a")
+    started = time.perf_counter()
+    window: list[dict] = []
+    while step < args.steps:
+        if args.time_budget_min and time.perf_counter() - started > 60 * args.time_budget_min:
+            print(f"[train] time budget reached at step {step}", flush=True)
+            break
+        rng = np.random.default_rng([args.seed, step])
+        indices = rng.integers(0, len(train_set), args.batch)
+        batch = to_device(make_batch(protocol, train_set, indices, args.max_tokens, rng, args.crop_min_chunks,
+                                     args.crop_reply_p))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        model.train()
+        loss, stats = batch_loss(model, batch, args.speak_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        window.append(stats)
+        if step % args.log_every == 0:
+            elapsed = time.perf_counter() - started
+            mean = {k: float(np.nanmean([w[k] for w in window])) for k in window[0]}
+            record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 1), **mean}
+            print("[train] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+                  flush=True)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            window = []
+        if step % args.eval_every == 0 or step == args.steps:
+            model.eval()
+            with torch.no_grad():
+                _, stats = batch_loss(model, to_device(eval_batch), args.speak_weight)
+            print("[eval] step=%d " % step + " ".join(f"{k}={v:.4g}" for k, v in stats.items()), flush=True)
+            log.write(json.dumps({"step": step, "eval": stats}) + "\n")
+            log.flush()
+        if step % args.save_every == 0:
+            save()
+    save()
+    log.close()
+    if step >= args.steps:
+        torch.save({"model": model.state_dict(), "sizes": asdict(model.sizes)}, args.run / "model.pt")
+        print(f"[train] finished: {args.run / 'model.pt'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
