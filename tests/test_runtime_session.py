@@ -312,6 +312,22 @@ def test_microphone_capture(runtime_package, monkeypatch, native_rate, supports_
     assert not _kinds(events, "AudioDropped")
 
 
+def test_microphone_is_the_only_writer_while_it_captures(runtime_package, monkeypatch):  # noqa: F811
+    monkeypatch.setitem(sys.modules, "sounddevice", _fake_sounddevice(16000, True, 2.0))
+    rt = listenloop.Runtime(runtime_package, speak_bias=-1e4)
+    with rt.session() as s:
+        mic = s.listen()
+        with pytest.raises(listenloop.Error, match="stop the microphone first"):
+            s.accept_waveform(np.zeros(1600, np.float32), 16000)
+        with pytest.raises(listenloop.Error, match="stop the microphone first"):
+            s.listen()
+        mic.stop()
+        s.accept_waveform(np.zeros(6400, np.float32), 16000)  # the ring has one writer again
+        s.finish(timeout=30)
+        decisions = _kinds(list(s.events(timeout=1)), "Decision")
+    assert len(decisions) == 6  # 2 s captured + 0.4 s fed afterwards
+
+
 def test_missing_portaudio_is_a_device_error(monkeypatch):
     import builtins
 

@@ -211,6 +211,10 @@ class Microphone:
                                             drops - self._seen_drops, "microphone ring overrun"))
             self._seen_drops = drops
 
+    @property
+    def active(self) -> bool:
+        return not self._stop.is_set()
+
     def stop(self) -> None:
         """Stop capturing and forward what was captured (idempotent)."""
         if self._stop.is_set():

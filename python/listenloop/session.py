@@ -145,6 +145,7 @@ class Session:
         block=False and get AudioDropped events on overrun instead.
         """
         self._check_open()
+        self._check_no_microphone("accept_waveform()")
         rate = check_sample_rate(sample_rate)
         samples, n_bad = to_float32_mono(pcm)
         if n_bad:
@@ -156,8 +157,11 @@ class Session:
         self._write(self._resampler(samples), block)
 
     def finish(self, timeout: float | None = None) -> None:
-        """End of input: flush the last partial chunk and wait until every event is produced."""
+        """End of input: stop the microphone if one captures, flush the last partial chunk and
+        wait until every event is produced."""
         self._check_open()
+        for microphone in self._microphones:
+            microphone.stop()
         self._flush_resampler()
         self._finishing = True
         if not self._scheduler.flush(timeout):
@@ -217,9 +221,17 @@ class Session:
         from .audio import Microphone
 
         self._check_open()
+        self._check_no_microphone("listen()")
         microphone = Microphone(self, device).start()
         self._microphones.append(microphone)
         return microphone
+
+    def _check_no_microphone(self, what: str) -> None:
+        # The PCM ring has a single writer: while a microphone captures, it is that writer.
+        for microphone in self._microphones:
+            if microphone.active:
+                raise Error(f"{what}: this session is capturing {microphone.device_name!r}; "
+                            "stop the microphone first, or feed other audio to a second session")
 
     def _flush_resampler(self) -> None:
         if self._resampler is not None:
