@@ -15,6 +15,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from listenloop.textstream import byte_level_alphabet
+
 H, KVH, D, LAYERS = 32, 2, 16, 2
 BYTE_TOKENS = 256
 # Protocol ids above the 256 byte tokens, as a checkpoint's protocol_tokens.json would set them.
@@ -27,24 +29,11 @@ VOCAB = 320
 SYSTEM_PROMPT = "Be brief."
 
 
-def _byte_alphabet() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    by_byte = dict(zip(bs, cs))
-    return [chr(by_byte[b]) for b in range(256)]
-
-
 def make_tokenizer(path: Path) -> None:
     """Byte-level BPE whose id b is byte b, and protocol names for the control ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {ch: b for b, ch in enumerate(_byte_alphabet())}
+    vocab = {ch: b for b, ch in enumerate(byte_level_alphabet())}
     for i in range(BYTE_TOKENS, VOCAB):
         vocab[f"<ctl{i}>"] = i
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 
 @lru_cache(maxsize=1)
-def _unicode_to_byte() -> dict:
-    """Inverse of GPT-2's byte-level alphabet (the ByteLevel pre-tokenizer's byte -> char map)."""
+def byte_level_alphabet() -> tuple[str, ...]:
+    """GPT-2's byte-level alphabet: the character the ByteLevel pre-tokenizer writes for each byte."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     chars = printable[:]
     extra = 0
@@ -25,7 +25,14 @@ def _unicode_to_byte() -> dict:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
+    by_byte = dict(zip(printable, chars))
+    return tuple(chr(by_byte[b]) for b in range(256))
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict:
+    """Inverse of the byte-level alphabet: character -> byte."""
+    return {ch: b for b, ch in enumerate(byte_level_alphabet())}
 
 
 def _is_byte_level(tokenizer_json: dict) -> bool:
