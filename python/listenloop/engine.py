@@ -80,8 +80,6 @@ class _Binder:
     """
 
     def __init__(self, session):
-        import onnxruntime as ort
-
         self.session = session
         self.io = session.io_binding()
         self._c_io = getattr(self.io, "_iobinding", None)
@@ -98,19 +96,24 @@ class _Binder:
         except ImportError:
             pass
         self.fast = self._c_io is not None and self._c_sess is not None and "cpu" in self._devices
-        self._ort = ort
+        # bind_input/bind_output(name, device, element_type, shape, ptr), with `device` from
+        # device(kind): the same signature on both paths, so the per-step loop has one form.
+        if self.fast:
+            self.bind_input, self.bind_output = self._c_io.bind_input, self._c_io.bind_output
+        else:
+            io = self.io
+            self.bind_input = lambda name, device, dtype, shape, ptr: io.bind_input(name, device, 0, dtype, shape, ptr)
+            self.bind_output = lambda name, device, dtype, shape, ptr: io.bind_output(name, device, 0, dtype, shape, ptr)
+
+    def device(self, kind: str):
+        """The device argument of bind_input/bind_output for "cpu" or "cuda"."""
+        return self._devices[kind] if self.fast else kind
 
     def input(self, name, device, dtype, shape, ptr):
-        if self.fast:
-            self._c_io.bind_input(name, self._devices[device], dtype, shape, ptr)
-        else:
-            self.io.bind_input(name, device, 0, dtype, shape, ptr)
+        self.bind_input(name, self.device(device), dtype, shape, ptr)
 
     def output(self, name, device, dtype, shape, ptr):
-        if self.fast:
-            self._c_io.bind_output(name, self._devices[device], dtype, shape, ptr)
-        else:
-            self.io.bind_output(name, device, 0, dtype, shape, ptr)
+        self.bind_output(name, self.device(device), dtype, shape, ptr)
 
     def run(self):
         if self.fast:
@@ -312,19 +315,12 @@ class Engine:
             self._bound_shape = (T, K)
         past_shape, new_shape = [1, P] + self._kv_shape_tail, [1, T] + self._kv_shape_tail
         offset = P * self._row_bytes
-        if bind.fast:  # the C-level calls directly: this loop is most of the per-step overhead
-            bind_in, bind_out, device = bind._c_io.bind_input, bind._c_io.bind_output, bind._devices[dev]
-            for pk, nk, pv, nv, kp, vp in self._layer_bindings:
-                bind_in(pk, device, dtype, past_shape, kp)
-                bind_out(nk, device, dtype, new_shape, kp + offset)
-                bind_in(pv, device, dtype, past_shape, vp)
-                bind_out(nv, device, dtype, new_shape, vp + offset)
-        else:
-            for pk, nk, pv, nv, kp, vp in self._layer_bindings:
-                bind.input(pk, dev, dtype, past_shape, kp)
-                bind.output(nk, dev, dtype, new_shape, kp + offset)
-                bind.input(pv, dev, dtype, past_shape, vp)
-                bind.output(nv, dev, dtype, new_shape, vp + offset)
+        bind_in, bind_out, device = bind.bind_input, bind.bind_output, bind.device(dev)
+        for pk, nk, pv, nv, kp, vp in self._layer_bindings:  # most of the per-step overhead
+            bind_in(pk, device, dtype, past_shape, kp)
+            bind_out(nk, device, dtype, new_shape, kp + offset)
+            bind_in(pv, device, dtype, past_shape, vp)
+            bind_out(nv, device, dtype, new_shape, vp + offset)
         bind.run()
         self._last = (P, T, K)
         self._position = P + T
