@@ -5,6 +5,7 @@ Layout of a split folder (demo/.cache/features/<split>-<first>-<count>/):
   features.npy  float16 [total_chunks, 128, 40]  (memory-mapped when training)
   offsets.npy   int64 [n_streams + 1]             chunk range of stream i: offsets[i]:offsets[i+1]
   labels.npy    int16 [total_chunks]              tasks.REPLIES index or streams.SILENT
+  content.npy   int16 [total_chunks]              tasks.CONTENT_INDEX of what the chunk holds
   seeds.npy     int64 [n_streams]
 """
 from __future__ import annotations
@@ -32,10 +33,10 @@ def stream_features(audio: np.ndarray) -> np.ndarray:
     return np.stack([mel(c) for c in audio.reshape(-1, streams.CHUNK_SAMPLES)])
 
 
-def _render(args: tuple[int, str]) -> tuple[np.ndarray, np.ndarray]:
+def _render(args: tuple[int, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     seed, split = args
     stream = streams.make_stream(seed, split)
-    return stream_features(stream.audio).astype(np.float16), stream.labels()
+    return stream_features(stream.audio).astype(np.float16), stream.labels(), stream.content()
 
 
 @dataclass
@@ -44,6 +45,13 @@ class FeatureSet:
     offsets: np.ndarray
     labels: np.ndarray
     seeds: np.ndarray
+    content: np.ndarray | None = None
+
+    def content_of(self, i: int) -> np.ndarray:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        if self.content is None:
+            raise ValueError("this feature set has no per-chunk content labels")
+        return self.content[a:b]
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -65,12 +73,14 @@ def build(split: str, first_seed: int, count: int, workers: int = 2, log_every: 
     out.mkdir(parents=True, exist_ok=True)
     features: list[np.ndarray] = []
     labels: list[np.ndarray] = []
+    content: list[np.ndarray] = []
     started = time.perf_counter()
     jobs = [(seed, split) for seed in range(first_seed, first_seed + count)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        for i, (feats, labs) in enumerate(pool.map(_render, jobs, chunksize=8), start=1):
+        for i, (feats, labs, cont) in enumerate(pool.map(_render, jobs, chunksize=8), start=1):
             features.append(feats)
             labels.append(labs)
+            content.append(cont)
             if i % log_every == 0 or i == count:
                 rate = i / (time.perf_counter() - started)
                 print(f"[features] {split}: {i}/{count} streams, {rate:.1f} streams/s", flush=True)
@@ -78,6 +88,7 @@ def build(split: str, first_seed: int, count: int, workers: int = 2, log_every: 
     np.save(out / "features.npy", np.concatenate(features))
     np.save(out / "offsets.npy", offsets)
     np.save(out / "labels.npy", np.concatenate(labels))
+    np.save(out / "content.npy", np.concatenate(content))
     np.save(out / "seeds.npy", np.arange(first_seed, first_seed + count, dtype=np.int64))  # written last: marks complete
     return out
 
@@ -91,6 +102,7 @@ def load(path: Path) -> FeatureSet:
         offsets=np.load(path / "offsets.npy"),
         labels=np.load(path / "labels.npy"),
         seeds=np.load(path / "seeds.npy"),
+        content=np.load(path / "content.npy") if (path / "content.npy").exists() else None,
     )
 
 

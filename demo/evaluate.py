@@ -20,7 +20,7 @@ import torch
 
 from . import dataset, streams, tasks, vocab
 from .layout import Protocol
-from .listener import TorchListener
+from .listener import PackageListener, TorchListener
 from .model import DemoModel, DemoSizes
 
 LATE_CHUNKS = 2  # an answer up to this many chunks after the reply chunk still counts
@@ -44,8 +44,9 @@ def load_model(run: Path) -> tuple[DemoModel, Protocol, object]:
     return model.eval(), Protocol.build(tokens, vocab.encoder_for(tokenizer)), tokenizer
 
 
-def run_stream(listener: TorchListener, tokenizer, features: np.ndarray) -> list[SpokenReply]:
-    emotion_names = {listener.protocol.tokens[e]: e for e in tasks.EMOTIONS}
+def run_stream(listener, tokenizer, features: np.ndarray) -> list[SpokenReply]:
+    """Greedy replies of a TorchListener or PackageListener over one stream's chunk features."""
+    emotion_names = {listener.tokens[e]: e for e in tasks.EMOTIONS}
     listener.reset()
     replies = []
     for mel in features:
@@ -53,7 +54,7 @@ def run_stream(listener: TorchListener, tokenizer, features: np.ndarray) -> list
         if decision.spoke:
             ids = decision.reply_ids
             emotion = emotion_names.get(ids[0]) if ids else None
-            text_ids = [i for i in ids[1 if emotion else 0 :] if i != listener.protocol.tokens["TEXT_END"]]
+            text_ids = [i for i in ids[1 if emotion else 0 :] if i != listener.tokens["TEXT_END"]]
             replies.append(SpokenReply(decision.chunk, emotion, tokenizer.decode(text_ids).strip()))
     return replies
 
@@ -79,15 +80,26 @@ def score(stream: streams.Stream, replies: list[SpokenReply]) -> tuple[list[tupl
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, default=Path(__file__).resolve().parent / ".cache" / "run")
+    p.add_argument("--run", type=Path, default=Path(__file__).resolve().parent / ".cache" / "run",
+                   help="training run to evaluate in PyTorch")
+    p.add_argument("--package", type=Path, help="evaluate this exported model package through listenloop instead")
+    p.add_argument("--speak-bias", type=float, help="override the speak bias (package default, or 0 in PyTorch)")
     p.add_argument("--streams", type=int, default=100)
     p.add_argument("--first-seed", type=int, default=10_000, help="eval-split seeds (the training run's quick eval uses 0..)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--show", type=int, default=0, help="print the replies of the first N streams")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, protocol, tokenizer = load_model(args.run)
-    listener = TorchListener(model, protocol)
+    if args.package is not None:
+        from tokenizers import Tokenizer
+
+        listener = PackageListener(args.package, speak_bias=args.speak_bias)
+        tokenizer = Tokenizer.from_file(str(args.package / "tokenizer.json"))
+        print(f"package {args.package} ({listener.engine.package.manifest['decoder']['precision']} decoder), "
+              f"speak bias {listener.engine.speak_bias:+.2f}")
+    else:
+        model, protocol, tokenizer = load_model(args.run)
+        listener = TorchListener(model, protocol, speak_bias=args.speak_bias or 0.0)
 
     answered: dict[str, list[bool]] = defaultdict(list)
     delays: list[int] = []

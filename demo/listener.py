@@ -29,6 +29,7 @@ class TorchListener:
     def __init__(self, model: DemoModel, protocol: Protocol, max_reply_tokens: int = 48, speak_bias: float = 0.0):
         self.model = model.eval()
         self.protocol = protocol
+        self.tokens = protocol.tokens
         self.max_reply_tokens = max_reply_tokens
         self.speak_bias = speak_bias  # added to the TEXT_BEGIN logit before the two-way decision
         self.reset()
@@ -78,4 +79,30 @@ class TorchListener:
             self._fed_back = [token, t["TEXT_END"]]
             return decision
         self._fed_back = [token]  # the reply's TEXT_END
+        return decision
+
+
+class PackageListener:
+    """The same greedy loop through listenloop's Engine on an exported model package: what a
+    user of the shipped model runs (ONNX Runtime, the package's precision, its bounded context
+    with re-prefill, the manifest's speak bias unless `speak_bias` overrides it)."""
+
+    def __init__(self, package, speak_bias: float | None = None, profile: str = "cpu"):
+        from listenloop.engine import Engine
+        from listenloop.sampling import SamplingConfig
+
+        self.engine = Engine(package, profile, sampling=SamplingConfig(temperature=0.0), speak_bias=speak_bias)
+        self.tokens = self.engine.tokens
+        self.reset()
+
+    def reset(self) -> None:
+        self.engine.reset()
+        self._chunk = 0
+
+    def listen(self, mel: np.ndarray) -> Decision:
+        result = self.engine.listen(self.engine.encode(mel)[0])
+        decision = Decision(self._chunk, result.spoke, result.p_speak, [])
+        self._chunk += 1
+        if result.spoke:
+            decision.reply_ids = [step.token for step in self.engine.speak()]
         return decision

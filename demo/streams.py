@@ -8,8 +8,9 @@ end boundary (k + 1)·6400 is the first boundary at or after `e`. The model ther
 after the chunk in which the item ends: within one chunk (0.4 s) of the end of the sound. Every
 other chunk is labelled silent.
 
-Train and eval streams differ in seed salt, voices, command paraphrases, distractor sentences
-and level ranges, so evaluation measures generalisation to unheard voices and phrasings.
+Train and eval streams differ in seed salt, voices, distractor sentences and level ranges; the
+command phrasings are shared (see tasks.py), so evaluation measures generalisation to unheard
+voices, levels and noise, and to unheard speech that must get no reply.
 """
 from __future__ import annotations
 
@@ -93,6 +94,19 @@ class Stream:
         return labels
 
 
+    def content(self) -> np.ndarray:
+        """Per chunk: tasks.CONTENT_INDEX of the item covering most of it (dry signal), or
+        "background" where no item covers a quarter of the chunk."""
+        best = np.full(self.n_chunks, CHUNK_SAMPLES // 4, np.int64)  # overlap a class must beat
+        content = np.full(self.n_chunks, tasks.CONTENT_INDEX["background"], np.int16)
+        for seg in self.segments:
+            for k in range(seg.start // CHUNK_SAMPLES, min(self.n_chunks, (seg.end - 1) // CHUNK_SAMPLES + 1)):
+                overlap = min(seg.end, (k + 1) * CHUNK_SAMPLES) - max(seg.start, k * CHUNK_SAMPLES)
+                if overlap > best[k]:
+                    best[k], content[k] = overlap, tasks.CONTENT_INDEX[seg.name]
+        return content
+
+
 def reply_chunk(end_sample: int) -> int:
     """The chunk whose end boundary is the first one at or after `end_sample` (see module doc)."""
     if end_sample <= 0:
@@ -122,7 +136,7 @@ def render_item(rng: np.random.Generator, kind: str, name: str, split: str, text
         command = next((c for c in tasks.COMMANDS if c.name == name), None)
         if command is None:
             raise ValueError(f"unknown command {name!r}")
-        choices = command.phrases(split)
+        choices = command.phrases
     elif kind == "distractor":
         choices = tasks.distractors(split)
     else:

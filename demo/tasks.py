@@ -3,7 +3,9 @@ must ignore.
 
 Three kinds of foreground items:
 - sound events (proactive alerts): a fixed reply per event type;
-- spoken commands and questions: several paraphrases each, some held out for evaluation;
+- spoken commands and questions: several phrasings each. Evaluation speaks the same phrasings
+  with voices, speeds, pitches, levels and noise never heard in training: the demo model
+  recognises the commands it was taught, it does not understand unseen paraphrases;
 - distractors that must get no reply: unrelated sentences (held-out ones for evaluation).
 Backgrounds (noise, hum, music, babble) never get a reply either.
 """
@@ -31,16 +33,8 @@ class Reply:
 @dataclass(frozen=True)
 class Command:
     name: str
-    train_phrases: tuple[str, ...]
-    eval_phrases: tuple[str, ...]
+    phrases: tuple[str, ...]
     reply: Reply
-
-    def phrases(self, split: str) -> tuple[str, ...]:
-        if split == "train":
-            return self.train_phrases
-        if split == "eval":
-            return self.eval_phrases
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
 
 
 EVENT_REPLIES: dict[str, Reply] = {
@@ -56,52 +50,47 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "lights_on",
         ("turn on the lights", "lights on please", "could you switch the lights on", "switch on the light",
-         "turn the lights on"),
-        ("please put the lights on", "can you turn on the light"),
+         "turn the lights on", "please put the lights on", "can you turn on the light"),
         Reply("NORMAL", "Turning on the lights."),
     ),
     Command(
         "lights_off",
         ("turn off the lights", "lights off please", "could you switch the lights off", "switch off the light",
-         "turn the lights off"),
-        ("please put the lights out", "can you turn off the light"),
+         "turn the lights off", "please put the lights out", "can you turn off the light"),
         Reply("NORMAL", "Turning off the lights."),
     ),
     Command(
         "capabilities",
-        ("what can you do", "what are you able to do", "tell me what you can do", "what do you do"),
-        ("what can you help me with", "what are you good at"),
+        ("what can you do", "what are you able to do", "tell me what you can do", "what do you do",
+         "what can you help me with", "what are you good at"),
         Reply("NORMAL", "I can listen for alarms, doorbells and simple commands."),
     ),
     Command(
         "stop",
-        ("stop", "stop that", "please stop", "stop it"),
-        ("stop now", "okay stop"),
+        ("stop", "stop that", "please stop", "stop it", "stop now", "okay stop"),
         Reply("NORMAL", "Okay, stopping."),
     ),
     Command(
         "help",
-        ("help", "I need help", "help me please", "somebody help"),
-        ("please help me", "I need some help"),
+        ("help", "I need help", "help me please", "somebody help", "please help me",
+         "I need some help"),
         Reply("URGENT", "I'm here. What do you need?"),
     ),
     Command(
         "volume_up",
-        ("turn the volume up", "louder please", "increase the volume", "turn it up"),
-        ("make it louder", "volume up please"),
+        ("turn the volume up", "louder please", "increase the volume", "turn it up", "make it louder",
+         "volume up please"),
         Reply("NORMAL", "Turning the volume up."),
     ),
     Command(
         "timer",
         ("set a timer for five minutes", "start a five minute timer", "five minute timer please",
-         "time five minutes"),
-        ("set a five minute timer", "can you start a timer for five minutes"),
+         "time five minutes", "set a five minute timer", "can you start a timer for five minutes"),
         Reply("NORMAL", "Timer set for five minutes."),
     ),
     Command(
         "greeting",
-        ("hello", "hi there", "good morning", "hey"),
-        ("hello there", "good evening"),
+        ("hello", "hi there", "good morning", "hey", "hello there", "good evening"),
         Reply("HAPPY", "Hello! I'm listening."),
     ),
 )
@@ -169,6 +158,11 @@ def _all_replies() -> tuple[Reply, ...]:
 # Replies are stored in the feature cache by their index in this tuple.
 REPLIES: tuple[Reply, ...] = _all_replies()
 REPLY_INDEX: dict[Reply, int] = {r: i for i, r in enumerate(REPLIES)}
+
+# What a chunk mostly contains, for the training's auxiliary per-chunk loss on the encoder
+# (dense supervision: every chunk has a class, while replies are sparse).
+CONTENT_CLASSES: tuple[str, ...] = ("background", *EVENT_REPLIES, *(c.name for c in COMMANDS), "distractor")
+CONTENT_INDEX: dict[str, int] = {name: i for i, name in enumerate(CONTENT_CLASSES)}
 
 if set(EVENT_REPLIES) != set(SOUND_EVENTS):
     raise RuntimeError("every synthesised sound event needs a reply and vice versa")

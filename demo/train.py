@@ -19,18 +19,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from . import dataset, vocab
+from . import dataset, tasks, vocab
 from .layout import Protocol, build_sequence
 from .model import DemoModel, DemoSizes
 
 
-def crop(rng: np.random.Generator, labels: np.ndarray, min_chunks: int, p_reply: float) -> slice:
-    """A window of the stream: random length from min_chunks to the whole stream; with
-    probability p_reply it ends 1-6 chunks after a random reply chunk, so replies are seen more
-    often per second of compute than in whole streams (mostly silence)."""
+def crop(rng: np.random.Generator, labels: np.ndarray, min_chunks: int, p_reply: float, max_chunks: int = 0) -> slice:
+    """A window of the stream: random length from min_chunks to max_chunks (0: the whole
+    stream); with probability p_reply it ends 1-6 chunks after a random reply chunk, so replies
+    are seen more often per second of compute than in whole streams (mostly silence)."""
     n = len(labels)
-    length = int(rng.integers(min(min_chunks, n), n + 1))
+    longest = min(n, max_chunks) if max_chunks > 0 else n
+    length = int(rng.integers(min(min_chunks, longest), longest + 1))
     replies = np.flatnonzero(labels >= 0)
     if replies.size and rng.random() < p_reply:
         end = min(n, int(rng.choice(replies)) + int(rng.integers(2, 8)))
@@ -41,20 +43,23 @@ def crop(rng: np.random.Generator, labels: np.ndarray, min_chunks: int, p_reply:
 
 
 def make_batch(protocol: Protocol, features: dataset.FeatureSet, indices, max_tokens: int,
-               rng: np.random.Generator | None = None, min_chunks: int = 0, p_reply: float = 0.0) -> dict[str, torch.Tensor]:
+               rng: np.random.Generator | None = None, min_chunks: int = 0, p_reply: float = 0.0,
+               max_chunks: int = 0) -> dict[str, torch.Tensor]:
     """Right-padded batch: ids, targets, speak flags, attention mask, mel chunks and the flat
     rows of B·L where each chunk's 10 audio vectors go. With `rng` and min_chunks > 0 every
     stream is cropped (see `crop`); the features keep the running-max floor of the whole
     stream, like a session that started earlier."""
-    seqs, mels = [], []
+    seqs, mels, contents = [], [], []
     for i in indices:
         feats, labels = features.stream(int(i))
+        content = features.content_of(int(i)) if features.content is not None else np.full(len(labels), -100)
         if rng is not None and min_chunks > 0:
-            window = crop(rng, labels, min_chunks, p_reply)
-            feats, labels = feats[window], labels[window]
+            window = crop(rng, labels, min_chunks, p_reply, max_chunks)
+            feats, labels, content = feats[window], labels[window], content[window]
         seq = build_sequence(protocol, labels, max_tokens)
         seqs.append(seq)
         mels.append(np.asarray(feats[: seq.n_chunks], np.float32))
+        contents.append(np.asarray(content[: seq.n_chunks], np.int64))
     length = max(len(s.ids) for s in seqs)
     batch = len(seqs)
     ids = torch.full((batch, length), protocol.tokens["TEXT_END"], dtype=torch.long)
@@ -70,10 +75,25 @@ def make_batch(protocol: Protocol, features: dataset.FeatureSet, indices, max_to
         mask[b, :n] = 1
         rows.append(torch.from_numpy(s.pad_positions) + b * length)
     return {"ids": ids, "targets": targets, "speak": speak, "mask": mask,
-            "mel": torch.from_numpy(np.concatenate(mels)), "pad_rows": torch.cat(rows)}
+            "mel": torch.from_numpy(np.concatenate(mels)), "pad_rows": torch.cat(rows),
+            "content": torch.from_numpy(np.concatenate(contents))}
 
 
-def batch_loss(model: DemoModel, batch: dict[str, torch.Tensor], speak_weight: float) -> tuple[torch.Tensor, dict]:
+class ChunkClassifier(nn.Module):
+    """Auxiliary head, used in training only: what does a chunk contain (tasks.CONTENT_CLASSES),
+    from the mean of its 10 encoder vectors. It gives the encoder a label on every chunk, where
+    the protocol's reply targets are sparse; it is not part of the released model."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.head = nn.Linear(hidden, len(tasks.CONTENT_CLASSES))
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.head(audio.mean(dim=1))
+
+
+def batch_loss(model: DemoModel, batch: dict[str, torch.Tensor], speak_weight: float,
+               classifier: ChunkClassifier | None = None, content_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     audio = model.encode(batch["mel"])
     hidden = model.hidden_states(model.embed(batch["ids"], batch["pad_rows"], audio), batch["mask"])
     at = batch["targets"] >= 0
@@ -83,6 +103,10 @@ def batch_loss(model: DemoModel, batch: dict[str, torch.Tensor], speak_weight: f
     weights[batch["speak"][at]] = speak_weight
     losses = F.cross_entropy(logits.float(), targets, reduction="none")
     loss = (losses * weights).sum() / weights.sum()
+    content_loss = None
+    if classifier is not None and content_weight > 0.0:
+        content_loss = F.cross_entropy(classifier(audio).float(), batch["content"], ignore_index=-100)
+        loss = loss + content_weight * content_loss
     with torch.no_grad():
         pred = logits.argmax(-1)
         speak = batch["speak"][at]
@@ -93,6 +117,7 @@ def batch_loss(model: DemoModel, batch: dict[str, torch.Tensor], speak_weight: f
             "speak_recall": float((pred[speak] == targets[speak]).float().mean()) if speak.any() else float("nan"),
             "false_speak": float((pred[keep] != targets[keep]).float().mean()) if keep.any() else float("nan"),
             "text_acc": float((pred[text] == targets[text]).float().mean()) if text.any() else float("nan"),
+            "content_loss": float(content_loss) if content_loss is not None else float("nan"),
         }
     return loss, stats
 
@@ -115,8 +140,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--speak-weight", type=float, default=5.0)
+    p.add_argument("--content-weight", type=float, default=0.3, help="weight of the auxiliary per-chunk loss; 0: off")
     p.add_argument("--max-tokens", type=int, default=1500)
-    p.add_argument("--crop-min-chunks", type=int, default=16, help="0: whole streams")
+    p.add_argument("--crop-min-chunks", type=int, default=8, help="0: whole streams")
+    p.add_argument("--crop-max-chunks", type=int, default=48,
+                   help="longest crop; keep the exported package's max context within what training saw")
     p.add_argument("--crop-reply-p", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -142,23 +170,27 @@ def main(argv=None) -> None:
     eval_set = dataset.load(dataset.build("eval", 0, args.eval_streams, args.workers))
 
     model = DemoModel(DemoSizes(), tokenizer.get_vocab_size()).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    classifier = ChunkClassifier(model.sizes.hidden).to(device)
+    optimizer = torch.optim.AdamW([*model.parameters(), *classifier.parameters()], lr=args.lr, betas=(0.9, 0.95),
+                                  weight_decay=args.weight_decay)
     state_path = args.run / "train_state.pt"
     step = 0
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
+        classifier.load_state_dict(state["classifier"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"[train] resumed at step {step}", flush=True)
     counts = model.parameter_counts()
     print(f"[train] parameters: encoder {counts['encoder']:,}, llm {counts['llm']:,}; "
           f"{len(train_set)} train streams, {len(eval_set)} eval streams", flush=True)
-    eval_batch = make_batch(protocol, eval_set, range(min(16, len(eval_set))), args.max_tokens)
+    eval_batch = make_batch(protocol, eval_set, range(min(16, len(eval_set))), args.max_tokens,
+                            np.random.default_rng(args.seed), args.crop_min_chunks, args.crop_reply_p, args.crop_max_chunks)
 
     def save() -> None:
         tmp = state_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+        torch.save({"model": model.state_dict(), "classifier": classifier.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                     "sizes": asdict(model.sizes), "args": {k: str(v) for k, v in vars(args).items()}}, tmp)
         tmp.replace(state_path)
 
@@ -177,11 +209,11 @@ def main(argv=None) -> None:
         rng = np.random.default_rng([args.seed, step])
         indices = rng.integers(0, len(train_set), args.batch)
         batch = to_device(make_batch(protocol, train_set, indices, args.max_tokens, rng, args.crop_min_chunks,
-                                     args.crop_reply_p))
+                                     args.crop_reply_p, args.crop_max_chunks))
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         model.train()
-        loss, stats = batch_loss(model, batch, args.speak_weight)
+        loss, stats = batch_loss(model, batch, args.speak_weight, classifier, args.content_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -200,7 +232,7 @@ def main(argv=None) -> None:
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             with torch.no_grad():
-                _, stats = batch_loss(model, to_device(eval_batch), args.speak_weight)
+                _, stats = batch_loss(model, to_device(eval_batch), args.speak_weight, classifier, args.content_weight)
             print("[eval] step=%d " % step + " ".join(f"{k}={v:.4g}" for k, v in stats.items()), flush=True)
             log.write(json.dumps({"step": step, "eval": stats}) + "\n")
             log.flush()
