@@ -122,6 +122,15 @@ def batch_loss(model: DemoModel, batch: dict[str, torch.Tensor], speak_weight: f
     return loss, stats
 
 
+def sampling_weights(features: dataset.FeatureSet, command_boost: float) -> np.ndarray:
+    """Probability of drawing each training stream: streams with a spoken command weigh
+    `command_boost` times more (commands are the hardest items to tell apart)."""
+    first_command = len(tasks.EVENT_REPLIES)  # REPLIES lists the event replies first
+    has_command = np.array([np.any(features.stream(i)[1] >= first_command) for i in range(len(features))])
+    weights = np.where(has_command, command_boost, 1.0)
+    return weights / weights.sum()
+
+
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -146,6 +155,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--crop-max-chunks", type=int, default=48,
                    help="longest crop; keep the exported package's max context within what training saw")
     p.add_argument("--crop-reply-p", type=float, default=0.8)
+    p.add_argument("--command-boost", type=float, default=1.0, help="draw streams with a spoken command this much more often")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
@@ -182,6 +192,7 @@ def main(argv=None) -> None:
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"[train] resumed at step {step}", flush=True)
+    stream_weights = sampling_weights(train_set, args.command_boost)
     counts = model.parameter_counts()
     print(f"[train] parameters: encoder {counts['encoder']:,}, llm {counts['llm']:,}; "
           f"{len(train_set)} train streams, {len(eval_set)} eval streams", flush=True)
@@ -207,7 +218,7 @@ def main(argv=None) -> None:
             print(f"[train] time budget reached at step {step}", flush=True)
             break
         rng = np.random.default_rng([args.seed, step])
-        indices = rng.integers(0, len(train_set), args.batch)
+        indices = rng.choice(len(train_set), args.batch, p=stream_weights)
         batch = to_device(make_batch(protocol, train_set, indices, args.max_tokens, rng, args.crop_min_chunks,
                                      args.crop_reply_p, args.crop_max_chunks))
         for group in optimizer.param_groups:
