@@ -162,25 +162,27 @@ class ReferenceRun:
     max_reply_tokens: int
 
 
-def reference_run(checkpoint_dir, n_chunks: int = 64, seed: int = 0, max_reply_tokens: int = 512) -> ReferenceRun:
+def reference_run(checkpoint_dir, n_chunks: int = 64, seed: int = 0, max_reply_tokens: int = 512,
+                  audio: np.ndarray | None = None) -> ReferenceRun:
+    """`audio` (16 kHz float32) replaces the synthetic stream, e.g. a recording with events."""
     from .reference import TorchReference
 
     reference = TorchReference(checkpoint_dir, max_reply_tokens=max_reply_tokens)
-    mel = mel_chunks(synthetic_stream(n_chunks, seed))
+    mel = mel_chunks(synthetic_stream(n_chunks, seed) if audio is None else np.asarray(audio, np.float32))
     embeds = reference.encode(mel)
     return ReferenceRun(mel, embeds, run_protocol(reference, embeds, max_reply_tokens), max_reply_tokens)
 
 
 def parity_report(checkpoint_dir, package_dir, n_chunks: int = 64, seed: int = 0,
-                  reference: ReferenceRun | None = None) -> ParityReport:
-    """Run both sides over the same `n_chunks` of synthetic audio and compare them."""
+                  reference: ReferenceRun | None = None, audio: np.ndarray | None = None) -> ParityReport:
+    """Run both sides over the same `n_chunks` of synthetic audio (or `audio`) and compare them."""
     from listenloop.engine import Engine
     from listenloop.package import load_package
 
     package = load_package(package_dir)
     cap = package.manifest["sampling"]["max_reply_tokens"]
     if reference is None or reference.max_reply_tokens != cap:
-        reference = reference_run(checkpoint_dir, n_chunks, seed, cap)
+        reference = reference_run(checkpoint_dir, n_chunks, seed, cap, audio)
     forced = ForcedChoices(reference.trace)
     engine = Engine(package, max_context=package.decoder["max_context"], sampler=forced)
     pkg_embeds = engine.encode(reference.mel)
@@ -196,8 +198,14 @@ def main(argv=None) -> int:
     parser.add_argument("package_dir")
     parser.add_argument("--chunks", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--audio", nargs="+", metavar="FILE", help="recordings to run (concatenated) instead of synthetic audio")
     args = parser.parse_args(argv)
-    report = parity_report(Path(args.checkpoint_dir), Path(args.package_dir), args.chunks, args.seed)
+    audio = None
+    if args.audio:
+        from listenloop.audio import read_audio
+
+        audio = np.concatenate([read_audio(f) for f in args.audio])
+    report = parity_report(Path(args.checkpoint_dir), Path(args.package_dir), args.chunks, args.seed, audio=audio)
     print(report.table())
     return 0 if report.passed else 1
 
