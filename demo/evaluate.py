@@ -123,6 +123,10 @@ def main(argv=None) -> None:
     for name in order:
         if answered.get(name):
             print(f"{name:<16} {len(answered[name]):>4} {100 * np.mean(answered[name]):>8.1f}%")
+    for group, names in (("sound events", list(tasks.EVENT_REPLIES)), ("commands", [c.name for c in tasks.COMMANDS])):
+        oks = [ok for name in names for ok in answered.get(name, [])]
+        if oks:
+            print(f"{group:<16} {len(oks):>4} {100 * np.mean(oks):>8.1f}%")
     everything = [ok for oks in answered.values() for ok in oks]
     print(f"{'all':<16} {len(everything):>4} {100 * np.mean(everything) if everything else float('nan'):>8.1f}%")
     rate = 600.0 * false_total / outside_total if outside_total else float("nan")
