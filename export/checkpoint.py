@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -447,8 +448,75 @@ def validate_checkpoint(checkpoint_dir) -> tuple[dict, object, dict]:
     return cfg, audio_config, located
 
 
-def load_checkpoint(checkpoint_dir) -> Checkpoint:
-    """Validate the folder, then read every weight (as float32, HF Qwen2 names)."""
+class LazyLMState(Mapping):
+    """HF Qwen2 name -> float32 tensor, each read from its safetensors shard when asked for.
+
+    A mapping like `hf_qwen2_state_from_litgpt`'s result, for exporting real-size models (13.6 GB
+    of float32) with about one weight in memory at a time. `shape(name)` costs nothing; the q/k/v
+    rows of a fused qkv weight are cut from it on access (the last fused tensor is cached, so
+    q, k and v of a layer read it once)."""
+
+    def __init__(self, root: Path, cfg: dict, located: dict):
+        self._root, self._cfg = Path(root), cfg
+        q_rows, kv_rows = _qkv_sizes(cfg)
+        self._slices = {"q_proj": (0, q_rows), "k_proj": (q_rows, q_rows + kv_rows),
+                        "v_proj": (q_rows + kv_rows, q_rows + 2 * kv_rows)}
+        self._sources = {}  # hf name -> (litgpt key as stored, shard, rows or None)
+        self._shapes = {}
+        expected = expected_litgpt_shapes(cfg)
+        stored = {k.replace("attn.attn.", "attn.qkv."): k for k in located}
+        for lit_key, shape in expected.items():
+            key = stored[lit_key]
+            # Map names through the same function the eager path uses (one tensor-free call per key).
+            for hf_key in hf_qwen2_state_from_litgpt({lit_key: _ShapeOnly(shape)}, cfg, file=INDEX):
+                part = hf_key.rsplit(".", 2)[-2]
+                rows = self._slices[part] if lit_key.endswith(("attn.qkv.weight", "attn.qkv.bias")) else None
+                self._sources[hf_key] = (key, located[key], rows)
+                self._shapes[hf_key] = ((rows[1] - rows[0], *shape[1:]) if rows else tuple(shape))
+        self._cache = (None, None)
+
+    def shape(self, key: str) -> tuple:
+        return self._shapes[key]
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def __iter__(self):
+        return iter(self._sources)
+
+    def __contains__(self, key) -> bool:
+        return key in self._sources
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        stored, shard, rows = self._sources[key]
+        if self._cache[0] == stored:
+            tensor = self._cache[1]
+        else:
+            with safe_open(str(self._root / shard), framework="pt") as fh:
+                tensor = fh.get_tensor(stored).float()
+            if ".attn.attn." in stored:
+                tensor = regroup_interleaved_qkv(tensor, self._cfg)
+            self._cache = (stored, tensor) if rows else (None, None)
+        return tensor[rows[0]:rows[1]] if rows else tensor
+
+
+class _ShapeOnly:
+    """Stands in for a tensor in `hf_qwen2_state_from_litgpt` when only the names are wanted."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def __getitem__(self, index):
+        return self
+
+
+def load_checkpoint(checkpoint_dir, lazy: bool = False) -> Checkpoint:
+    """Validate the folder, then read every weight (as float32, HF Qwen2 names).
+
+    `lazy=True`: the LM weights are read one at a time on access (`LazyLMState`), for exports
+    of models larger than memory; the audio encoder weights are memory-mapped either way."""
     from safetensors import safe_open
 
     root = Path(checkpoint_dir)
@@ -461,6 +529,11 @@ def load_checkpoint(checkpoint_dir) -> Checkpoint:
     except Exception as exc:  # tokenizers raises a bare Exception on parse errors
         raise _fail(TOKENIZER, "(file)", f"not a readable tokenizers file ({str(exc)[:100]})") from None
     encoder_state = _load_encoder_state(_encoder_file(root), audio_config)
+    if lazy:
+        return Checkpoint(path=root, llm_config=cfg, hf_qwen2_config=hf_qwen2_config(cfg),
+                          lm_state=LazyLMState(root, cfg, located), audio_config=audio_config,
+                          encoder_state=encoder_state, tokenizer_path=root / TOKENIZER, tokens=tokens,
+                          system_prompt=prompt)
     litgpt_state = {}
     by_shard: dict = {}
     for key, shard in located.items():

@@ -11,6 +11,7 @@ checks it against `transformers.Qwen2ForCausalLM`.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -139,7 +140,17 @@ def io_names(num_layers: int) -> tuple[list, list]:
 
 
 def export_decoder(module: ExportDecoder, path: Path, cfg: dict, external_data: bool = False) -> Path:
-    """Write the fp32 decoder graph with dynamic T, P and K."""
+    """Write the fp32 decoder graph with dynamic T, P and K, weights and all (the module holds every
+    weight, and torch.onnx copies them: for small models and tests; the package uses
+    `export_decoder_streamed`)."""
+    path = Path(path)
+    _trace_to_onnx(module, path, cfg)
+    if external_data:
+        _to_external_data(path)
+    return path
+
+
+def _trace_to_onnx(module: ExportDecoder, path: Path, cfg: dict, export_params: bool = True) -> None:
     n_kv, d, h = cfg["n_query_groups"], cfg["head_size"], cfg["n_embd"]
     T, P = 3, 5
     past = []
@@ -152,12 +163,112 @@ def export_decoder(module: ExportDecoder, path: Path, cfg: dict, external_data: 
         dynamic[name] = {1: "P"}
     for name in outputs[1:]:
         dynamic[name] = {1: "T"}
-    path = Path(path)
-    with torch.no_grad():
+    hidden = set() if export_params else {name for name, _ in module.named_parameters()}
+    with torch.no_grad(), weights_hidden_from_shape_inference(hidden):
         torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
-                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, do_constant_folding=True)
-    if external_data:
-        _to_external_data(path)
+                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, do_constant_folding=True,
+                          export_params=export_params)
+
+
+@contextlib.contextmanager
+def weights_hidden_from_shape_inference(names: set):
+    """While exporting without parameters: torch.onnx's shape inference pass serialises the value
+    of every parameter a node reads, per node (a contiguous copy of each placeholder: minutes and
+    GBs at real size). Shapes and types are all it needs from a weight, and the traced graph
+    carries them, so the named parameters are left out of the values that pass sees."""
+    if not names:
+        yield
+        return
+    from torch import _C
+
+    original = _C._jit_pass_onnx_graph_shape_type_inference
+
+    def without_weights(graph, params_dict, opset_version):
+        kept = {name: value for name, value in params_dict.items() if name not in names}
+        return original(graph, kept, opset_version)
+
+    _C._jit_pass_onnx_graph_shape_type_inference = without_weights
+    try:
+        yield
+    finally:
+        _C._jit_pass_onnx_graph_shape_type_inference = original
+
+
+class _MatMulLinear(nn.Module):
+    """`x @ Wᵀ (+ b)` with Wᵀ itself the parameter. On 3-D input it traces to the same
+    MatMul (+ Add) that torch.onnx makes of nn.Linear once constant folding has transposed W,
+    but nothing is left to fold, so the weights need no values at export time."""
+
+    def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight_t, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight)
+        return y if self.bias is None else self.bias + y  # Add(bias, y), as nn.Linear exports
+
+
+def _placeholder(shape, index: int) -> torch.Tensor:
+    """A weight of the right shape that occupies 4 bytes (a broadcast scalar). Distinct values:
+    torch.onnx merges initializers that compare equal."""
+    return torch.full((), 1e-3 * (index + 1)).expand(*shape)
+
+
+def linear_as_matmul(module: nn.Module) -> set:
+    """Replace every nn.Linear inside `module` by a _MatMulLinear holding the same tensors (Wᵀ is a
+    view: no copy). Returns the names of the resulting transposed-weight parameters."""
+    for parent in list(module.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                bias = None if child.bias is None else child.bias.detach()
+                setattr(parent, child_name, _MatMulLinear(child.weight.detach().t(), bias))
+    return {f"{name}.weight" for name, sub in module.named_modules() if isinstance(sub, _MatMulLinear)}
+
+
+def skeleton_decoder(shapes: dict, cfg: dict) -> tuple[ExportDecoder, dict]:
+    """The export module with placeholder weights, and ONNX parameter name -> (checkpoint key,
+    transposed). `shapes`: HF Qwen2 name -> shape (the embedding table is not needed)."""
+    state, keys = {}, {}
+    for index, (key, shape) in enumerate(shapes.items()):
+        state[key] = _placeholder(tuple(shape), index)
+        keys[state[key].data_ptr()] = key
+    module = ExportDecoder(state, cfg)
+    transposed = linear_as_matmul(module)  # placeholders stay 4-byte broadcasts: same data_ptr
+    sources = {}
+    for name, param in module.named_parameters():
+        key = keys.get(param.data_ptr())
+        if key is None:
+            raise RuntimeError(f"decoder parameter {name}: no checkpoint weight behind it")
+        sources[name] = (key, name in transposed)
+    return module, sources
+
+
+def export_decoder_streamed(weights, path: Path, cfg: dict) -> Path:
+    """The graph `export_decoder` writes, with the weights streamed from `weights` one tensor at a
+    time into `<name>.data` (see external.py), so peak memory is about the graph proto plus the
+    largest weight, whatever the model size.
+
+    `weights`: HF Qwen2 name -> float32 tensor on access, with `.shape(name)` (a lazy checkpoint
+    state, checkpoint.LazyLMState) or a plain dict of tensors. The graph is traced from a module
+    with placeholder weights (skeleton_decoder) and exported without parameters, which then
+    become the initializers."""
+    from .external import attach_initializers
+
+    shape_of = weights.shape if hasattr(weights, "shape") else (lambda k: tuple(weights[k].shape))
+    keys = [k for k in weights.keys() if k != "model.embed_tokens.weight"]
+    module, sources = skeleton_decoder({k: shape_of(k) for k in keys}, cfg)
+    path = Path(path)
+    _trace_to_onnx(module, path, cfg, export_params=False)
+    del module
+
+    def fetch(key, transposed):
+        def read():
+            tensor = weights[key].detach().float()
+            return (tensor.t() if transposed else tensor).contiguous().numpy()
+        return read
+
+    attach_initializers(path, 3 + 2 * cfg["n_layer"], {name: fetch(*src) for name, src in sources.items()})
     return path
 
 

@@ -18,16 +18,34 @@ from .decoder_graph import OPSET
 FRAMES, VECTORS = 40, 10
 
 
-def build_hf_encoder(audio_config, encoder_state: dict):
-    """transformers' own encoder module with the checkpoint's weights (strict load, §7 step 4)."""
-    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
+def build_hf_encoder(audio_config, encoder_state: dict, share_weights: bool = False):
+    """transformers' own encoder module with the checkpoint's weights (strict load, §7 step 4).
+
+    `share_weights=True`: the module takes the state's tensors themselves (memory-mapped from
+    the checkpoint) instead of copies, and is built without allocating or initialising weights
+    of its own: about the encoder's size in memory instead of twice that plus the init time."""
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
+        Qwen2_5OmniAudioEncoder,
+        SinusoidsPositionEmbedding,
+    )
 
     config = audio_config
     config._attn_implementation = "eager"
-    encoder = Qwen2_5OmniAudioEncoder._from_config(config, dtype=torch.float32).eval()
-    encoder.load_state_dict(encoder_state, strict=True)
+    if not share_weights:
+        encoder = Qwen2_5OmniAudioEncoder._from_config(config, dtype=torch.float32).eval()
+        encoder.load_state_dict(encoder_state, strict=True)
+        encoder.requires_grad_(False)
+        return encoder
+    with torch.device("meta"):
+        encoder = Qwen2_5OmniAudioEncoder._from_config(config, dtype=torch.float32).eval()
+    encoder.load_state_dict(encoder_state, strict=True, assign=True)
+    # The one non-persistent buffer: the sinusoid table, computed (as the module's own init does).
+    encoder.positional_embedding = SinusoidsPositionEmbedding(config.max_source_positions, config.d_model)
+    meta = [name for name, t in list(encoder.named_parameters()) + list(encoder.named_buffers()) if t.is_meta]
+    if meta:
+        raise RuntimeError(f"encoder: no weights for {meta[:3]}")
     encoder.requires_grad_(False)
-    return encoder
+    return encoder.eval()
 
 
 def hf_encode(encoder, mel: torch.Tensor) -> torch.Tensor:
@@ -87,11 +105,33 @@ def check_against_hf(hf_encoder, chunk_encoder: ChunkEncoder, n_chunks: int = 5,
     return float((ours - hf_encode(hf_encoder, mel)).abs().max())
 
 
-def export_encoder(chunk_encoder: ChunkEncoder, path: Path) -> Path:
+def export_encoder(chunk_encoder: ChunkEncoder, path: Path, export_params: bool = True) -> Path:
+    from .decoder_graph import weights_hidden_from_shape_inference
+
     path = Path(path)
-    with torch.no_grad():
+    hidden = set() if export_params else {name for name, _ in chunk_encoder.named_parameters()}
+    with torch.no_grad(), weights_hidden_from_shape_inference(hidden):
         torch.onnx.export(chunk_encoder.eval(), (torch.zeros(2, 128, FRAMES),), str(path),
                           input_names=["mel"], output_names=["audio_embeds"],
                           dynamic_axes={"mel": {0: "B"}, "audio_embeds": {0: "B"}},
-                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+                          opset_version=OPSET, dynamo=False, do_constant_folding=True,
+                          export_params=export_params)
+    return path
+
+
+def export_encoder_streamed(chunk_encoder: ChunkEncoder, path: Path) -> Path:
+    """The graph `export_encoder` writes, weights streamed into `<name>.data` one at a time
+    (external.py): torch.onnx copies no weight, and folds no transpose (each Linear becomes the
+    MatMul it exports as, with Wᵀ as its parameter). Rewires `chunk_encoder`'s Linear layers."""
+    from .decoder_graph import linear_as_matmul
+    from .external import attach_initializers
+
+    linear_as_matmul(chunk_encoder)
+    params = dict(chunk_encoder.named_parameters())
+    path = export_encoder(chunk_encoder, path, export_params=False)
+
+    def fetch(param):
+        return lambda: param.detach().float().contiguous().numpy()
+
+    attach_initializers(path, 1, {name: fetch(param) for name, param in params.items()})
     return path

@@ -30,7 +30,6 @@ PROTOCOL_NAMES = ("USER", "ASSISTANT", "KEEP_SILENCE", "PAD", "ONLINE", "OFFLINE
                   "AUDIO_BEGIN", "AUDIO_END")
 EMOTION_NAMES = ("HAPPY", "SAD", "ANGRY", "SURPRISE", "NORMAL", "URGENT")
 ENCODER_TOLERANCE = 1e-4  # batched wrapper vs HF forward, fp32
-EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf refuses single files above 2 GB
 
 
 def prefix_ids(tokens: dict, tokenizer, system_prompt: str) -> list:
@@ -70,15 +69,31 @@ def _resolve_precisions(precision, encoder_precision, decoder_precision) -> tupl
 
 
 def _export_encoder(checkpoint, work: Path, out: Path, precision: str) -> None:
-    from .encoder_graph import ChunkEncoder, build_hf_encoder, check_against_hf, export_encoder
+    from .encoder_graph import ChunkEncoder, build_hf_encoder, check_against_hf, export_encoder_streamed
 
-    hf_encoder = build_hf_encoder(checkpoint.audio_config, checkpoint.encoder_state)
+    hf_encoder = build_hf_encoder(checkpoint.audio_config, checkpoint.encoder_state, share_weights=True)
     chunk_encoder = ChunkEncoder(hf_encoder)
     diff = check_against_hf(hf_encoder, chunk_encoder, n_chunks=3)
     if diff > ENCODER_TOLERANCE * max(1.0, _scale(chunk_encoder)):
         raise ExportError(f"encoder: batched chunk wrapper differs from Qwen2_5OmniAudioEncoder.forward by {diff:.3g}")
-    fp32 = export_encoder(chunk_encoder, work / "encoder.fp32.onnx")
-    quantize.convert(fp32, out / "encoder.onnx", precision, keep_float32_io=["mel", "audio_embeds"])
+    # Streamed like the decoder (see _export_decoder); an fp32 graph is written in place.
+    fp32 = export_encoder_streamed(chunk_encoder, (out / "encoder.onnx") if precision == "fp32"
+                                   else (work / "encoder.fp32.onnx"))
+    del hf_encoder, chunk_encoder
+    checkpoint.encoder_state = {}  # unmaps the checkpoint's encoder weights (the graph has them now)
+    if precision == "fp32":
+        _finish_in_place(fp32)
+    else:
+        quantize.convert(fp32, out / "encoder.onnx", precision, keep_float32_io=["mel", "audio_embeds"])
+
+
+def _finish_in_place(path: Path) -> None:
+    """A streamed fp32 graph as the package file: one self-contained file if small enough."""
+    import onnx
+
+    from .external import save_graph
+
+    save_graph(onnx.load(str(path), load_external_data=False), path, quantize.LARGE_MODEL_BYTES)
 
 
 def _scale(chunk_encoder) -> float:
@@ -89,15 +104,29 @@ def _scale(chunk_encoder) -> float:
 
 
 def _export_decoder(checkpoint, work: Path, out: Path, precision: str) -> None:
-    from .decoder_graph import ExportDecoder, export_decoder
+    """Streamed (decoder_graph.export_decoder_streamed, quantize.convert): the weights pass
+    through memory one at a time, so a real-size export fits in a few GB."""
+    from .decoder_graph import export_decoder_streamed
 
     cfg = checkpoint.llm_config
-    module = ExportDecoder(checkpoint.lm_state, cfg)
-    lm_bytes = sum(t.numel() * 4 for k, t in checkpoint.lm_state.items() if k != "model.embed_tokens.weight")
-    fp32 = export_decoder(module, work / "decoder.fp32.onnx", cfg, external_data=lm_bytes > EXTERNAL_DATA_BYTES)
-    del module
+    if precision == "fp32":  # the fp32 graph is the package's graph: write it in place
+        _finish_in_place(export_decoder_streamed(checkpoint.lm_state, out / "decoder.onnx", cfg))
+        return
+    fp32 = export_decoder_streamed(checkpoint.lm_state, work / "decoder.fp32.onnx", cfg)
     keep = ["logits"]  # fp16 decoders: float16 embeddings and KV, float32 logits (contract)
     quantize.convert(fp32, out / "decoder.onnx", precision, keep_float32_io=keep)
+
+
+def _write_embeddings(lm_state, path: Path, dtype) -> None:
+    """embeddings.npy, written in row blocks (no second full-size copy for the dtype change)."""
+    table = lm_state["model.embed_tokens.weight"]
+    rows = table.shape[0]
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(table.shape))
+    step = max(1, (64 << 20) // max(1, table.shape[1] * 4))
+    for start in range(0, rows, step):
+        array[start:start + step] = table[start:start + step].numpy()
+    array.flush()
+    del array, table
 
 
 def _manifest(checkpoint, out: Path, enc_precision: str, dec_precision: str, max_context: int, name: str) -> dict:
@@ -136,14 +165,16 @@ def _manifest(checkpoint, out: Path, enc_precision: str, dec_precision: str, max
 def _build(checkpoint_dir: Path, tmp: Path, enc_precision: str, dec_precision: str, max_context: int) -> None:
     from .checkpoint import load_checkpoint
 
-    checkpoint = load_checkpoint(checkpoint_dir)
+    checkpoint = load_checkpoint(checkpoint_dir, lazy=True)
     work = tmp / ".work"
     work.mkdir()
     _export_encoder(checkpoint, work, tmp, enc_precision)
+    shutil.rmtree(work)  # the fp32 encoder is done with: free its disk before the decoder's
+    work.mkdir()
     _export_decoder(checkpoint, work, tmp, dec_precision)
     shutil.rmtree(work)
     io_dtype = np.float16 if dec_precision == "fp16" else np.float32
-    np.save(tmp / "embeddings.npy", checkpoint.lm_state["model.embed_tokens.weight"].numpy().astype(io_dtype))
+    _write_embeddings(checkpoint.lm_state, tmp / "embeddings.npy", io_dtype)
     shutil.copyfile(checkpoint.tokenizer_path, tmp / "tokenizer.json")
     manifest = _manifest(checkpoint, tmp, enc_precision, dec_precision, max_context, checkpoint.name)
     _write_manifest(tmp, manifest)

@@ -13,8 +13,11 @@ import logging
 from pathlib import Path
 
 import onnx
+from onnx import TensorProto
 
 from listenloop.errors import ExportError
+
+from .external import ExternalDataWriter, is_external, read_array, save_graph, tensor_nbytes
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 LARGE_MODEL_BYTES = 1_800_000_000
@@ -117,20 +120,188 @@ def _quiet_quantizers():
 
 
 def convert(src: Path, dst: Path, precision: str, *, keep_float32_io: list) -> None:
-    """Write `dst` at `precision` from the fp32 graph `src` (fp32: a plain copy of the graph)."""
+    """Write `dst` at `precision` from the fp32 graph `src` (fp32: a plain copy of the graph).
+
+    Streams: the graph proto is held in memory, the weights one at a time (external.py), so the
+    peak is about the largest weight times a small factor, not the model. The result is the
+    graph the whole-model converters (`convert_in_memory`) write, initializer for initializer:
+    fp16 runs ORT's converter on the graph with its weights left in the source file and then
+    converts each weight as ORT would; int8/int4 quantize each MatMul weight with the ORT
+    quantizer on a one-node model and splice the nodes it returns into the graph."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision {precision!r}: must be one of {PRECISIONS}")
     src, dst = Path(src), Path(dst)
     with _quiet_quantizers():
-        _convert(src, dst, precision, keep_float32_io)
+        model = onnx.load(str(src), load_external_data=False)
+        base = src.parent
+        with ExternalDataWriter(dst.parent / (dst.name + ".data")) as writer:
+            if precision == "fp16":
+                model = _fp16_streamed(model, base, writer, keep_float32_io)
+            elif precision in ("int8", "int4"):
+                _quantize_streamed(model, base, writer, precision, dst.parent)
+            else:
+                _copy_initializers(model.graph.initializer, base, writer)
+        save_graph(model, dst, LARGE_MODEL_BYTES)
 
 
-def _convert(src: Path, dst: Path, precision: str, keep_float32_io: list) -> None:
-    if precision == "fp32":
-        _save(onnx.load(str(src)), dst)
-    elif precision == "fp16":
-        to_fp16(src, dst, keep_float32_io)
-    elif precision == "int8":
-        to_int8(src, dst)
-    else:
-        to_int4(src, dst)
+def _copy_initializers(initializers, base: Path, writer: ExternalDataWriter, source_types: dict | None = None) -> None:
+    """Rewrite every initializer into `writer`'s file, converting float32 -> float16 where the
+    (already converted) proto says float16 and `source_types` says float32."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    for tensor in initializers:
+        if not is_external(tensor):
+            writer.externalize(tensor)
+            continue
+        source_type = (source_types or {}).get(tensor.name, tensor.data_type)
+        if source_type == tensor.data_type:
+            tensor.CopyFrom(writer.copy_tensor(tensor, base))
+        elif source_type == TensorProto.FLOAT and tensor.data_type == TensorProto.FLOAT16:
+            array = read_array(tensor, base, data_type=source_type)
+            writer.write_converted(tensor, array, convert_np_to_float16)
+            del array
+        else:
+            raise ExportError(f"{tensor.name}: cannot convert {source_type} to {tensor.data_type}")
+
+
+def _fp16_streamed(model: onnx.ModelProto, base: Path, writer: ExternalDataWriter, keep_float32_io: list):
+    from onnxruntime.transformers import float16
+
+    source_types = {t.name: t.data_type for t in model.graph.initializer}
+    blocked_nodes = _rope_nodes(model)
+    # ORT's converter only flips the type of a tensor whose data is external; its one read of
+    # the values is for a shape, which the dims give. Without the weights the proto is small at
+    # any model size, so ONNX shape inference always runs (the in-memory path had to skip it
+    # above 2 GB, leaving the converter without the value_info it needs to place its Casts).
+    original = float16.make_value_info_from_tensor
+    float16.make_value_info_from_tensor = lambda t: onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    try:
+        converted = float16.convert_float_to_float16(model, keep_io_types=keep_float32_io,
+                                                     op_block_list=FP16_OP_BLOCK_LIST, node_block_list=blocked_nodes,
+                                                     disable_shape_infer=False)
+    finally:
+        float16.make_value_info_from_tensor = original
+    _copy_initializers(converted.graph.initializer, base, writer, source_types)
+    return converted
+
+
+def _value_info(model: onnx.ModelProto, name: str):
+    for value in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        if value.name == name:
+            return value
+    return onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+
+
+def _quantize_streamed(model: onnx.ModelProto, base: Path, writer: ExternalDataWriter, precision: str,
+                       scratch_parent: Path) -> None:
+    import tempfile
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    available = {v.name for v in graph.input} | set(initializers)
+    nodes, added, added_names, opsets = [], [], set(), {}
+    with tempfile.TemporaryDirectory(dir=scratch_parent, prefix=".quantize-") as scratch:
+        for node in graph.node:
+            weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+            if weight is None:
+                nodes.append(node)
+                available.update(node.output)
+                continue
+            quantized = _quantize_one(model, node, weight, base, precision, Path(scratch))
+            for new in quantized.graph.node:
+                if new.output and all(o in available for o in new.output):
+                    continue  # the activation's DynamicQuantizeLinear, shared with an earlier MatMul
+                nodes.append(_detached(new))
+                available.update(new.output)
+            for tensor in quantized.graph.initializer:
+                if tensor.name == weight.name:
+                    continue  # left unquantized: the source tensor is copied below
+                if tensor.name in initializers or tensor.name in added_names:
+                    raise ExportError(f"quantizing {node.name}: initializer {tensor.name} exists already")
+                writer.externalize(tensor)
+                added.append(_detached(tensor))
+                added_names.add(tensor.name)
+            for opset in quantized.opset_import:
+                opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
+            model.ir_version = max(model.ir_version, quantized.ir_version)
+            del quantized
+        used = {name for node in nodes for name in node.input}
+        kept = [t for t in graph.initializer if t.name in used]
+        _copy_initializers(kept, base, writer)
+        # Standalone copies before the fields they live in are cleared (the graph is small now:
+        # every large tensor is a reference into the data file).
+        nodes = [_detached(n) for n in nodes]
+        kept = [_detached(t) for t in kept]
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept + [t for t in added if t.name in used])
+    for opset in model.opset_import:
+        opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
+    model.ClearField("opset_import")
+    model.opset_import.extend(onnx.helper.make_opsetid(domain, version) for domain, version in opsets.items())
+
+
+def _detached(message):
+    """A standalone copy of a proto message. A message taken from another model keeps that whole
+    model alive (the protobuf arena), here the one-node model with its float32 weight."""
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
+
+
+def _quantize_one(model: onnx.ModelProto, node, weight, base: Path, precision: str, scratch: Path) -> onnx.ModelProto:
+    """Run the ORT quantizer that `convert_in_memory` runs on the whole graph, on a model of this
+    one MatMul (same node, tensor and weight names, opsets and IR version); returns its result.
+    The weight goes from the source file to the scratch model's file without a detour through
+    memory; the quantizer then holds it once."""
+    helper = onnx.helper
+    mini_node = onnx.NodeProto()
+    mini_node.CopyFrom(node)
+    inputs = [_value_info(model, node.input[0])]
+    outputs = [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)]
+    src, dst = scratch / "matmul.onnx", scratch / "matmul.q.onnx"
+    with ExternalDataWriter(scratch / "matmul.onnx.data") as mini_writer:
+        tensor = mini_writer.copy_tensor(weight, base)
+    mini = helper.make_model(helper.make_graph([mini_node], "matmul", inputs, outputs, [tensor]),
+                             opset_imports=model.opset_import, ir_version=model.ir_version)
+    onnx.save_model(mini, str(src))
+    try:
+        if precision == "int4":
+            from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+            config = nbits.DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK_SIZE, is_symmetric=True,
+                                                       accuracy_level=INT4_ACCURACY_LEVEL, bits=4)
+            quantizer = nbits.MatMulNBitsQuantizer(str(src), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
+                                                   accuracy_level=INT4_ACCURACY_LEVEL, algo_config=config)
+            quantizer.process()
+            return quantizer.model.model
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8,
+                         use_external_data_format=tensor_nbytes(weight) // 4 > LARGE_MODEL_BYTES,
+                         extra_options={"MatMulConstBOnly": True})
+        return onnx.load(str(dst))
+    finally:
+        for path in scratch.iterdir():
+            path.unlink()
+
+
+# --- the whole-model converters (everything in memory) ------------------------------------
+# What `convert` wrote before it streamed; kept as the reference the streaming path is tested
+# against (tests/test_export_streaming.py). Needs about 3x the model's size in memory.
+
+def convert_in_memory(src: Path, dst: Path, precision: str, *, keep_float32_io: list) -> None:
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision {precision!r}: must be one of {PRECISIONS}")
+    src, dst = Path(src), Path(dst)
+    with _quiet_quantizers():
+        if precision == "fp32":
+            _save(onnx.load(str(src)), dst)
+        elif precision == "fp16":
+            to_fp16(src, dst, keep_float32_io)
+        elif precision == "int8":
+            to_int8(src, dst)
+        else:
+            to_int4(src, dst)

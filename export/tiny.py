@@ -1,6 +1,6 @@
 """A seeded random-weight checkpoint in the release layout (§7), tiny or real-size.
 
-    python -m listenloop.export.tiny OUT_DIR [--seed N] [--real-size]
+    python -m listenloop.export.tiny OUT_DIR [--seed N] [--real-size [--layers N]]
 
 Tiny sizes make every export and parity test run in seconds. Random weights alone would make
 every listening decision the same, so a few logit biases are calibrated on a seeded synthetic
@@ -250,8 +250,11 @@ def _make_tiny(out_dir, seed: int, num_shards: int) -> Path:
                            num_shards=num_shards)
 
 
-def make_real_size(out_dir, seed: int = 0, num_shards: int = 4) -> Path:
-    """Real dimensions, random weights, written one shard at a time to bound memory."""
+def make_real_size(out_dir, seed: int = 0, num_shards: int = 4, layers: int | None = None) -> Path:
+    """Real dimensions, random weights, written one shard at a time to bound memory.
+
+    `layers`: decoder layers (default 36, the real count); fewer keep every width real, for
+    quicker measurements of the per-layer and fixed costs."""
     import json
 
     from safetensors.torch import save_file
@@ -262,6 +265,10 @@ def make_real_size(out_dir, seed: int = 0, num_shards: int = 4) -> Path:
     gen = torch.Generator().manual_seed(seed)
     tokenizer, tokens = build_tokenizer(TRAINING_TEXT, vocab_size=400)
     cfg = dict(REAL_LLM)
+    if layers is not None:
+        if layers <= 0:
+            raise ValueError(f"layers must be > 0, got {layers}")
+        cfg["n_layer"] = int(layers)
     shapes = expected_litgpt_shapes(cfg)
     keys = list(shapes)
     sizes = {k: int(np.prod(s)) * 4 for k, s in shapes.items()}
@@ -295,8 +302,12 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--real-size", action="store_true", help="real dimensions (~13.6 GB), for measurements")
+    parser.add_argument("--layers", type=int, help="with --real-size: decoder layers (default 36)")
     args = parser.parse_args(argv)
-    out = make_real_size(args.out_dir, args.seed) if args.real_size else make_tiny(args.out_dir, args.seed)
+    if args.layers is not None and not args.real_size:
+        parser.error("--layers needs --real-size")
+    out = (make_real_size(args.out_dir, args.seed, layers=args.layers) if args.real_size
+           else make_tiny(args.out_dir, args.seed))
     print(out)
     return 0
 
