@@ -1,6 +1,7 @@
 """Evaluate a trained demo model on held-out streams through the streaming protocol (greedy).
 
-  python -m demo.evaluate --run demo/.cache/run --streams 100
+  python -m demo.evaluate --package runtime/models/default --streams 100   # the shipped package, via listenloop
+  python -m demo.evaluate --run demo/.cache/run --streams 100                # a training run, in PyTorch
 
 For every event type and command: the share of occurrences answered with the right reply text
 between the item's first chunk and 2 chunks after its reply chunk (streams.py's labelling rule),
