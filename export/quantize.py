@@ -88,25 +88,35 @@ def to_fp16(src: Path, dst: Path, keep_float32_io: list) -> None:
     _save(converted, dst)
 
 
-def to_int8(src: Path, dst: Path) -> None:
+def _int8_dynamic(src: Path, dst: Path, external_data: bool) -> None:
+    """ORT's dynamic int8 quantization of every MatMul with a constant weight: the one setting
+    both the whole-model and the streamed path use."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
-                     weight_type=QuantType.QInt8,
-                     use_external_data_format=src.stat().st_size > LARGE_MODEL_BYTES or Path(f"{src}.data").exists(),
+                     weight_type=QuantType.QInt8, use_external_data_format=external_data,
                      extra_options={"MatMulConstBOnly": True})
 
 
-def to_int4(src: Path, dst: Path) -> None:
+def _int4_quantized(model) -> onnx.ModelProto:
+    """ORT's MatMulNBits quantization of `model` (a ModelProto or a path) with the manifest's
+    block size and accuracy level: the one setting both paths use."""
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-    model = onnx.load(str(src))
     config = nbits.DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK_SIZE, is_symmetric=True,
                                                accuracy_level=INT4_ACCURACY_LEVEL, bits=4)
     quantizer = nbits.MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
                                            accuracy_level=INT4_ACCURACY_LEVEL, algo_config=config)
     quantizer.process()
-    _save(quantizer.model.model, dst)
+    return quantizer.model.model
+
+
+def to_int8(src: Path, dst: Path) -> None:
+    _int8_dynamic(src, dst, src.stat().st_size > LARGE_MODEL_BYTES or Path(f"{src}.data").exists())
+
+
+def to_int4(src: Path, dst: Path) -> None:
+    _save(_int4_quantized(onnx.load(str(src))), dst)
 
 
 @contextlib.contextmanager
@@ -268,20 +278,10 @@ def _quantize_one(model: onnx.ModelProto, node, weight, base: Path, precision: s
     onnx.save_model(mini, str(src))
     try:
         if precision == "int4":
-            from onnxruntime.quantization import matmul_nbits_quantizer as nbits
-
-            config = nbits.DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK_SIZE, is_symmetric=True,
-                                                       accuracy_level=INT4_ACCURACY_LEVEL, bits=4)
-            quantizer = nbits.MatMulNBitsQuantizer(str(src), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
-                                                   accuracy_level=INT4_ACCURACY_LEVEL, algo_config=config)
-            quantizer.process()
-            return quantizer.model.model
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8,
-                         use_external_data_format=tensor_nbytes(weight) // 4 > LARGE_MODEL_BYTES,
-                         extra_options={"MatMulConstBOnly": True})
+            return _int4_quantized(str(src))
+        # External data only if the int8 result (a quarter of the float32 weight) could pass
+        # protobuf's limit.
+        _int8_dynamic(src, dst, tensor_nbytes(weight) // 4 > LARGE_MODEL_BYTES)
         return onnx.load(str(dst))
     finally:
         for path in scratch.iterdir():
