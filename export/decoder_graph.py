@@ -139,14 +139,12 @@ def io_names(num_layers: int) -> tuple[list, list]:
     return inputs, outputs
 
 
-def export_decoder(module: ExportDecoder, path: Path, cfg: dict, external_data: bool = False) -> Path:
+def export_decoder(module: ExportDecoder, path: Path, cfg: dict) -> Path:
     """Write the fp32 decoder graph with dynamic T, P and K, weights and all (the module holds every
     weight, and torch.onnx copies them: for small models and tests; the package uses
     `export_decoder_streamed`)."""
     path = Path(path)
     _trace_to_onnx(module, path, cfg)
-    if external_data:
-        _to_external_data(path)
     return path
 
 
@@ -270,12 +268,3 @@ def export_decoder_streamed(weights, path: Path, cfg: dict) -> Path:
 
     attach_initializers(path, 3 + 2 * cfg["n_layer"], {name: fetch(*src) for name, src in sources.items()})
     return path
-
-
-def _to_external_data(path: Path) -> None:
-    """Move initializers to `<name>.data` (needed above protobuf's 2 GB limit)."""
-    import onnx
-
-    model = onnx.load(str(path))
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
