@@ -47,18 +47,20 @@ class FeatureSet:
     seeds: np.ndarray
     content: np.ndarray | None = None
 
-    def content_of(self, i: int) -> np.ndarray:
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        if self.content is None:
-            raise ValueError("this feature set has no per-chunk content labels")
-        return self.content[a:b]
-
     def __len__(self) -> int:
         return len(self.seeds)
 
+    def _chunks(self, i: int) -> slice:
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
     def stream(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return self.features[a:b], self.labels[a:b]
+        chunks = self._chunks(i)
+        return self.features[chunks], self.labels[chunks]
+
+    def content_of(self, i: int) -> np.ndarray:
+        if self.content is None:
+            raise ValueError("this feature set has no per-chunk content labels")
+        return self.content[self._chunks(i)]
 
 
 def split_dir(split: str, first_seed: int, count: int) -> Path:
