@@ -86,6 +86,9 @@ def main(argv=None) -> None:
     p.add_argument("--package", type=Path, help="evaluate this exported model package through listenloop instead")
     p.add_argument("--speak-bias", type=float, help="override the speak bias (package default, or 0 in PyTorch)")
     p.add_argument("--streams", type=int, default=100)
+    p.add_argument("--split", choices=["eval", "train"], default="eval",
+                   help="train: score streams of the training split (with --first-seed 0, streams it was trained on), "
+                        "to tell over-fitting from under-fitting")
     p.add_argument("--first-seed", type=int, default=10_000, help="eval-split seeds (the training run's quick eval uses 0..)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--show", type=int, default=0, help="print the replies of the first N streams")
@@ -106,7 +109,7 @@ def main(argv=None) -> None:
     delays: list[int] = []
     false_total, outside_total = 0, 0.0
     for seed in range(args.first_seed, args.first_seed + args.streams):
-        stream = streams.make_stream(seed, "eval")
+        stream = streams.make_stream(seed, args.split)
         replies = run_stream(listener, tokenizer, dataset.stream_features(stream.audio))
         results, false_replies, outside_s = score(stream, replies)
         for name, ok, delay in results:
