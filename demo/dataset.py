@@ -1,7 +1,7 @@
 """Feature cache: streams rendered once, turned into runtime-identical chunk features, and
 stored on disk so training epochs only read arrays.
 
-Layout of a split folder (demo/.cache/features/<split>-<first>-<count>/):
+Layout of a split folder (demo/.cache/features/<split>-<first>-<count>-v<DATA_VERSION>/):
   features.npy  float16 [total_chunks, 128, 40]  (memory-mapped when training)
   offsets.npy   int64 [n_streams + 1]             chunk range of stream i: offsets[i]:offsets[i+1]
   labels.npy    int16 [total_chunks]              tasks.REPLIES index or streams.SILENT
@@ -22,6 +22,7 @@ from listenloop.features import StreamingLogMel
 from . import streams
 
 FEATURE_DIR = Path(__file__).resolve().parent / ".cache" / "features"
+DATA_VERSION = 2  # bump when stream generation changes, so a stale feature cache is never reused
 
 
 def stream_features(audio: np.ndarray) -> np.ndarray:
@@ -64,7 +65,7 @@ class FeatureSet:
 
 
 def split_dir(split: str, first_seed: int, count: int) -> Path:
-    return FEATURE_DIR / f"{split}-{first_seed}-{count}"
+    return FEATURE_DIR / f"{split}-{first_seed}-{count}-v{DATA_VERSION}"
 
 
 def build(split: str, first_seed: int, count: int, workers: int = 2, log_every: int = 200) -> Path:

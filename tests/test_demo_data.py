@@ -11,8 +11,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # demo/ is a top-level folder, not installed
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (apt-get install espeak-ng); "
-    "it is needed only to generate the demo model's training data"
+    shutil.which("espeak-ng") is None or shutil.which("flite") is None,
+    reason="espeak-ng or flite is not installed (apt-get install espeak-ng flite); "
+    "they are needed only to generate the demo model's training data"
 )
 
 from demo import augment, backgrounds, dataset, speech, streams, tasks  # noqa: E402
@@ -161,7 +162,21 @@ def test_features_are_the_runtime_chunk_features():
 def test_voices_and_distractors_of_eval_are_held_out():
     assert not set(speech.TRAIN_LANGUAGES) & set(speech.EVAL_LANGUAGES)
     assert not set(speech.TRAIN_VARIANTS) & set(speech.EVAL_VARIANTS)
+    assert not set(speech.TRAIN_FLITE_VOICES) & set(speech.EVAL_FLITE_VOICES)
     for c in tasks.COMMANDS:
         assert len(c.phrases) >= 4 and len(set(c.phrases)) == len(c.phrases)
     assert not set(tasks.TRAIN_DISTRACTORS) & set(tasks.EVAL_DISTRACTORS)
     assert len(tasks.COMMANDS) >= 6 and set(tasks.EVENT_REPLIES) == set(SOUND_EVENTS)
+
+
+def test_both_synthesizers_speak_every_split():
+    for split, flite_voices in (("train", speech.TRAIN_FLITE_VOICES), ("eval", speech.EVAL_FLITE_VOICES)):
+        rng = np.random.default_rng(3)
+        voices = [speech.random_voice(rng, split) for _ in range(200)]
+        flite = [v for v in voices if v.synth == "flite"]
+        assert 0.15 < len(flite) / len(voices) < 0.45
+        assert {v.language for v in flite} <= set(flite_voices)
+    slow = speech.render("turn off the lights", speech.Voice("slt", "", 125, 50, synth="flite"))
+    fast = speech.render("turn off the lights", speech.Voice("slt", "", 200, 50, synth="flite"))
+    assert slow.dtype == np.float32 and np.isclose(np.abs(slow).max(), 1.0)
+    assert len(slow) > 1.3 * len(fast)  # the speed setting reaches flite
