@@ -49,7 +49,8 @@ def make_batch(protocol: Protocol, features: dataset.FeatureSet, indices, max_to
     rows of B·L where each chunk's 10 audio vectors go. With `rng` and min_chunks > 0 every
     stream is cropped (see `crop`); the features keep the running-max floor of the whole
     stream, like a session that started earlier."""
-    seqs, mels, contents = [], [], []
+    seqs, mels, contents, items = [], [], [], []
+    first_chunk = 0  # of this stream, in the batch's concatenated chunks
     for i in indices:
         feats, labels = features.stream(int(i))
         content = features.content_of(int(i)) if features.content is not None else np.full(len(labels), -100)
@@ -60,6 +61,8 @@ def make_batch(protocol: Protocol, features: dataset.FeatureSet, indices, max_to
         seqs.append(seq)
         mels.append(np.asarray(feats[: seq.n_chunks], np.float32))
         contents.append(np.asarray(content[: seq.n_chunks], np.int64))
+        items += [(first_chunk + a, first_chunk + b, c) for a, b, c in whole_items(contents[-1])]
+        first_chunk += seq.n_chunks
     length = max(len(s.ids) for s in seqs)
     batch = len(seqs)
     ids = torch.full((batch, length), protocol.tokens["TEXT_END"], dtype=torch.long)
@@ -76,48 +79,81 @@ def make_batch(protocol: Protocol, features: dataset.FeatureSet, indices, max_to
         rows.append(torch.from_numpy(s.pad_positions) + b * length)
     return {"ids": ids, "targets": targets, "speak": speak, "mask": mask,
             "mel": torch.from_numpy(np.concatenate(mels)), "pad_rows": torch.cat(rows),
-            "content": torch.from_numpy(np.concatenate(contents))}
+            "content": torch.from_numpy(np.concatenate(contents)),
+            "items": torch.tensor(items, dtype=torch.long).reshape(-1, 3)}
+
+
+def whole_items(content: np.ndarray) -> list[tuple[int, int, int]]:
+    """(first chunk, end chunk, class) of every run of one foreground class that lies wholly
+    inside the window: a run touching either edge may have lost the words that tell it apart."""
+    background = tasks.CONTENT_INDEX["background"]
+    runs, start = [], 0
+    for k in range(1, len(content) + 1):
+        if k == len(content) or content[k] != content[start]:
+            if content[start] not in (background, -100) and start > 0 and k < len(content):
+                runs.append((start, k, int(content[start])))
+            start = k
+    return runs
 
 
 class ChunkClassifier(nn.Module):
-    """Auxiliary head, used in training only: what does a chunk contain (tasks.CONTENT_CLASSES),
-    from the mean of its 10 encoder vectors. It gives the encoder a label on every chunk, where
-    the protocol's reply targets are sparse; it is not part of the released model."""
+    """Auxiliary heads, used in training only, not part of the released model. They give the
+    encoder dense, direct labels, where the protocol's reply targets are sparse and reach it
+    only through the decoder:
+    - per chunk: what does it contain (tasks.CONTENT_CLASSES), from the mean of its 10 vectors;
+    - per whole item: which event, command or distractor it is, from the mean and max of all
+      its chunks' vectors. A command spans several chunks and the word that tells it apart
+      ("on" or "off") sits in one of them, so the per-chunk label alone is ambiguous."""
 
     def __init__(self, hidden: int):
         super().__init__()
         self.head = nn.Linear(hidden, len(tasks.CONTENT_CLASSES))
+        self.item_head = nn.Linear(2 * hidden, len(tasks.CONTENT_CLASSES))
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         return self.head(audio.mean(dim=1))
 
+    def items(self, audio: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
+        pooled = [torch.cat([audio[a:b].mean(dim=(0, 1)), audio[a:b].amax(dim=(0, 1))]) for a, b, _ in spans.tolist()]
+        return self.item_head(torch.stack(pooled))
+
 
 def batch_loss(model: DemoModel, batch: dict[str, torch.Tensor], speak_weight: float,
-               classifier: ChunkClassifier | None = None, content_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+               classifier: ChunkClassifier | None = None, content_weight: float = 0.0,
+               item_weight: float = 0.0, text_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     audio = model.encode(batch["mel"])
     hidden = model.hidden_states(model.embed(batch["ids"], batch["pad_rows"], audio), batch["mask"])
     at = batch["targets"] >= 0
     logits = model.llm.lm_head(hidden[at])  # only rows with a target: the vocab is small, rows are many
     targets = batch["targets"][at]
+    speak = batch["speak"][at]
+    keep = targets == batch["keep_silence_id"]
+    text = ~speak & ~keep  # a reply's emotion, text and TEXT_END
     weights = torch.ones_like(targets, dtype=logits.dtype)
-    weights[batch["speak"][at]] = speak_weight
+    weights[speak] = speak_weight
+    weights[text] = text_weight
     losses = F.cross_entropy(logits.float(), targets, reduction="none")
     loss = (losses * weights).sum() / weights.sum()
-    content_loss = None
+    content_loss = item_loss = None
+    item_acc = float("nan")
     if classifier is not None and content_weight > 0.0:
         content_loss = F.cross_entropy(classifier(audio).float(), batch["content"], ignore_index=-100)
         loss = loss + content_weight * content_loss
+    if classifier is not None and item_weight > 0.0 and len(batch["items"]):
+        item_logits = classifier.items(audio, batch["items"]).float()
+        item_loss = F.cross_entropy(item_logits, batch["items"][:, 2])
+        loss = loss + item_weight * item_loss
+        item_acc = float((item_logits.argmax(-1) == batch["items"][:, 2]).float().mean())
     with torch.no_grad():
         pred = logits.argmax(-1)
-        speak = batch["speak"][at]
-        keep = targets == batch["keep_silence_id"]
-        text = ~speak & ~keep
         stats = {
             "loss": float(loss),
             "speak_recall": float((pred[speak] == targets[speak]).float().mean()) if speak.any() else float("nan"),
             "false_speak": float((pred[keep] != targets[keep]).float().mean()) if keep.any() else float("nan"),
             "text_acc": float((pred[text] == targets[text]).float().mean()) if text.any() else float("nan"),
             "content_loss": float(content_loss) if content_loss is not None else float("nan"),
+            "item_loss": float(item_loss) if item_loss is not None else float("nan"),
+            "item_acc": item_acc,
         }
     return loss, stats
 
@@ -150,6 +186,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--speak-weight", type=float, default=5.0)
     p.add_argument("--content-weight", type=float, default=0.3, help="weight of the auxiliary per-chunk loss; 0: off")
+    p.add_argument("--item-weight", type=float, default=0.5, help="weight of the auxiliary whole-item loss; 0: off")
+    p.add_argument("--text-weight", type=float, default=2.0, help="loss weight of a reply's emotion and text tokens")
     p.add_argument("--max-tokens", type=int, default=1500)
     p.add_argument("--crop-min-chunks", type=int, default=8, help="0: whole streams")
     p.add_argument("--crop-max-chunks", type=int, default=48,
@@ -224,7 +262,8 @@ def main(argv=None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         model.train()
-        loss, stats = batch_loss(model, batch, args.speak_weight, classifier, args.content_weight)
+        loss, stats = batch_loss(model, batch, args.speak_weight, classifier, args.content_weight, args.item_weight,
+                                 args.text_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -243,7 +282,8 @@ def main(argv=None) -> None:
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             with torch.no_grad():
-                _, stats = batch_loss(model, to_device(eval_batch), args.speak_weight, classifier, args.content_weight)
+                _, stats = batch_loss(model, to_device(eval_batch), args.speak_weight, classifier, args.content_weight,
+                                      args.item_weight, args.text_weight)
             print("[eval] step=%d " % step + " ".join(f"{k}={v:.4g}" for k, v in stats.items()), flush=True)
             log.write(json.dumps({"step": step, "eval": stats}) + "\n")
             log.flush()

@@ -19,7 +19,7 @@ from demo.dataset import FeatureSet  # noqa: E402
 from demo.layout import Protocol, build_sequence  # noqa: E402
 from demo.listener import TorchListener  # noqa: E402
 from demo.model import DemoModel, DemoSizes, chunkwise_encode  # noqa: E402
-from demo.train import batch_loss, make_batch  # noqa: E402
+from demo.train import ChunkClassifier, batch_loss, make_batch, whole_items  # noqa: E402
 
 TINY = DemoSizes(encoder_d_model=32, encoder_layers=2, encoder_heads=4, encoder_ffn=64, hidden=64, layers=2,
                  heads=4, kv_heads=2, intermediate=128)
@@ -131,6 +131,42 @@ def test_a_few_training_steps_lower_the_loss(model, tok):
         loss.backward()
         opt.step()
     assert stats["loss"] < 0.5 * float(first.detach())
+
+
+def test_whole_items_are_the_foreground_runs_the_window_does_not_cut():
+    c = tasks.CONTENT_INDEX
+    bg, on, off, bell = c["background"], c["lights_on"], c["lights_off"], c["doorbell"]
+    content = np.array([on, on, bg, off, off, off, bell, bg, bg, on])
+    assert whole_items(content) == [(3, 6, off), (6, 7, bell)]  # the first and last runs touch the edges
+    assert whole_items(np.array([bg, bg])) == []
+
+
+def test_item_head_learns_which_item_a_span_of_chunks_holds(model, tok):
+    _, t, protocol = tok
+    c = tasks.CONTENT_INDEX
+    rng = np.random.default_rng(1)
+    content = np.array([c["background"], c["lights_on"], c["lights_on"], c["background"], c["lights_off"],
+                        c["background"]] * 2, np.int16)
+    labels = np.full(12, -1, np.int16)
+    feats = rng.standard_normal((12, 128, 40)).astype(np.float16)
+    feats[content == c["lights_off"], :64] += 2.0  # something for the encoder to tell them apart by
+    fs = FeatureSet(features=np.concatenate([feats, feats]), offsets=np.array([0, 12, 24]),
+                    labels=np.concatenate([labels, labels]), seeds=np.array([0, 1]),
+                    content=np.concatenate([content, content]))
+    batch = make_batch(protocol, fs, [0, 1], max_tokens=1500)
+    batch["keep_silence_id"] = t["KEEP_SILENCE"]
+    spans = batch["items"].tolist()
+    assert len(spans) == 8 and spans[4] == [13, 15, c["lights_on"]]  # the second stream's chunks follow the first's
+    assert all((batch["content"][a:b] == k).all() for a, b, k in spans)
+    head = ChunkClassifier(TINY.hidden)
+    model.train()
+    opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=3e-3)
+    for _ in range(30):
+        loss, stats = batch_loss(model, batch, speak_weight=5.0, classifier=head, item_weight=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert stats["item_acc"] == 1.0 and stats["item_loss"] < 0.3
 
 
 def test_release_checkpoint_round_trips_through_the_exporter(model, tok, tmp_path):
