@@ -21,10 +21,10 @@ VECTORS_PER_CHUNK = 10
 
 @dataclass(frozen=True)
 class DemoSizes:
-    encoder_d_model: int = 128
-    encoder_layers: int = 2
+    encoder_d_model: int = 192
+    encoder_layers: int = 3
     encoder_heads: int = 4
-    encoder_ffn: int = 512
+    encoder_ffn: int = 768
     hidden: int = 192
     layers: int = 3
     heads: int = 4

@@ -26,13 +26,12 @@ from .layout import Protocol, build_sequence
 from .model import DemoModel, DemoSizes
 
 
-def crop(rng: np.random.Generator, labels: np.ndarray, min_chunks: int, p_reply: float, max_chunks: int = 0) -> slice:
-    """A window of the stream: random length from min_chunks to max_chunks (0: the whole
-    stream); with probability p_reply it ends 1-6 chunks after a random reply chunk, so replies
-    are seen more often per second of compute than in whole streams (mostly silence)."""
+def crop(rng: np.random.Generator, labels: np.ndarray, length: int, p_reply: float) -> slice:
+    """A window of `length` chunks (or the whole stream if shorter); with probability p_reply
+    it ends 1-6 chunks after a random reply chunk, so replies are seen more often per second of
+    compute than in whole streams (mostly silence)."""
     n = len(labels)
-    longest = min(n, max_chunks) if max_chunks > 0 else n
-    length = int(rng.integers(min(min_chunks, longest), longest + 1))
+    length = min(n, length)
     replies = np.flatnonzero(labels >= 0)
     if replies.size and rng.random() < p_reply:
         end = min(n, int(rng.choice(replies)) + int(rng.integers(2, 8)))
@@ -48,14 +47,18 @@ def make_batch(protocol: Protocol, features: dataset.FeatureSet, indices, max_to
     """Right-padded batch: ids, targets, speak flags, attention mask, mel chunks and the flat
     rows of B·L where each chunk's 10 audio vectors go. With `rng` and min_chunks > 0 every
     stream is cropped (see `crop`); the features keep the running-max floor of the whole
-    stream, like a session that started earlier."""
+    stream, like a session that started earlier. All crops of a batch have one random length
+    from min_chunks to max_chunks (0: the longest stream), so no compute goes to padding."""
     seqs, mels, contents, items = [], [], [], []
     first_chunk = 0  # of this stream, in the batch's concatenated chunks
+    if rng is not None and min_chunks > 0:
+        longest = max_chunks if max_chunks > 0 else max(len(features.stream(int(i))[1]) for i in indices)
+        length = int(rng.integers(min(min_chunks, longest), longest + 1))
     for i in indices:
         feats, labels = features.stream(int(i))
         content = features.content_of(int(i)) if features.content is not None else np.full(len(labels), -100)
         if rng is not None and min_chunks > 0:
-            window = crop(rng, labels, min_chunks, p_reply, max_chunks)
+            window = crop(rng, labels, length, p_reply)
             feats, labels, content = feats[window], labels[window], content[window]
         seq = build_sequence(protocol, labels, max_tokens)
         seqs.append(seq)
@@ -122,7 +125,8 @@ def batch_loss(model: DemoModel, batch: dict[str, torch.Tensor], speak_weight: f
                classifier: ChunkClassifier | None = None, content_weight: float = 0.0,
                item_weight: float = 0.0, text_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     audio = model.encode(batch["mel"])
-    hidden = model.hidden_states(model.embed(batch["ids"], batch["pad_rows"], audio), batch["mask"])
+    mask = None if bool(batch["mask"].all()) else batch["mask"]  # no padding: the plain causal path is faster
+    hidden = model.hidden_states(model.embed(batch["ids"], batch["pad_rows"], audio), mask)
     at = batch["targets"] >= 0
     logits = model.llm.lm_head(hidden[at])  # only rows with a target: the vocab is small, rows are many
     targets = batch["targets"][at]
