@@ -79,6 +79,61 @@ def score(stream: streams.Stream, replies: list[SpokenReply]) -> tuple[list[tupl
     return results, false_replies, outside_s
 
 
+@dataclass
+class Report:
+    answered: dict[str, list[bool]]  # item name -> answered right, per occurrence
+    delays: list[int]  # decision delay in chunks of every right answer
+    false_replies: int
+    outside_s: float  # seconds of audio outside every answer window
+
+    @property
+    def accuracy(self) -> float:
+        everything = [ok for oks in self.answered.values() for ok in oks]
+        return float(np.mean(everything)) if everything else float("nan")
+
+    @property
+    def false_per_10_min(self) -> float:
+        return 600.0 * self.false_replies / self.outside_s if self.outside_s else float("nan")
+
+
+def evaluate(listener, tokenizer, split: str, seeds, show: int = 0) -> Report:
+    """Run `listener` over the streams of `split` with these seeds and score its replies."""
+    report = Report(defaultdict(list), [], 0, 0.0)
+    for n, seed in enumerate(seeds):
+        stream = streams.make_stream(seed, split)
+        replies = run_stream(listener, tokenizer, dataset.stream_features(stream.audio))
+        results, false_replies, outside_s = score(stream, replies)
+        for name, ok, delay in results:
+            report.answered[name].append(ok)
+            if delay is not None:
+                report.delays.append(delay)
+        report.false_replies += false_replies
+        report.outside_s += outside_s
+        if n < show:
+            print(f"stream {seed}: expected " + ", ".join(f"{s.name}@{s.reply_chunk}" for s in stream.segments if s.reply)
+                  + " | got " + ", ".join(f"{r.chunk}:{r.emotion}:{r.text!r}" for r in replies))
+    return report
+
+
+def print_report(report: Report) -> None:
+    answered = report.answered
+    print(f"\n{'item':<16} {'n':>4} {'answered':>9}")
+    order = list(tasks.EVENT_REPLIES) + [c.name for c in tasks.COMMANDS]
+    for name in order:
+        if answered.get(name):
+            print(f"{name:<16} {len(answered[name]):>4} {100 * np.mean(answered[name]):>8.1f}%")
+    for group, names in (("sound events", list(tasks.EVENT_REPLIES)), ("commands", [c.name for c in tasks.COMMANDS])):
+        oks = [ok for name in names for ok in answered.get(name, [])]
+        if oks:
+            print(f"{group:<16} {len(oks):>4} {100 * np.mean(oks):>8.1f}%")
+    n_all = sum(len(oks) for oks in answered.values())
+    print(f"{'all':<16} {n_all:>4} {100 * report.accuracy:>8.1f}%")
+    print(f"false replies: {report.false_replies} in {report.outside_s / 60:.1f} min outside answer windows "
+          f"= {report.false_per_10_min:.2f} per 10 min")
+    print(f"median decision delay: {np.median(report.delays) if report.delays else float('nan'):.1f} chunks "
+          f"(over {len(report.delays)} right answers)")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, default=Path(__file__).resolve().parent / ".cache" / "run",
@@ -105,38 +160,8 @@ def main(argv=None) -> None:
         model, protocol, tokenizer = load_model(args.run)
         listener = TorchListener(model, protocol, speak_bias=args.speak_bias or 0.0)
 
-    answered: dict[str, list[bool]] = defaultdict(list)
-    delays: list[int] = []
-    false_total, outside_total = 0, 0.0
-    for seed in range(args.first_seed, args.first_seed + args.streams):
-        stream = streams.make_stream(seed, args.split)
-        replies = run_stream(listener, tokenizer, dataset.stream_features(stream.audio))
-        results, false_replies, outside_s = score(stream, replies)
-        for name, ok, delay in results:
-            answered[name].append(ok)
-            if delay is not None:
-                delays.append(delay)
-        false_total += false_replies
-        outside_total += outside_s
-        if seed - args.first_seed < args.show:
-            print(f"stream {seed}: expected " + ", ".join(f"{s.name}@{s.reply_chunk}" for s in stream.segments if s.reply)
-                  + " | got " + ", ".join(f"{r.chunk}:{r.emotion}:{r.text!r}" for r in replies))
-
-    print(f"\n{'item':<16} {'n':>4} {'answered':>9}")
-    order = list(tasks.EVENT_REPLIES) + [c.name for c in tasks.COMMANDS]
-    for name in order:
-        if answered.get(name):
-            print(f"{name:<16} {len(answered[name]):>4} {100 * np.mean(answered[name]):>8.1f}%")
-    for group, names in (("sound events", list(tasks.EVENT_REPLIES)), ("commands", [c.name for c in tasks.COMMANDS])):
-        oks = [ok for name in names for ok in answered.get(name, [])]
-        if oks:
-            print(f"{group:<16} {len(oks):>4} {100 * np.mean(oks):>8.1f}%")
-    everything = [ok for oks in answered.values() for ok in oks]
-    print(f"{'all':<16} {len(everything):>4} {100 * np.mean(everything) if everything else float('nan'):>8.1f}%")
-    rate = 600.0 * false_total / outside_total if outside_total else float("nan")
-    print(f"false replies: {false_total} in {outside_total / 60:.1f} min outside answer windows = {rate:.2f} per 10 min")
-    print(f"median decision delay: {np.median(delays) if delays else float('nan'):.1f} chunks "
-          f"(over {len(delays)} right answers)")
+    report = evaluate(listener, tokenizer, args.split, range(args.first_seed, args.first_seed + args.streams), args.show)
+    print_report(report)
 
 
 if __name__ == "__main__":
