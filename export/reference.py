@@ -50,15 +50,25 @@ class TorchReference:
         from tokenizers import Tokenizer
         from transformers import Qwen2ForCausalLM
 
-        checkpoint = load_checkpoint(checkpoint_dir)
+        # Lazy read + a model built on the meta device: every float32 weight is read once and
+        # becomes the parameter itself, so a real-size model (13.6 GB) needs its size in memory,
+        # not twice that, and skips random initialisation.
+        checkpoint = load_checkpoint(checkpoint_dir, lazy=True)
         self.checkpoint = checkpoint
         config = checkpoint.hf_qwen2_config
         config._attn_implementation = "eager"
-        self.model = Qwen2ForCausalLM(config).eval()
-        missing, unexpected = self.model.load_state_dict(checkpoint.lm_state, strict=False)
+        with torch.device("meta"):
+            self.model = Qwen2ForCausalLM(config).eval()
+        state = {name: checkpoint.lm_state[name] for name in checkpoint.lm_state}
+        missing, unexpected = self.model.load_state_dict(state, strict=False, assign=True)
         # Qwen2 has biases on q/k/v only; every weight must come from the checkpoint.
         if missing or unexpected:
             raise RuntimeError(f"weight mapping mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        rotary = self.model.model.rotary_emb
+        self.model.model.rotary_emb = type(rotary)(config=config)  # its inverse frequencies are buffers, not weights
+        on_meta = [n for n, t in [*self.model.named_parameters(), *self.model.named_buffers()] if t.is_meta]
+        if on_meta:
+            raise RuntimeError(f"reference model tensors left unloaded: {on_meta[:3]}")
         self.model.requires_grad_(False)
         self.encoder = build_hf_encoder(checkpoint.audio_config, checkpoint.encoder_state)
         self.tokens = checkpoint.tokens
