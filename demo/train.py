@@ -53,12 +53,12 @@ def make_batch(protocol: Protocol, features: dataset.FeatureSet, indices, max_to
     first_chunk = 0  # of this stream, in the batch's concatenated chunks
     if rng is not None and min_chunks > 0:
         longest = max_chunks if max_chunks > 0 else max(len(features.stream(int(i))[1]) for i in indices)
-        length = int(rng.integers(min(min_chunks, longest), longest + 1))
+        window_chunks = int(rng.integers(min(min_chunks, longest), longest + 1))
     for i in indices:
         feats, labels = features.stream(int(i))
         content = features.content_of(int(i)) if features.content is not None else np.full(len(labels), -100)
         if rng is not None and min_chunks > 0:
-            window = crop(rng, labels, length, p_reply)
+            window = crop(rng, labels, window_chunks, p_reply)
             feats, labels, content = feats[window], labels[window], content[window]
         seq = build_sequence(protocol, labels, max_tokens)
         seqs.append(seq)
