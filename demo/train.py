@@ -48,7 +48,8 @@ def make_batch(protocol: Protocol, features: dataset.FeatureSet, indices, max_to
     rows of B·L where each chunk's 10 audio vectors go. With `rng` and min_chunks > 0 every
     stream is cropped (see `crop`); the features keep the running-max floor of the whole
     stream, like a session that started earlier. All crops of a batch have one random length
-    from min_chunks to max_chunks (0: the longest stream), so no compute goes to padding."""
+    from min_chunks to max_chunks (0: the longest stream), so padding is only the difference in
+    reply text between sequences."""
     seqs, mels, contents, items = [], [], [], []
     first_chunk = 0  # of this stream, in the batch's concatenated chunks
     if rng is not None and min_chunks > 0:
