@@ -78,13 +78,9 @@ def random_voice(rng: np.random.Generator, split: str) -> Voice:
     return Voice(language, variant, speed, pitch)
 
 
-def synthesizers_available() -> bool:
-    """Both synthesizers the training data needs are installed."""
-    return shutil.which("espeak-ng") is not None and shutil.which("flite") is not None
-
-
 def _cache_path(text: str, voice: Voice) -> Path:
-    key = hashlib.sha1(f"{_CACHE_VERSION}|{text}|{voice.spec}|{voice.speed}|{voice.pitch}".encode()).hexdigest()  # spec names the synthesizer
+    # voice.spec names the synthesizer too ("flite:slt"), so the two never share a key.
+    key = hashlib.sha1(f"{_CACHE_VERSION}|{text}|{voice.spec}|{voice.speed}|{voice.pitch}".encode()).hexdigest()
     return CACHE_DIR / key[:2] / f"{key}.npy"
 
 
