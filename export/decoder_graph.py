@@ -161,22 +161,22 @@ def _trace_to_onnx(module: ExportDecoder, path: Path, cfg: dict, export_params: 
         dynamic[name] = {1: "P"}
     for name in outputs[1:]:
         dynamic[name] = {1: "T"}
-    hidden = set() if export_params else {name for name, _ in module.named_parameters()}
-    with torch.no_grad(), weights_hidden_from_shape_inference(hidden):
+    with torch.no_grad(), weights_hidden_from_shape_inference(module, hide=not export_params):
         torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
                           dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, do_constant_folding=True,
                           export_params=export_params)
 
 
 @contextlib.contextmanager
-def weights_hidden_from_shape_inference(names: set):
+def weights_hidden_from_shape_inference(module: nn.Module, hide: bool = True):
     """While exporting without parameters: torch.onnx's shape inference pass serialises the value
     of every parameter a node reads, per node (a contiguous copy of each placeholder: minutes and
     GBs at real size). Shapes and types are all it needs from a weight, and the traced graph
-    carries them, so the named parameters are left out of the values that pass sees."""
-    if not names:
+    carries them, so `module`'s parameters are left out of the values that pass sees."""
+    if not hide:
         yield
         return
+    names = {name for name, _ in module.named_parameters()}
     from torch import _C
 
     original = _C._jit_pass_onnx_graph_shape_type_inference

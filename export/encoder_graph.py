@@ -41,11 +41,17 @@ def build_hf_encoder(audio_config, encoder_state: dict, share_weights: bool = Fa
     encoder.load_state_dict(encoder_state, strict=True, assign=True)
     # The one non-persistent buffer: the sinusoid table, computed (as the module's own init does).
     encoder.positional_embedding = SinusoidsPositionEmbedding(config.max_source_positions, config.d_model)
-    meta = [name for name, t in list(encoder.named_parameters()) + list(encoder.named_buffers()) if t.is_meta]
-    if meta:
-        raise RuntimeError(f"encoder: no weights for {meta[:3]}")
+    check_materialized(encoder, "encoder")
     encoder.requires_grad_(False)
     return encoder.eval()
+
+
+def check_materialized(module: torch.nn.Module, what: str) -> None:
+    """After building on the meta device and loading with assign=True: every parameter and
+    buffer must hold data (a non-persistent buffer the state dict does not carry would not)."""
+    meta = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if meta:
+        raise RuntimeError(f"{what}: no weights for {meta[:3]}")
 
 
 def hf_encode(encoder, mel: torch.Tensor) -> torch.Tensor:
@@ -109,8 +115,7 @@ def export_encoder(chunk_encoder: ChunkEncoder, path: Path, export_params: bool 
     from .decoder_graph import weights_hidden_from_shape_inference
 
     path = Path(path)
-    hidden = set() if export_params else {name for name, _ in chunk_encoder.named_parameters()}
-    with torch.no_grad(), weights_hidden_from_shape_inference(hidden):
+    with torch.no_grad(), weights_hidden_from_shape_inference(chunk_encoder, hide=not export_params):
         torch.onnx.export(chunk_encoder.eval(), (torch.zeros(2, 128, FRAMES),), str(path),
                           input_names=["mel"], output_names=["audio_embeds"],
                           dynamic_axes={"mel": {0: "B"}, "audio_embeds": {0: "B"}},

@@ -266,8 +266,7 @@ def _quantize_one(model: onnx.ModelProto, node, weight, base: Path, precision: s
     The weight goes from the source file to the scratch model's file without a detour through
     memory; the quantizer then holds it once."""
     helper = onnx.helper
-    mini_node = onnx.NodeProto()
-    mini_node.CopyFrom(node)
+    mini_node = _detached(node)
     inputs = [_value_info(model, node.input[0])]
     outputs = [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)]
     src, dst = scratch / "matmul.onnx", scratch / "matmul.q.onnx"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
-from .encoder_graph import build_hf_encoder, hf_encode
+from .encoder_graph import build_hf_encoder, check_materialized, hf_encode
 from .package import SAMPLING, prefix_ids
 
 BLOCK_AUDIO = 10
@@ -66,9 +66,7 @@ class TorchReference:
             raise RuntimeError(f"weight mapping mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
         rotary = self.model.model.rotary_emb
         self.model.model.rotary_emb = type(rotary)(config=config)  # its inverse frequencies are buffers, not weights
-        on_meta = [n for n, t in [*self.model.named_parameters(), *self.model.named_buffers()] if t.is_meta]
-        if on_meta:
-            raise RuntimeError(f"reference model tensors left unloaded: {on_meta[:3]}")
+        check_materialized(self.model, "reference model")
         self.model.requires_grad_(False)
         self.encoder = build_hf_encoder(checkpoint.audio_config, checkpoint.encoder_state)
         self.tokens = checkpoint.tokens
