@@ -47,9 +47,11 @@ def main(argv=None) -> None:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(args.package / "tokenizer.json"))
+    listener = PackageListener(args.package)  # loaded once; each sweep point only sets the bias
     reports = {}
     for bias in args.biases:
-        reports[bias] = evaluate(PackageListener(args.package, speak_bias=bias), tokenizer, "eval", range(args.streams))
+        listener.engine.speak_bias = bias
+        reports[bias] = evaluate(listener, tokenizer, "eval", range(args.streams))
         print(f"speak bias {bias:+.1f}: {100 * reports[bias].accuracy:5.1f} % answered right, "
               f"{reports[bias].false_per_10_min:.2f} false replies per 10 min", flush=True)
     bias = choose(reports, args.max_false)
