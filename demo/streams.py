@@ -93,7 +93,6 @@ class Stream:
                 labels[seg.reply_chunk] = tasks.REPLY_INDEX[seg.reply]
         return labels
 
-
     def content(self) -> np.ndarray:
         """Per chunk: tasks.CONTENT_INDEX of the item covering most of it (dry signal), or
         "background" where no item covers a quarter of the chunk."""
