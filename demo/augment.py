@@ -1,5 +1,5 @@
 """Channel augmentations: gain, additive noise at an SNR, room reverb, low-rate resampling
-artefacts and clipping. All take and return 16 kHz float32."""
+artefacts, clipping, and a tempo change for speech. All take and return 16 kHz float32."""
 from __future__ import annotations
 
 import numpy as np
@@ -45,6 +45,14 @@ def resample_artefacts(x: np.ndarray, via_rate: int) -> np.ndarray:
     out = np.zeros_like(x)
     out[: min(len(x), len(back))] = back[: len(x)]
     return out.astype(np.float32)
+
+
+def change_tempo(x: np.ndarray, factor: float) -> np.ndarray:
+    """Play `x` `factor` times faster (shorter, higher pitch and formants), like a different
+    speaker: a cheap way to widen a few synthetic voices."""
+    if not 0.5 <= factor <= 2.0:
+        raise ValueError(f"tempo factor must be in [0.5, 2], got {factor}")
+    return soxr.resample(x, 16000, 16000 / factor, quality="HQ").astype(np.float32)
 
 
 def clip(x: np.ndarray, drive_db: float) -> np.ndarray:

@@ -22,7 +22,7 @@ from listenloop.features import StreamingLogMel
 from . import streams
 
 FEATURE_DIR = Path(__file__).resolve().parent / ".cache" / "features"
-DATA_VERSION = 2  # bump when stream generation changes, so a stale feature cache is never reused
+DATA_VERSION = 3  # bump when stream generation changes, so a stale feature cache is never reused
 
 
 def stream_features(audio: np.ndarray) -> np.ndarray:

@@ -28,8 +28,12 @@ _CACHE_VERSION = "1"  # bump when rendering or trimming changes
 # variants (+name). Evaluation voices and variants are disjoint from training ones.
 TRAIN_LANGUAGES = ("en-us", "en-gb", "en-gb-x-rp", "en-029", "en-gb-x-gbcwmd")
 EVAL_LANGUAGES = ("en-gb-scotland", "en-us-nyc", "en-gb-x-gbclan")
-TRAIN_VARIANTS = ("", "m1", "m2", "m3", "m5", "m7", "f1", "f2", "f4", "klatt", "klatt3", "Andy",
-                  "belinda", "david", "steph")
+TRAIN_VARIANTS = ("", "m1", "m2", "m3", "m5", "m7", "m8", "f1", "f2", "f4", "klatt", "klatt3", "klatt4",
+                  "klatt5", "klatt6", "Andy", "belinda", "david", "steph", "steph2", "steph3", "adam",
+                  "Alex", "Alicia", "Andrea", "aunty", "benjamin", "boris", "caleb", "ed", "edward",
+                  "Gene", "gustave", "Hugo", "iven", "iven3", "Jacky", "Lee", "linda", "Marco", "max",
+                  "Michael", "Mike", "paul", "quincy", "rob", "robert", "zac", "anika", "norbert",
+                  "sandro", "shelby", "travis", "victor", "grandma", "grandpa")
 EVAL_VARIANTS = ("m4", "m6", "f3", "f5", "klatt2", "Annie", "john")
 
 # flite's built-in voices (flite -lv), with each voice's natural pitch in Hz: the pitch setting

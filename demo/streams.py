@@ -14,7 +14,7 @@ voices, levels and noise, and to unheard speech that must get no reply.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -41,12 +41,14 @@ class StreamSettings:
     p_reverb: float
     p_resample: float
     p_clip: float
+    p_tempo: float = 0.0  # share of spoken items resampled to a new speed (pitch and formants move too)
+    tempo: tuple[float, float] = (1.0, 1.0)  # speed factor range
 
 
 TRAIN_SETTINGS = StreamSettings(
     min_chunks=50, max_chunks=90, lead_quiet_s=(1.6, 4.0), gap_s=(2.0, 6.0), min_tail_s=2.0,
     foreground_db=(-32.0, -14.0), snr_db=(5.0, 35.0), p_empty=0.1, item_weights=(0.4, 0.35, 0.25),
-    p_reverb=0.3, p_resample=0.15, p_clip=0.05,
+    p_reverb=0.3, p_resample=0.15, p_clip=0.05, p_tempo=0.5, tempo=(0.85, 1.15),
 )
 EVAL_SETTINGS = StreamSettings(
     min_chunks=50, max_chunks=90, lead_quiet_s=(2.0, 4.0), gap_s=(2.5, 6.0), min_tail_s=2.0,
@@ -135,12 +137,11 @@ def render_item(rng: np.random.Generator, kind: str, name: str, split: str, text
         command = next((c for c in tasks.COMMANDS if c.name == name), None)
         if command is None:
             raise ValueError(f"unknown command {name!r}")
-        choices = command.phrases
+        text = text if text is not None else str(rng.choice(command.phrases))
     elif kind == "distractor":
-        choices = tasks.distractors(split)
+        text = text if text is not None else tasks.pick_distractor(rng, split)
     else:
         raise ValueError(f"unknown item kind {kind!r}")
-    text = text if text is not None else str(rng.choice(choices))
     return Item(kind, name, text, speech.render(text, speech.random_voice(rng, split)))
 
 
@@ -230,6 +231,9 @@ def make_stream(seed: int, split: str = "train") -> Stream:
         start = seconds(rng.uniform(*settings.lead_quiet_s))
         while True:
             item = render_item(rng, *_random_item(rng, settings), split)
+            # Evaluation has p_tempo 0: the short-circuit draws nothing, so its streams stay as they were.
+            if item.kind != "event" and settings.p_tempo and rng.random() < settings.p_tempo:
+                item = replace(item, audio=augment.change_tempo(item.audio, rng.uniform(*settings.tempo)))
             if start + len(item.audio) + seconds(settings.min_tail_s) > n:
                 break  # the next item would eat the quiet tail: the stream is full
             placed.append((item, start))

@@ -158,6 +158,53 @@ TRAIN_DISTRACTORS: tuple[str, ...] = (
     "the bus stop moved to the other side",
     "I'd like to learn how to bake bread",
 )
+
+# Many more distinct everyday sentences, generated from templates: with only a few dozen
+# sentences the model took any unfamiliar one for a command (it answered 14 of 16 false
+# replies during or right after a distractor). Deterministic, so every run draws the same set.
+_PEOPLE = (
+    "my sister", "my brother", "our neighbour", "the teacher", "my uncle", "the old man next door",
+    "her husband", "his daughter", "the doctor", "our manager", "my friend Sam", "the kids",
+    "the new student", "my grandmother", "the postman", "their son", "a woman from work",
+    "the taxi driver", "my colleague", "the farmer", "Anna", "David", "the twins", "our landlord",
+)
+_DEEDS = (
+    "bought a new car", "painted the garden fence", "baked a chocolate cake", "lost a wallet",
+    "went to the market", "visited the museum", "fixed the old radio", "planted some roses",
+    "wrote a long letter", "cooked a big dinner", "cleaned the garage", "sold the piano",
+    "found a small kitten", "missed the last bus", "read the whole newspaper", "moved to another city",
+    "started a new job", "took the dog for a walk", "forgot the password", "ordered a pizza",
+    "washed the windows", "climbed the hill", "caught a cold", "called the bank", "booked a holiday",
+    "won a prize", "repaired the bicycle", "watched an old film", "borrowed a ladder",
+    "carried the boxes upstairs", "met an old friend", "sang in the choir", "broke a cup",
+    "studied for the exam", "ate too much cake",
+)
+_WHEN = (
+    "", "yesterday", "last week", "this morning", "on Tuesday", "in the summer", "after lunch",
+    "two days ago", "last night", "at the weekend", "before work", "in March",
+)
+_THINGS = (
+    "the kitchen table", "this coffee", "the new sofa", "the garden", "the car park", "that jacket",
+    "the river", "our office", "the old bridge", "the soup", "my bicycle", "the school bus",
+    "the hotel", "this book", "the beach", "the bakery", "the road to town", "the printer",
+    "the football pitch", "her dress", "the market", "the playground",
+)
+_STATES = (
+    "is too small", "is very expensive", "looks wonderful", "was really crowded", "is far too cold",
+    "seems a bit old", "was quite noisy", "is closed today", "smells lovely", "was full of people",
+    "is getting busy", "looked empty", "is nicer in spring", "was better last year",
+)
+
+
+def _generated_distractors() -> tuple[str, ...]:
+    deeds = [" ".join(filter(None, (who, did, when))) for who in _PEOPLE for did in _DEEDS for when in _WHEN]
+    states = [f"{thing} {state}" for thing in _THINGS for state in _STATES]
+    return tuple(deeds + states)
+
+
+GENERATED_DISTRACTORS = _generated_distractors()
+P_GENERATED = 0.7  # share of training distractors drawn from the generated set
+
 EVAL_DISTRACTORS: tuple[str, ...] = (
     "the library opens late on Wednesdays",
     "my sister moved to a small flat near the station",
@@ -173,11 +220,22 @@ EVAL_DISTRACTORS: tuple[str, ...] = (
 
 
 def distractors(split: str) -> tuple[str, ...]:
+    """Every distractor sentence of a split."""
     if split == "train":
-        return TRAIN_DISTRACTORS
+        return TRAIN_DISTRACTORS + GENERATED_DISTRACTORS
     if split == "eval":
         return EVAL_DISTRACTORS
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+
+
+def pick_distractor(rng, split: str) -> str:
+    """One distractor sentence of a split. Training draws from the hand-written sentences or,
+    more often, the generated ones; evaluation draws only its own held-out sentences."""
+    if split == "eval":
+        return str(rng.choice(EVAL_DISTRACTORS))
+    if split != "train":
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    return str(rng.choice(GENERATED_DISTRACTORS if rng.random() < P_GENERATED else TRAIN_DISTRACTORS))
 
 
 def _all_replies() -> tuple[Reply, ...]:
@@ -194,5 +252,8 @@ REPLY_INDEX: dict[Reply, int] = {r: i for i, r in enumerate(REPLIES)}
 CONTENT_CLASSES: tuple[str, ...] = ("background", *EVENT_REPLIES, *(c.name for c in COMMANDS), "distractor")
 CONTENT_INDEX: dict[str, int] = {name: i for i, name in enumerate(CONTENT_CLASSES)}
 
+_spoken = {p for c in COMMANDS for p in c.phrases}
+if set(distractors("train")) & (set(EVAL_DISTRACTORS) | _spoken) or set(EVAL_DISTRACTORS) & _spoken:
+    raise RuntimeError("distractor sentences must be held out and never be a command phrase")
 if set(EVENT_REPLIES) != set(SOUND_EVENTS):
     raise RuntimeError("every synthesised sound event needs a reply and vice versa")
