@@ -145,6 +145,14 @@ def render_item(rng: np.random.Generator, kind: str, name: str, split: str, text
     return Item(kind, name, text, speech.render(text, speech.random_voice(rng, split)))
 
 
+def vary_tempo(rng: np.random.Generator, item: Item, settings: StreamSettings) -> Item:
+    """Sometimes play a spoken item faster or slower (settings.p_tempo). Draws nothing from
+    `rng` when p_tempo is 0, so evaluation streams are what they were before tempo existed."""
+    if item.kind == "event" or not settings.p_tempo or rng.random() >= settings.p_tempo:
+        return item
+    return replace(item, audio=augment.change_tempo(item.audio, rng.uniform(*settings.tempo)))
+
+
 def item_reply(kind: str, name: str) -> tasks.Reply | None:
     if kind == "event":
         return tasks.EVENT_REPLIES[name]
@@ -230,10 +238,7 @@ def make_stream(seed: int, split: str = "train") -> Stream:
     if rng.random() >= settings.p_empty:
         start = seconds(rng.uniform(*settings.lead_quiet_s))
         while True:
-            item = render_item(rng, *_random_item(rng, settings), split)
-            # Evaluation has p_tempo 0: the short-circuit draws nothing, so its streams stay as they were.
-            if item.kind != "event" and settings.p_tempo and rng.random() < settings.p_tempo:
-                item = replace(item, audio=augment.change_tempo(item.audio, rng.uniform(*settings.tempo)))
+            item = vary_tempo(rng, render_item(rng, *_random_item(rng, settings), split), settings)
             if start + len(item.audio) + seconds(settings.min_tail_s) > n:
                 break  # the next item would eat the quiet tail: the stream is full
             placed.append((item, start))

@@ -165,8 +165,46 @@ def test_voices_and_distractors_of_eval_are_held_out():
     assert not set(speech.TRAIN_FLITE_VOICES) & set(speech.EVAL_FLITE_VOICES)
     for c in tasks.COMMANDS:
         assert len(c.phrases) >= 4 and len(set(c.phrases)) == len(c.phrases)
-    assert not set(tasks.TRAIN_DISTRACTORS) & set(tasks.EVAL_DISTRACTORS)
+    assert not set(tasks.distractors("train")) & set(tasks.EVAL_DISTRACTORS)
+    spoken = {p for c in tasks.COMMANDS for p in c.phrases}
+    assert not (set(tasks.distractors("train")) | set(tasks.EVAL_DISTRACTORS)) & spoken
     assert len(tasks.COMMANDS) >= 6 and set(tasks.EVENT_REPLIES) == set(SOUND_EVENTS)
+
+
+def test_training_hears_thousands_of_distractor_sentences_and_eval_only_its_own():
+    assert len(set(tasks.GENERATED_DISTRACTORS)) == len(tasks.GENERATED_DISTRACTORS) > 5000
+    rng = np.random.default_rng(0)
+    train = [tasks.pick_distractor(rng, "train") for _ in range(2000)]
+    generated = sum(t in set(tasks.GENERATED_DISTRACTORS) for t in train) / len(train)
+    assert abs(generated - tasks.P_GENERATED) < 0.05
+    assert len(set(train)) > 1000  # seldom the same sentence twice
+    assert set(train) - set(tasks.GENERATED_DISTRACTORS) <= set(tasks.TRAIN_DISTRACTORS)
+    assert {tasks.pick_distractor(rng, "eval") for _ in range(200)} == set(tasks.EVAL_DISTRACTORS)
+    with pytest.raises(ValueError):
+        tasks.pick_distractor(rng, "test")
+
+
+def test_tempo_change_shortens_and_raises_the_pitch():
+    tone = np.sin(2 * np.pi * 200.0 * np.arange(16000) / 16000).astype(np.float32)
+    faster = augment.change_tempo(tone, 1.25)
+    assert faster.dtype == np.float32 and abs(len(faster) - 12800) <= 2
+    peak_hz = np.argmax(np.abs(np.fft.rfft(faster))) * 16000 / len(faster)
+    assert abs(peak_hz - 250.0) < 3.0
+    with pytest.raises(ValueError):
+        augment.change_tempo(tone, 3.0)
+
+
+def test_training_speech_comes_at_several_tempi_and_eval_speech_never_changes_tempo():
+    command = streams.render_item(np.random.default_rng(0), "command", "stop", "train")
+    event = streams.render_item(np.random.default_rng(0), "event", "doorbell", "train")
+    lengths = {len(streams.vary_tempo(np.random.default_rng(seed), command, streams.TRAIN_SETTINGS).audio)
+               for seed in range(40)}
+    assert len(command.audio) in lengths and len(lengths) > 10
+    assert max(lengths) > 1.1 * len(command.audio) and min(lengths) < 0.9 * len(command.audio)
+    assert streams.vary_tempo(np.random.default_rng(1), event, streams.TRAIN_SETTINGS) is event
+    rng = np.random.default_rng(5)
+    assert streams.vary_tempo(rng, command, streams.EVAL_SETTINGS) is command
+    assert rng.random() == np.random.default_rng(5).random()  # nothing drawn: eval streams unchanged
 
 
 def test_both_synthesizers_speak_every_split():
