@@ -12,8 +12,8 @@ such window are false replies, counted per 10 minutes of audio outside the windo
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,23 +60,40 @@ def run_stream(listener, tokenizer, features: np.ndarray) -> list[SpokenReply]:
     return replies
 
 
-def score(stream: streams.Stream, replies: list[SpokenReply]) -> tuple[list[tuple[str, bool, int | None]], int, float]:
-    """Per positive item (name, answered right, delay); false replies; seconds outside windows."""
-    results = []
+@dataclass
+class StreamScore:
+    items: list[tuple[str, bool, int | None]]  # per positive item: name, answered right, delay in chunks
+    false_replies: list[SpokenReply]  # replies outside every answer window
+    near_speech: int  # of those, how many came during distractor speech or up to LATE_CHUNKS after it
+    wrong: list[tuple[str, str]]  # (item name, text said instead) for wrong replies inside a window
+    outside_s: float  # seconds of audio outside every answer window
+
+
+def _chunks(seg: streams.Segment, last: int) -> range:
+    return range(seg.start // streams.CHUNK_SAMPLES, last + 1)
+
+
+def score(stream: streams.Stream, replies: list[SpokenReply]) -> StreamScore:
+    """Score one stream's replies against its labels (see the module doc)."""
+    items, wrong = [], []
     in_window: set[int] = set()
     windows = 0
     for seg in stream.segments:
         if seg.reply is None:
             continue
-        first, last = seg.start // streams.CHUNK_SAMPLES, seg.reply_chunk + LATE_CHUNKS
-        windows += last - first + 1
-        inside = [i for i, r in enumerate(replies) if first <= r.chunk <= last]
+        window = _chunks(seg, seg.reply_chunk + LATE_CHUNKS)
+        windows += len(window)
+        inside = [i for i, r in enumerate(replies) if r.chunk in window]
         in_window.update(inside)
         right = [replies[i].chunk for i in inside if replies[i].text == seg.reply.text]
-        results.append((seg.name, bool(right), (right[0] - seg.reply_chunk) if right else None))
-    false_replies = sum(1 for i in range(len(replies)) if i not in in_window)
+        items.append((seg.name, bool(right), (right[0] - seg.reply_chunk) if right else None))
+        wrong += [(seg.name, replies[i].text) for i in inside if replies[i].text != seg.reply.text]
+    false_replies = [r for i, r in enumerate(replies) if i not in in_window]
+    speech = [_chunks(seg, streams.reply_chunk(seg.end) + LATE_CHUNKS) for seg in stream.segments
+              if seg.kind == "distractor"]
+    near_speech = sum(1 for r in false_replies if any(r.chunk in chunks for chunks in speech))
     outside_s = max(0, stream.n_chunks - windows) * streams.CHUNK_SAMPLES / 16000.0
-    return results, false_replies, outside_s
+    return StreamScore(items, false_replies, near_speech, wrong, outside_s)
 
 
 @dataclass
@@ -85,6 +102,8 @@ class Report:
     delays: list[int]  # decision delay in chunks of every right answer
     false_replies: int
     outside_s: float  # seconds of audio outside every answer window
+    false_near_speech: int = 0  # false replies during or right after distractor speech
+    confusions: Counter = field(default_factory=Counter)  # (item name, text said instead) -> count
 
     @property
     def accuracy(self) -> float:
@@ -95,6 +114,16 @@ class Report:
     def false_per_10_min(self) -> float:
         return 600.0 * self.false_replies / self.outside_s if self.outside_s else float("nan")
 
+    def add(self, scored: StreamScore) -> None:
+        for name, ok, delay in scored.items:
+            self.answered[name].append(ok)
+            if delay is not None:
+                self.delays.append(delay)
+        self.false_replies += len(scored.false_replies)
+        self.false_near_speech += scored.near_speech
+        self.confusions.update(scored.wrong)
+        self.outside_s += scored.outside_s
+
 
 def evaluate(listener, tokenizer, split: str, seeds, show: int = 0) -> Report:
     """Run `listener` over the streams of `split` with these seeds and score its replies."""
@@ -102,13 +131,7 @@ def evaluate(listener, tokenizer, split: str, seeds, show: int = 0) -> Report:
     for n, seed in enumerate(seeds):
         stream = streams.make_stream(seed, split)
         replies = run_stream(listener, tokenizer, dataset.stream_features(stream.audio))
-        results, false_replies, outside_s = score(stream, replies)
-        for name, ok, delay in results:
-            report.answered[name].append(ok)
-            if delay is not None:
-                report.delays.append(delay)
-        report.false_replies += false_replies
-        report.outside_s += outside_s
+        report.add(score(stream, replies))
         if n < show:
             print(f"stream {seed}: expected " + ", ".join(f"{s.name}@{s.reply_chunk}" for s in stream.segments if s.reply)
                   + " | got " + ", ".join(f"{r.chunk}:{r.emotion}:{r.text!r}" for r in replies))
@@ -129,7 +152,11 @@ def print_report(report: Report) -> None:
     n_all = sum(len(oks) for oks in answered.values())
     print(f"{'all':<16} {n_all:>4} {100 * report.accuracy:>8.1f}%")
     print(f"false replies: {report.false_replies} in {report.outside_s / 60:.1f} min outside answer windows "
-          f"= {report.false_per_10_min:.2f} per 10 min")
+          f"= {report.false_per_10_min:.2f} per 10 min, {report.false_near_speech} of them during or right after "
+          "distractor speech")
+    if report.confusions:
+        print("wrong replies inside answer windows: " + ", ".join(
+            f"{name} -> {text!r} x{n}" for (name, text), n in report.confusions.most_common(6)))
     print(f"median decision delay: {np.median(report.delays) if report.delays else float('nan'):.1f} chunks "
           f"(over {len(report.delays)} right answers)")
 
