@@ -8,9 +8,10 @@ end boundary (k + 1)·6400 is the first boundary at or after `e`. The model ther
 after the chunk in which the item ends: within one chunk (0.4 s) of the end of the sound. Every
 other chunk is labelled silent.
 
-Train and eval streams differ in seed salt, voices, distractor sentences and level ranges; the
-command phrasings are shared (see tasks.py), so evaluation measures generalisation to unheard
-voices, levels and noise, and to unheard speech that must get no reply.
+Train and eval streams differ in seed salt, voices, distractor sentences, level ranges and
+tempo changes (training only); the command phrasings are shared (see tasks.py), so evaluation
+measures generalisation to unheard voices, levels and noise, and to unheard speech that must
+get no reply.
 """
 from __future__ import annotations
 
