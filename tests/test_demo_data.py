@@ -175,10 +175,11 @@ def test_training_hears_thousands_of_distractor_sentences_and_eval_only_its_own(
     assert len(set(tasks.GENERATED_DISTRACTORS)) == len(tasks.GENERATED_DISTRACTORS) > 5000
     rng = np.random.default_rng(0)
     train = [tasks.pick_distractor(rng, "train") for _ in range(2000)]
-    generated = sum(t in set(tasks.GENERATED_DISTRACTORS) for t in train) / len(train)
+    generated_set = set(tasks.GENERATED_DISTRACTORS)
+    generated = sum(t in generated_set for t in train) / len(train)
     assert abs(generated - tasks.P_GENERATED) < 0.05
     assert len(set(train)) > 1000  # seldom the same sentence twice
-    assert set(train) - set(tasks.GENERATED_DISTRACTORS) <= set(tasks.TRAIN_DISTRACTORS)
+    assert set(train) - generated_set <= set(tasks.TRAIN_DISTRACTORS)
     assert {tasks.pick_distractor(rng, "eval") for _ in range(200)} == set(tasks.EVAL_DISTRACTORS)
     with pytest.raises(ValueError):
         tasks.pick_distractor(rng, "test")
