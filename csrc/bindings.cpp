@@ -19,6 +19,7 @@
 #include "messages.h"
 #include "pinned_buffer.h"
 #include "ring_buffer.h"
+#include "wake_signal.h"
 
 namespace py = pybind11;
 using namespace listenloop;
@@ -93,11 +94,12 @@ struct PyStreamingMel {
 struct PyMelChunk {
   int64_t index, first_sample, arrived_ns, ready_ns;
   int32_t valid_samples;
+  float peak;
   py::array_t<float> mel;
 };
 
 PyMelChunk to_python(MelChunk&& c) {
-  PyMelChunk out{c.index, c.first_sample, c.arrived_ns, c.ready_ns, c.valid_samples, {}};
+  PyMelChunk out{c.index, c.first_sample, c.arrived_ns, c.ready_ns, c.valid_samples, c.peak, {}};
   out.mel = to_numpy(std::move(c.mel), {static_cast<py::ssize_t>(kNMels), static_cast<py::ssize_t>(c.frames)});
   return out;
 }
@@ -125,6 +127,19 @@ py::list pop_chunks(ChunkQueue& q, size_t max_items, std::optional<double> timeo
   return out;
 }
 
+// In place, any shape; no conversion, since a converted copy would be normalised instead.
+void normalize_log_mel(py::array& mel, float peak) {
+  if (!mel.dtype().is(py::dtype::of<float>())) {
+    raise_error("AudioFormatError", "normalize_log_mel needs a float32 array, got dtype " +
+                                        py::str(mel.dtype()).cast<std::string>());
+  }
+  if (!(mel.flags() & py::array::c_style)) {
+    raise_error("AudioFormatError", "normalize_log_mel needs a C-contiguous array (use numpy.ascontiguousarray)");
+  }
+  if (!mel.writeable()) raise_error("AudioFormatError", "normalize_log_mel needs a writable array");
+  normalise_log_mel(static_cast<float*>(mel.mutable_data()), static_cast<size_t>(mel.size()), peak);
+}
+
 py::dict build_info() {
   py::dict info;
 #if defined(__clang__)
@@ -150,11 +165,12 @@ py::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "listenloop's real-time core: PCM ring, log-mel, chunk scheduler, queues, pinned memory.";
+  m.doc() = "listenloop's real-time core: PCM ring, log-mel, chunk scheduler, listen queue, wake signal, pinned memory.";
   m.attr("SAMPLE_RATE") = kSampleRate;
   m.attr("N_MELS") = kNMels;
   m.attr("HOP") = kHop;
   m.attr("CHUNK_SAMPLES") = kChunkSamples;
+  m.attr("FRAMES_PER_CHUNK") = kFramesPerChunk;
   m.def("build_info", &build_info, "Compiler, flags, FFT and whether libcudart was found at run time.");
 
   // --- RingBuffer -----------------------------------------------------------------------
@@ -246,11 +262,16 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("chunk_samples", [](PyStreamingMel& self) { return self.mel.chunk_samples(); })
       .def_property_readonly("frames", [](PyStreamingMel& self) { return self.mel.frames(); });
 
+  m.def("normalize_log_mel", &normalize_log_mel, py::arg("mel"), py::arg("peak"),
+        "In place: (max(mel, peak - 8) + 4) / 4 on a writable C-contiguous float32 array of raw "
+        "log10 mel, `peak` being the running maximum of MelChunk.peak.");
+
   // --- queues ---------------------------------------------------------------------------
   py::class_<PyMelChunk>(m, "MelChunk")
       .def_readonly("index", &PyMelChunk::index)
       .def_readonly("mel", &PyMelChunk::mel)
       .def_readonly("first_sample", &PyMelChunk::first_sample)
+      .def_readonly("peak", &PyMelChunk::peak)
       .def_readonly("valid_samples", &PyMelChunk::valid_samples)
       .def_readonly("arrived_ns", &PyMelChunk::arrived_ns)
       .def_readonly("ready_ns", &PyMelChunk::ready_ns)
@@ -270,58 +291,23 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("dropped", &ChunkQueue::dropped)
       .def_property_readonly("closed", &ChunkQueue::closed);
 
-  py::class_<Event>(m, "Event")
-      .def_readonly("kind", &Event::kind)
-      .def_readonly("chunk", &Event::chunk)
-      .def_readonly("stream_time", &Event::stream_time)
-      .def_readonly("wall_ns", &Event::wall_ns)
-      .def_readonly("value", &Event::value)
-      .def_readonly("flag", &Event::flag)
-      .def_readonly("text", &Event::text)
-      .def_readonly("token_ids", &Event::token_ids)
-      .def("__repr__", [](const Event& e) {
-        return "Event(kind=" + std::to_string(e.kind) + ", chunk=" + std::to_string(e.chunk) +
-               ", stream_time=" + std::to_string(e.stream_time) + ")";
-      });
-
-  py::class_<EventQueue>(m, "EventQueue")
-      .def(py::init<size_t>(), py::arg("capacity"))
-      .def(
-          "try_push",
-          [](EventQueue& q, int kind, int64_t chunk, double stream_time, int64_t wall_ns, double value, bool flag,
-             std::string text, std::vector<int32_t> token_ids) {
-            Event e{kind, chunk, stream_time, wall_ns, value, flag, std::move(text), std::move(token_ids)};
-            return q.try_push(std::move(e));
-          },
-          py::arg("kind"), py::arg("chunk"), py::arg("stream_time"), py::arg("wall_ns"), py::arg("value") = 0.0,
-          py::arg("flag") = false, py::arg("text") = "", py::arg("token_ids") = std::vector<int32_t>{})
-      .def(
-          "pop",
-          [](EventQueue& q, std::optional<double> timeout) {
-            const auto wait = to_timeout(timeout);
-            py::gil_scoped_release release;
-            return q.pop(wait);
-          },
-          py::arg("timeout") = py::none())
-      .def(
-          "pop_many",
-          [](EventQueue& q, size_t max_items, std::optional<double> timeout) {
-            const auto wait = to_timeout(timeout);
-            py::gil_scoped_release release;
-            return q.pop_many(max_items, wait);
-          },
-          py::arg("max_items"), py::arg("timeout") = py::none())
-      .def("close", &EventQueue::close)
-      .def("size", &EventQueue::size)
-      .def("__len__", &EventQueue::size)
-      .def_property_readonly("capacity", &EventQueue::capacity)
-      .def_property_readonly("dropped", &EventQueue::dropped)
-      .def_property_readonly("closed", &EventQueue::closed);
-
   // --- scheduler ------------------------------------------------------------------------
+  py::class_<WakeSignal>(m, "WakeSignal")
+      .def(py::init<>())
+      .def("post", &WakeSignal::post)
+      .def(
+          "wait",
+          [](WakeSignal& w, std::optional<double> timeout) {
+            const auto wait = to_timeout(timeout);
+            py::gil_scoped_release release;
+            w.wait(wait);
+          },
+          py::arg("timeout") = py::none());
+
   py::class_<ChunkScheduler>(m, "ChunkScheduler")
-      .def(py::init<RingBuffer&, ChunkQueue&, size_t>(), py::arg("ring"), py::arg("queue"),
-           py::arg("chunk_samples") = kChunkSamples, py::keep_alive<1, 2>(), py::keep_alive<1, 3>())
+      .def(py::init<RingBuffer&, ChunkQueue&, size_t, WakeSignal*>(), py::arg("ring"), py::arg("queue"),
+           py::arg("chunk_samples") = kChunkSamples, py::arg("wake") = py::none(), py::keep_alive<1, 2>(),
+           py::keep_alive<1, 3>(), py::keep_alive<1, 5>())
       .def("start", &ChunkScheduler::start)
       .def("stop", &ChunkScheduler::stop, py::call_guard<py::gil_scoped_release>())
       .def(
@@ -333,7 +319,6 @@ PYBIND11_MODULE(_core, m) {
             return s.flush(wait);
           },
           py::arg("timeout") = py::none())
-      .def("reset", &ChunkScheduler::reset)
       .def_property_readonly("running", &ChunkScheduler::running)
       .def_property_readonly("chunk_samples", &ChunkScheduler::chunk_samples)
       .def_property_readonly("chunks_emitted", &ChunkScheduler::chunks_emitted)

@@ -14,8 +14,13 @@ constexpr std::chrono::milliseconds kIdleWait{100};
 
 }  // namespace
 
-ChunkScheduler::ChunkScheduler(RingBuffer& ring, ChunkQueue& queue, size_t chunk_samples)
-    : ring_(ring), queue_(queue), chunk_samples_(chunk_samples), mel_(chunk_samples), chunk_buf_(chunk_samples) {
+ChunkScheduler::ChunkScheduler(RingBuffer& ring, ChunkQueue& queue, size_t chunk_samples, WakeSignal* wake)
+    : ring_(ring),
+      queue_(queue),
+      wake_(wake),
+      chunk_samples_(chunk_samples),
+      mel_(chunk_samples),
+      chunk_buf_(chunk_samples) {
   if (ring.capacity() < chunk_samples) {
     throw std::invalid_argument("the ring (" + std::to_string(ring.capacity()) + " samples) must hold a whole chunk (" +
                                 std::to_string(chunk_samples) + " samples)");
@@ -91,6 +96,7 @@ void ChunkScheduler::run() noexcept {
           flush_done_ = std::max(flush_done_, ticket);
         }
         flush_cv_.notify_all();
+        if (wake_) wake_->post();
         continue;
       }
       ring_.wait_for(chunk_samples_ - pending_, kIdleWait);
@@ -127,10 +133,9 @@ void ChunkScheduler::emit(size_t valid) {
   chunk_start_ += valid;
   pending_ = 0;
   try {
-    if (reset_requested_.exchange(false, std::memory_order_acq_rel)) mel_.reset();
     chunk.frames = static_cast<int64_t>(mel_.frames());
     chunk.mel.resize(kNMels * mel_.frames());
-    mel_.compute(chunk_buf_.data(), chunk.mel.data());
+    chunk.peak = mel_.compute_raw(chunk_buf_.data(), chunk.mel.data());
     chunk.ready_ns = monotonic_ns();
   } catch (const std::exception& e) {  // e.g. out of memory: lose this chunk, keep running
     note_error(e.what());
@@ -139,6 +144,7 @@ void ChunkScheduler::emit(size_t valid) {
   }
   if (queue_.try_push(std::move(chunk))) {
     chunks_emitted_.fetch_add(1, std::memory_order_relaxed);
+    if (wake_) wake_->post();
   } else {
     chunks_dropped_.fetch_add(1, std::memory_order_relaxed);
   }

@@ -13,17 +13,24 @@
 #include "log_mel.h"
 #include "messages.h"
 #include "ring_buffer.h"
+#include "wake_signal.h"
 
 namespace listenloop {
 
 // Consumes the ring (it must be the ring's only consumer), cuts chunk_samples-sample chunks,
-// computes their streaming log-mel and try_pushes them: a full queue drops the chunk and
-// counts it, so the scheduler never waits on the model. Nothing thrown inside the thread
-// escapes it; the last error is kept in last_error().
+// computes their raw streaming log-mel (history kept across the whole stream) and
+// try_pushes them: a full queue drops the chunk and counts it, so the scheduler never waits
+// on the model. The consumer normalises (normalise_log_mel with its running max of
+// MelChunk::peak). Nothing thrown inside the thread escapes it; the last error is kept in
+// last_error().
+//
+// With a WakeSignal, every pushed chunk and every completed flush posts it, so one consumer
+// can sleep on a single signal shared by many schedulers.
 class ChunkScheduler {
  public:
-  // `ring` and `queue` must outlive the scheduler.
-  ChunkScheduler(RingBuffer& ring, ChunkQueue& queue, size_t chunk_samples = kChunkSamples);
+  // `ring`, `queue` and `wake` (optional) must outlive the scheduler.
+  ChunkScheduler(RingBuffer& ring, ChunkQueue& queue, size_t chunk_samples = kChunkSamples,
+                 WakeSignal* wake = nullptr);
   ~ChunkScheduler();
   ChunkScheduler(const ChunkScheduler&) = delete;
   ChunkScheduler& operator=(const ChunkScheduler&) = delete;
@@ -34,8 +41,6 @@ class ChunkScheduler {
   // taking every sample written so far. Returns false if not done within `timeout`
   // (negative: wait forever). Throws if the scheduler is not running.
   bool flush(std::chrono::nanoseconds timeout);
-  // The next chunk starts with no history and a cleared running maximum (thread-safe).
-  void reset() noexcept { reset_requested_.store(true, std::memory_order_release); }
 
   bool running() const noexcept { return running_.load(std::memory_order_acquire); }
   size_t chunk_samples() const noexcept { return chunk_samples_; }
@@ -53,6 +58,7 @@ class ChunkScheduler {
 
   RingBuffer& ring_;
   ChunkQueue& queue_;
+  WakeSignal* const wake_;
   const size_t chunk_samples_;
   StreamingMel mel_;
   std::vector<float> chunk_buf_;
@@ -64,7 +70,6 @@ class ChunkScheduler {
   std::mutex control_mutex_;    // start/stop/flush callers
   std::atomic<bool> running_{false};
   std::atomic<bool> stop_requested_{false};
-  std::atomic<bool> reset_requested_{false};
   std::atomic<uint64_t> chunks_emitted_{0};
   std::atomic<uint64_t> chunks_dropped_{0};
   std::atomic<uint64_t> samples_consumed_{0};

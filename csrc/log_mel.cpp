@@ -164,7 +164,7 @@ void StreamingMel::reset() noexcept {
   peak_ = -std::numeric_limits<float>::infinity();
 }
 
-void StreamingMel::compute(const float* chunk, float* out) {
+float StreamingMel::compute_raw(const float* chunk, float* out) {
   const size_t c = chunk_samples_;
   float* left = padded_.data();
   if (!has_history_) {
@@ -175,11 +175,15 @@ void StreamingMel::compute(const float* chunk, float* out) {
   for (size_t i = 0; i < kHistory; ++i) right[i] = chunk[c - 2 - i];  // chunk[-2:-202:-1]
 
   const float chunk_peak = kernel_.log10_mel(padded_.data(), frames(), out, frames());
-  peak_ = std::max(peak_, chunk_peak);
-  normalise_log_mel(out, kNMels * frames(), peak_);
 
   std::copy(chunk + c - kHistory, chunk + c, left);  // history for the next chunk
   has_history_ = true;
+  return chunk_peak;
+}
+
+void StreamingMel::compute(const float* chunk, float* out) {
+  peak_ = std::max(peak_, compute_raw(chunk, out));
+  normalise_log_mel(out, kNMels * frames(), peak_);
 }
 
 }  // namespace listenloop

@@ -1,4 +1,4 @@
-// Whisper's 128-bin log-mel front-end (MODEL_SPEC §2.3), matching python/listenloop/features.py.
+// Whisper's 128-bin log-mel front-end (docs/PROTOCOL.md, "Log-mel"), matching python/listenloop/features.py.
 #pragma once
 
 #include <cstddef>
@@ -16,6 +16,7 @@ constexpr size_t kNMels = 128;
 constexpr size_t kNBins = kNFft / 2 + 1;
 constexpr size_t kHistory = kNFft / 2;  // real samples of history a chunk's first frames reach back to
 constexpr size_t kChunkSamples = 6400;
+constexpr size_t kFramesPerChunk = kChunkSamples / kHop;
 
 // Slaney-scale, Slaney-normalised triangular filters, kept sparse (~394 nonzeros of 128x201).
 struct MelFilterbank {
@@ -72,7 +73,7 @@ class LogMel {
 
 // features.StreamingLogMel: chunk by chunk, real history on the left (reflect at stream
 // start), reflect on each chunk's right edge, running maximum cleared by reset().
-// compute() does not allocate.
+// compute() and compute_raw() do not allocate.
 class StreamingMel {
  public:
   explicit StreamingMel(size_t chunk_samples = kChunkSamples, const std::string& kernel = "auto");
@@ -80,8 +81,12 @@ class StreamingMel {
 
   size_t chunk_samples() const { return chunk_samples_; }
   size_t frames() const { return chunk_samples_ / kHop; }
-  // chunk: chunk_samples() samples; out: [kNMels, frames()] row-major.
+  // chunk: chunk_samples() samples; out: [kNMels, frames()] row-major, normalised with the
+  // running maximum.
   void compute(const float* chunk, float* out);
+  // Like compute() but writes raw log10 mel and returns the chunk's maximum; the running
+  // maximum is left alone (normalising is the caller's: normalise_log_mel).
+  float compute_raw(const float* chunk, float* out);
   void reset() noexcept;
   float peak() const noexcept { return peak_; }
 

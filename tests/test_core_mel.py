@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from listenloop import AudioFormatError, features
-from listenloop._core import LogMel, StreamingMel, build_info, mel_filterbank
+from listenloop._core import FRAMES_PER_CHUNK, LogMel, StreamingMel, build_info, mel_filterbank, normalize_log_mel
 
 TOL = 1e-4
 # The portable kernel always; the AVX2 one too where this CPU runs it ("auto" picks it).
@@ -78,3 +78,27 @@ def test_wrong_chunk_shape_is_a_clear_error():
         StreamingMel(chunk_samples=1000)  # not a multiple of the hop
     with pytest.raises(ValueError, match="auto, sse2 or avx2"):
         LogMel(kernel="avx512")
+
+
+def test_normalize_log_mel_is_the_clamp_and_rescale_in_place():
+    raw = np.array([[-12.0, -5.0], [-1.5, 0.25]], np.float32)
+    out = raw.copy()
+    assert normalize_log_mel(out, 0.25) is None
+    want = (np.maximum(raw, np.float32(0.25 - 8.0)) + np.float32(4)) / np.float32(4)
+    np.testing.assert_array_equal(out, want)
+    silence = np.full((128, FRAMES_PER_CHUNK), -10.0, np.float32)
+    normalize_log_mel(silence, -10.0)
+    np.testing.assert_array_equal(silence, np.full((128, 40), -1.5, np.float32))
+
+
+def test_normalize_log_mel_refuses_what_it_cannot_change_in_place():
+    with pytest.raises(AudioFormatError, match="float32"):
+        normalize_log_mel(np.zeros((128, 40), np.float64), 0.0)
+    with pytest.raises(AudioFormatError, match="contiguous"):
+        normalize_log_mel(np.zeros((128, 80), np.float32)[:, ::2], 0.0)
+    with pytest.raises(AudioFormatError, match="contiguous"):
+        normalize_log_mel(np.zeros((40, 128), np.float32).T, 0.0)
+    frozen = np.zeros((128, 40), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(AudioFormatError, match="writable"):
+        normalize_log_mel(frozen, 0.0)

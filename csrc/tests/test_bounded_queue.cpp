@@ -1,6 +1,8 @@
 // BoundedQueue: multi-thread push/pop, drop counting, timeouts, close waking waiters.
 #include <atomic>
 #include <chrono>
+#include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -107,19 +109,31 @@ TEST_CASE(contention_delivers_or_counts_every_item) {
   CHECK_EQ(delivered + q.dropped(), uint64_t{kProducers * kPerProducer});
 }
 
-TEST_CASE(events_keep_their_text_and_token_ids) {
-  listenloop::EventQueue q(2);
-  listenloop::Event e;
-  e.kind = 3;
-  e.chunk = 12;
-  e.text = "héllo";
-  e.token_ids = {1, 2, 3};
-  CHECK(q.try_push(e));
+TEST_CASE(move_only_payloads_keep_their_contents) {
+  BoundedQueue<std::unique_ptr<std::string>> q(2);
+  CHECK(q.try_push(std::make_unique<std::string>("héllo")));
+  CHECK(q.try_push(std::make_unique<std::string>("wörld")));
+  CHECK(!q.try_push(std::make_unique<std::string>("dropped")));
+  auto got = q.pop(0ns);
+  CHECK(got.has_value() && *got && **got == "héllo");
+  auto rest = q.pop_many(4, 0ns);
+  CHECK(rest.size() == 1 && *rest[0] == "wörld");
+  CHECK_EQ(q.dropped(), uint64_t{1});
+}
+
+TEST_CASE(mel_chunks_move_through_without_copying) {
+  listenloop::ChunkQueue q(2);
+  listenloop::MelChunk c;
+  c.index = 12;
+  c.mel.assign(128 * 40, 0.5f);
+  c.peak = 0.5f;
+  const float* data = c.mel.data();
+  CHECK(q.try_push(std::move(c)));
   auto got = q.pop(0ns);
   CHECK(got.has_value());
-  CHECK(got->text == "héllo");
-  CHECK(got->token_ids == std::vector<int32_t>({1, 2, 3}));
-  CHECK_EQ(got->chunk, int64_t{12});
+  CHECK(got->mel.data() == data);  // the same buffer: moved, not copied
+  CHECK_EQ(got->index, int64_t{12});
+  CHECK_EQ(got->peak, 0.5f);
 }
 
 TEST_MAIN()

@@ -1,13 +1,19 @@
-// ChunkScheduler end to end: chunk boundaries, stamps, drops, flush, reset, stop.
-#include <stdexcept>
+// ChunkScheduler end to end: chunk boundaries, stamps, raw mel and peaks, drops, flush,
+// wake signal, stop.
+#include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
+#include <limits>
+#include <memory>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
 #include "check.h"
 #include "chunk_scheduler.h"
 #include "clock.h"
+#include "wake_signal.h"
 
 using namespace listenloop;
 using namespace std::chrono_literals;
@@ -20,8 +26,8 @@ std::vector<float> tone(size_t n, size_t offset) {
   return out;
 }
 
-// What StreamingMel gives for the same chunks fed directly.
-std::vector<std::vector<float>> reference_mels(const std::vector<float>& stream, size_t n_chunks) {
+// What StreamingMel gives for the same chunks (zero-padded at the end) fed directly.
+std::vector<std::vector<float>> reference_mels(const std::vector<float>& stream, size_t n_chunks, bool raw) {
   StreamingMel mel;
   std::vector<std::vector<float>> out;
   for (size_t c = 0; c < n_chunks; ++c) {
@@ -29,9 +35,34 @@ std::vector<std::vector<float>> reference_mels(const std::vector<float>& stream,
     const size_t begin = c * kChunkSamples;
     for (size_t i = 0; i < kChunkSamples && begin + i < stream.size(); ++i) chunk[i] = stream[begin + i];
     out.emplace_back(kNMels * mel.frames());
-    mel.compute(chunk.data(), out.back().data());
+    if (raw) {
+      mel.compute_raw(chunk.data(), out.back().data());
+    } else {
+      mel.compute(chunk.data(), out.back().data());
+    }
   }
   return out;
+}
+
+// The consumer's side: normalise each chunk with the running maximum of the chunk peaks.
+std::vector<std::vector<float>> normalised(const std::vector<MelChunk>& chunks) {
+  float running = -std::numeric_limits<float>::infinity();
+  std::vector<std::vector<float>> out;
+  for (const MelChunk& c : chunks) {
+    running = std::max(running, c.peak);
+    out.push_back(c.mel);
+    normalise_log_mel(out.back().data(), out.back().size(), running);
+  }
+  return out;
+}
+
+void write_in_blocks(RingBuffer& ring, const std::vector<float>& stream) {  // 10 ms mic callbacks
+  for (size_t done = 0; done < stream.size();) {
+    const size_t n = std::min<size_t>(160, stream.size() - done);
+    while (ring.capacity() - ring.available() < n) std::this_thread::sleep_for(1ms);
+    ring.write(stream.data() + done, n);
+    done += n;
+  }
 }
 
 }  // namespace
@@ -65,7 +96,9 @@ TEST_CASE(feeds_become_exact_chunks_with_positions_and_stamps) {
   scheduler.stop();
   CHECK_EQ(chunks.size(), size_t{6});
 
-  const auto expected = reference_mels(stream, 6);
+  const auto expected_raw = reference_mels(stream, 6, true);
+  const auto expected = reference_mels(stream, 6, false);
+  const auto ours = normalised(chunks);
   for (size_t i = 0; i < chunks.size(); ++i) {
     const MelChunk& c = chunks[i];
     CHECK_EQ(c.index, static_cast<int64_t>(i));
@@ -74,7 +107,9 @@ TEST_CASE(feeds_become_exact_chunks_with_positions_and_stamps) {
     CHECK(c.arrived_ns >= t_start && c.arrived_ns <= t_written);
     CHECK(c.ready_ns >= c.arrived_ns);
     if (i > 0) CHECK(c.arrived_ns >= chunks[i - 1].arrived_ns);
-    CHECK(c.mel == expected[i]);
+    CHECK(c.mel == expected_raw[i]);
+    CHECK_EQ(c.peak, *std::max_element(c.mel.begin(), c.mel.end()));
+    CHECK(ours[i] == expected[i]);  // bit-identical to normalising inside StreamingMel
   }
   CHECK_EQ(scheduler.chunks_emitted(), uint64_t{6});
   CHECK_EQ(scheduler.chunks_dropped(), uint64_t{0});
@@ -98,25 +133,99 @@ TEST_CASE(a_full_queue_drops_chunks_and_counts_them) {
   CHECK(a && b && a->index == 0 && b->index == 1);
 }
 
-TEST_CASE(reset_restarts_history_and_running_max) {
+// The consumer restarts its running maximum at an exact chunk; the history stays.
+TEST_CASE(history_is_kept_and_the_consumer_owns_the_running_max) {
   RingBuffer ring(1 << 16);
   ChunkQueue queue(16);
   ChunkScheduler scheduler(ring, queue);
   scheduler.start();
   std::vector<float> loud = tone(kChunkSamples, 0);
   for (float& x : loud) x *= 3.0f;
-  const std::vector<float> quiet = tone(kChunkSamples, 7);
+  std::vector<float> quiet = tone(kChunkSamples, 7);
+  for (float& x : quiet) x *= 0.001f;
   ring.write(loud.data(), loud.size());
   auto first = queue.pop(5s);
-  scheduler.reset();
   ring.write(quiet.data(), quiet.size());
   auto second = queue.pop(5s);
   scheduler.stop();
   CHECK(first && second);
-  StreamingMel fresh;
-  std::vector<float> expected(kNMels * fresh.frames());
-  fresh.compute(quiet.data(), expected.data());  // as if the quiet chunk started a stream
-  if (second) CHECK(second->mel == expected);
+  if (!first || !second) return;
+  CHECK(second->peak < first->peak);
+
+  StreamingMel continued;  // the quiet chunk's left edge is the loud chunk's real tail
+  std::vector<float> raw(kNMels * continued.frames());
+  continued.compute_raw(loud.data(), raw.data());
+  CHECK_EQ(continued.compute_raw(quiet.data(), raw.data()), second->peak);
+  CHECK(second->mel == raw);
+
+  std::vector<float> restarted = second->mel, carried = second->mel;
+  normalise_log_mel(restarted.data(), restarted.size(), second->peak);
+  normalise_log_mel(carried.data(), carried.size(), std::max(first->peak, second->peak));
+  CHECK(restarted != carried);  // so where the maximum restarts matters
+  CHECK_EQ(*std::max_element(restarted.begin(), restarted.end()), (second->peak + 4.0f) / 4.0f);
+}
+
+// Many schedulers, one consumer sleeping on one shared signal.
+TEST_CASE(a_shared_wake_signal_serves_many_schedulers) {
+  constexpr size_t kSessions = 3, kChunksEach = 4;
+  WakeSignal wake;
+  std::vector<std::unique_ptr<RingBuffer>> rings;
+  std::vector<std::unique_ptr<ChunkQueue>> queues;
+  std::vector<std::unique_ptr<ChunkScheduler>> schedulers;
+  for (size_t s = 0; s < kSessions; ++s) {
+    rings.push_back(std::make_unique<RingBuffer>(1 << 15));
+    queues.push_back(std::make_unique<ChunkQueue>(kChunksEach));
+    schedulers.push_back(std::make_unique<ChunkScheduler>(*rings[s], *queues[s], kChunkSamples, &wake));
+    schedulers[s]->start();
+  }
+  std::vector<std::thread> mics;
+  for (size_t s = 0; s < kSessions; ++s) {
+    mics.emplace_back([&, s] { write_in_blocks(*rings[s], tone(kChunkSamples * kChunksEach, 100 * s)); });
+  }
+  std::array<std::vector<int64_t>, kSessions> got;
+  size_t total = 0, waits = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  while (total < kSessions * kChunksEach && std::chrono::steady_clock::now() - t0 < 60s) {
+    wake.wait(30s);  // no timeout-driven polling: every chunk posts
+    ++waits;
+    for (size_t s = 0; s < kSessions; ++s) {
+      while (auto c = queues[s]->pop(0ns)) {
+        got[s].push_back(c->index);
+        ++total;
+      }
+    }
+  }
+  for (auto& t : mics) t.join();
+  CHECK(std::chrono::steady_clock::now() - t0 < 30s);
+  CHECK_EQ(total, kSessions * kChunksEach);
+  CHECK(waits <= total);  // each wait was answered by a post
+  for (size_t s = 0; s < kSessions; ++s) {
+    CHECK(got[s] == std::vector<int64_t>({0, 1, 2, 3}));
+    schedulers[s]->stop();
+  }
+}
+
+// One post per pushed chunk and one per completed flush; a dropped chunk posts nothing.
+TEST_CASE(wake_posts_count_pushed_chunks_and_flushes) {
+  RingBuffer ring(1 << 16);
+  ChunkQueue queue(1);
+  WakeSignal wake;
+  ChunkScheduler scheduler(ring, queue, kChunkSamples, &wake);
+  scheduler.start();
+  const std::vector<float> stream = tone(kChunkSamples * 3, 0);
+  ring.write(stream.data(), stream.size());
+  CHECK(scheduler.flush(5s));
+  scheduler.stop();
+  CHECK_EQ(scheduler.chunks_emitted(), uint64_t{1});
+  CHECK_EQ(scheduler.chunks_dropped(), uint64_t{2});
+  for (int i = 0; i < 2; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    wake.wait(10s);
+    CHECK(std::chrono::steady_clock::now() - t0 < 5s);
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  wake.wait(50ms);  // nothing left to take
+  CHECK(std::chrono::steady_clock::now() - t0 >= 40ms);
 }
 
 TEST_CASE(stop_is_idempotent_and_flush_needs_a_running_thread) {

@@ -2,6 +2,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,24 @@ TEST_CASE(streaming_peak_is_running_and_reset_clears_it) {
   CHECK(std::isinf(mel.peak()) && mel.peak() < 0);
   mel.compute(chunk.data(), out.data());
   CHECK(mel.peak() < loud_peak);
+}
+
+TEST_CASE(raw_chunks_normalised_by_the_caller_equal_compute) {
+  StreamingMel normalised, raw;
+  std::vector<float> chunk(kChunkSamples), want(kNMels * kFramesPerChunk), got(want.size());
+  float running = -std::numeric_limits<float>::infinity();
+  for (int c = 0; c < 4; ++c) {
+    const float gain = c == 1 ? 4.0f : 0.02f;  // a loud chunk sets the floor for the rest
+    for (size_t i = 0; i < chunk.size(); ++i) chunk[i] = gain * std::sin(0.013f * static_cast<float>(i * (c + 1)));
+    normalised.compute(chunk.data(), want.data());
+    const float peak = raw.compute_raw(chunk.data(), got.data());
+    CHECK_EQ(peak, *std::max_element(got.begin(), got.end()));
+    running = std::max(running, peak);
+    normalise_log_mel(got.data(), got.size(), running);
+    CHECK(got == want);
+    CHECK_EQ(running, normalised.peak());
+  }
+  CHECK(std::isinf(raw.peak()));  // compute_raw leaves the running maximum alone
 }
 
 TEST_CASE(bad_chunk_sizes_are_refused) {

@@ -13,6 +13,7 @@ SAMPLE_RATE: int  # 16000
 N_MELS: int  # 128
 HOP: int  # 160
 CHUNK_SAMPLES: int  # 6400
+FRAMES_PER_CHUNK: int  # 40 mel frames per chunk
 
 def build_info() -> dict[str, Any]:
     """compiler, cxx_standard, build_type, cxx_flags, sanitize, fft, mel_kernel ("avx2" or
@@ -82,11 +83,20 @@ class StreamingMel:
     @property
     def frames(self) -> int: ...
 
+def normalize_log_mel(mel: npt.NDArray[np.float32], peak: float) -> None:
+    """In place: mel = (max(mel, peak - 8) + 4) / 4, the Whisper clamp and rescale of raw
+    log10 mel (MelChunk.mel) given the running maximum `peak` (taken as float32) of
+    MelChunk.peak since the consumer last restarted it. Any shape; mel must be a writable
+    C-contiguous float32 ndarray, else listenloop.AudioFormatError. Chunks normalised with
+    running_peak = max(running_peak, chunk.peak) equal StreamingMel()(chunk) on the same
+    chunks, bit for bit."""
+
 class MelChunk:
-    """One chunk of the listen queue (read-only)."""
+    """One chunk of the listen queue (read-only attributes)."""
 
     index: int  # chunk number in the stream; dropped chunks use numbers too
-    mel: npt.NDArray[np.float32]  # [128, 40]; owns the chunk's memory (no copy was made)
+    mel: npt.NDArray[np.float32]  # [128, 40] raw log10 mel, not normalised (see normalize_log_mel); owns its memory
+    peak: float  # mel.max(): what the consumer folds into its running maximum
     first_sample: int  # stream position (ring written_total) of the chunk's first sample
     valid_samples: int  # 6400, or fewer for the zero-padded chunk emitted by flush()
     arrived_ns: int  # monotonic ns when the chunk's last sample was written to the ring
@@ -95,7 +105,8 @@ class MelChunk:
 class ChunkQueue:
     """The listen queue: bounded; the scheduler's pushes never block (full -> dropped)."""
 
-    def __init__(self, capacity: int) -> None: ...
+    def __init__(self, capacity: int) -> None:
+        """ValueError if capacity is 0."""
     def pop(self, timeout: float | None = None) -> MelChunk | None:
         """None on timeout, or once closed and empty."""
     def pop_many(self, max_items: int, timeout: float | None = None) -> list[MelChunk]:
@@ -111,45 +122,31 @@ class ChunkQueue:
     @property
     def closed(self) -> bool: ...
 
-class Event:
-    """One speak-queue entry (read-only)."""
+class WakeSignal:
+    """A counting wake-up (POSIX semaphore) shared by any number of ChunkSchedulers: one
+    worker thread serving many sessions sleeps on it until any of their queues has a chunk.
+    Each post() lets exactly one wait() return; posting never blocks."""
 
-    kind: int
-    chunk: int
-    stream_time: float
-    wall_ns: int
-    value: float
-    flag: bool
-    text: str
-    token_ids: list[int]
-
-class EventQueue:
-    """The speak queue: bounded; try_push never blocks (full -> False, counted in dropped)."""
-
-    def __init__(self, capacity: int) -> None: ...
-    def try_push(self, kind: int, chunk: int, stream_time: float, wall_ns: int, value: float = 0.0,
-                 flag: bool = False, text: str = "", token_ids: list[int] = ...) -> bool:
-        """False when full (counted in dropped) or closed (not counted)."""
-    def pop(self, timeout: float | None = None) -> Event | None: ...
-    def pop_many(self, max_items: int, timeout: float | None = None) -> list[Event]: ...
-    def close(self) -> None: ...
-    def size(self) -> int: ...
-    def __len__(self) -> int: ...
-    @property
-    def capacity(self) -> int: ...
-    @property
-    def dropped(self) -> int: ...
-    @property
-    def closed(self) -> bool: ...
+    def __init__(self) -> None: ...
+    def post(self) -> None: ...
+    def wait(self, timeout: float | None = None) -> None:
+        """Returns once posted or after timeout seconds (None: no limit), which look the
+        same: check the queues after every return. ValueError if timeout < 0."""
 
 class ChunkScheduler:
-    """A C++ thread: ring -> chunk_samples chunks -> streaming mel -> try_push to the queue.
+    """A C++ thread: ring -> chunk_samples chunks -> raw streaming log10 mel -> try_push to
+    the queue.
 
-    Keeps ring and queue alive. Exceptions never escape the thread (see last_error).
+    Each chunk's mel has 200 samples of real history on the left (reflect at stream start)
+    and reflect padding on the right; the history is kept for the whole stream. Normalising
+    (and restarting the running maximum) is the consumer's: see normalize_log_mel.
+    Keeps ring, queue and wake alive. Exceptions never escape the thread (see last_error).
     """
 
-    def __init__(self, ring: RingBuffer, queue: ChunkQueue, chunk_samples: int = 6400) -> None:
-        """ValueError if the ring cannot hold a whole chunk."""
+    def __init__(self, ring: RingBuffer, queue: ChunkQueue, chunk_samples: int = 6400,
+                 wake: WakeSignal | None = None) -> None:
+        """wake: posted after every chunk pushed to the queue (not for dropped ones) and
+        after every completed flush(). ValueError if the ring cannot hold a whole chunk."""
     def start(self) -> None:
         """Start the thread (no-op while running)."""
     def stop(self) -> None:
@@ -158,8 +155,6 @@ class ChunkScheduler:
         """Take every sample written so far and emit the partial chunk zero-padded (with
         valid_samples < chunk_samples); True once pushed (or dropped), False on timeout.
         listenloop.Error if the scheduler is not running."""
-    def reset(self) -> None:
-        """The next chunk starts with no history and a cleared running max (thread-safe)."""
     @property
     def running(self) -> bool: ...
     @property
