@@ -1,5 +1,5 @@
 """Engine protocol over the tiny package: exact token layout, positions, zero-copy KV cache,
-speaking, catch-up equivalence, bounded context and provider fallback."""
+speaking, bounded context and provider fallback."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,10 @@ import onnxruntime as ort
 import pytest
 from test_runtime_fixtures import H, TOKENS, runtime_package  # noqa: F401
 
-from listenloop.engine import STEP, Engine
+from listenloop.context import HISTORY_CHUNKS, minimum_capacity
+from listenloop.engine import Engine
+from listenloop.errors import ModelPackageError
+from listenloop.protocol import STEP
 from listenloop.errors import ProtocolError
 from listenloop.package import load_package
 from listenloop.sampling import Sampler
@@ -89,12 +92,12 @@ def test_kv_cache_is_written_in_place(package):
     bare = ort.InferenceSession(str(package.decoder_path))
     feeds = {"inputs_embeds": fed["inputs_embeds"][None].copy(), "position_ids": fed["positions"][None].copy(),
              "logits_index": np.array([n - 1])}
-    for i in range(engine.layers):
+    for i in range(engine.model.layers):
         feeds[f"past_key.{i}"] = engine.kv_cache[2 * i][:, :P].copy()
         feeds[f"past_value.{i}"] = engine.kv_cache[2 * i + 1][:, :P].copy()
     names = [o.name for o in bare.get_outputs()]
     out = dict(zip(names, bare.run(None, feeds)))
-    for i in range(engine.layers):
+    for i in range(engine.model.layers):
         np.testing.assert_allclose(engine.kv_cache[2 * i][:, P:P + n], out[f"new_key.{i}"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(engine.kv_cache[2 * i + 1][:, P:P + n], out[f"new_value.{i}"], rtol=1e-5, atol=1e-6)
 
@@ -165,62 +168,6 @@ def test_speak_threshold(package):
     assert not engine.listen(chunks(1)[0]).spoke
 
 
-def _run_sequential(engine, audio):
-    decisions = []
-    for chunk in audio:
-        result = engine.listen(chunk)
-        decisions.append((result.spoke, result.p_speak, result.position))
-        if result.spoke:
-            list(engine.speak())
-    return decisions
-
-
-def _run_catch_up(engine, audio):
-    decisions, pending = [], list(audio)
-    while pending:
-        results = engine.listen_many(np.stack(pending))
-        decisions += [(r.spoke, r.p_speak, r.position) for r in results]
-        pending = pending[len(results):]
-        if results[-1].spoke:
-            list(engine.speak())
-    return decisions
-
-
-@pytest.mark.parametrize("bias", [-1e4, 0.0, 1e4])
-def test_listen_many_equals_single_steps(package, bias):
-    audio = chunks(12, seed=7)
-    script = [T["SAD"], ord("o"), ord("k"), T["TEXT_END"]]
-    seq = Engine(package, sampler=ScriptedSampler(script), speak_bias=bias)
-    many = Engine(package, sampler=ScriptedSampler(script), speak_bias=bias)
-    expected = _run_sequential(seq, audio)
-    got = _run_catch_up(many, audio)
-    assert [d[0] for d in got] == [d[0] for d in expected]
-    assert [d[2] for d in got] == [d[2] for d in expected]
-    np.testing.assert_allclose([d[1] for d in got], [d[1] for d in expected], rtol=1e-4, atol=1e-6)
-    assert many.position == seq.position
-    P = seq.position
-    np.testing.assert_allclose(many.kv_cache[:, :, :P], seq.kv_cache[:, :, :P], rtol=1e-4, atol=1e-5)
-
-
-def test_listen_many_truncates_after_first_speak(package):
-    """A speak in the middle of a batch: later chunks come back unconsumed and the cache is cut."""
-    audio = chunks(12, seed=7)
-    probe = Engine(package)
-    spoke = [r.spoke for r in _probe(probe, audio)]
-    assert any(spoke[1:]) and not all(spoke), "tiny model should speak on some chunks but not all"
-    first = spoke.index(True) if not spoke[0] else 1 + spoke[1:].index(True)
-    engine = Engine(package)
-    if spoke[0]:
-        engine.listen(audio[0])
-        list(engine.speak(max_tokens=1))
-        audio = audio[1:]
-        first -= 1
-    results = engine.listen_many(audio)
-    assert len(results) == first + 1 and results[-1].spoke
-    assert engine.position == results[-1].position
-    assert engine.speaking
-
-
 def _probe(engine, audio):
     out = []
     for chunk in audio:
@@ -230,36 +177,83 @@ def _probe(engine, audio):
     return out
 
 
+def test_one_reply_token_per_speak_step(package):
+    """speak_step() is one decoder call per token: the model thread interleaves streams with it."""
+    script = [T["SAD"], ord("o"), ord("k"), T["TEXT_END"]]
+    engine = Engine(package, sampler=ScriptedSampler(script), speak_bias=1e4)
+    engine.listen(chunks(1)[0])
+    start, tokens = engine.position, []
+    while (step := engine.speak_step()) is not None:
+        tokens.append(step.token)
+        assert engine.position == start + len(tokens)
+        if not engine.speaking:
+            break
+    assert tokens == script and not engine.speaking and not engine.reply_truncated
+
+
 def test_context_stays_bounded_with_resets(package):
-    engine = Engine(package, max_context=200, speak_bias=-1e4)
-    assert engine.history_chunks == 1
-    resets, top = 0, 0
-    for audio in chunks(120, seed=1):
+    engine = Engine(package, max_context=300, speak_bias=-1e4)
+    reserve = engine.stream.context.reply_reserve
+    resets, top = [], 0
+    for i, audio in enumerate(chunks(200, seed=1)):
         result = engine.listen(audio)
-        resets += result.context_reset is not None
+        if result.context_reset:
+            resets.append(i)
         top = max(top, engine.position)
-    assert resets >= 5
-    assert top <= engine.capacity - engine.reply_reserve
+        fed = engine.last_inputs()
+        prefix = list(package.prefix_ids)
+        # the prompt is fed only at position 0, never a second time into a live context
+        assert (fed["token_ids"][:len(prefix)].tolist() == prefix) == (fed["past_length"] == 0)
+    assert len(resets) >= 5
+    assert min(b - a for a, b in zip(resets, resets[1:])) >= HISTORY_CHUNKS
+    assert top <= engine.capacity - reserve
 
 
 def test_context_reset_reprefills_prompt_and_recent_chunks(package):
-    audio = chunks(40, seed=2)
-    engine = Engine(package, max_context=200, speak_bias=-1e4)
+    audio = chunks(60, seed=2)
+    engine = Engine(package, max_context=300, speak_bias=-1e4)
     for i, chunk in enumerate(audio):
         result = engine.listen(chunk)
         if result.context_reset:
             break
     else:
         pytest.fail("no context reset happened")
-    # The rebuilt context equals a fresh engine fed the last remembered chunk, then this one.
-    fresh = Engine(package, max_context=200, speak_bias=-1e4)
-    fresh.listen(audio[i - 1])
+    # The rebuilt context equals a fresh engine fed the last 8 chunks heard, then this one.
+    fresh = Engine(package, max_context=300, speak_bias=-1e4)
+    for chunk_before in audio[i - HISTORY_CHUNKS:i]:
+        fresh.listen(chunk_before)
     fresh_result = fresh.listen(chunk)
     assert engine.position == fresh.position
     np.testing.assert_allclose(result.p_speak, fresh_result.p_speak, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(engine.kv_cache[:, :, :engine.position], fresh.kv_cache[:, :, :fresh.position],
                                rtol=1e-4, atol=1e-5)
-    assert "context full" in result.context_reset
+    assert "re-prefilled the last 8 chunks" in result.context_reset
+
+
+def test_a_reset_never_refeeds_answered_audio(package):
+    script = [ord("a"), T["TEXT_END"]]
+    engine = Engine(package, max_context=300, sampler=ScriptedSampler(script), speak_threshold=0.0)
+    for audio in chunks(40, seed=4):  # it speaks after every chunk
+        result = engine.listen(audio)
+        if result.context_reset:
+            assert "re-prefilled the last 0 chunks" in result.context_reset
+            assert engine.last_inputs()["token_ids"].tolist() == list(package.prefix_ids) + BLOCK
+            return
+        list(engine.speak())
+    pytest.fail("no context reset happened")
+
+
+def test_max_context_is_checked(package, caplog):
+    low = minimum_capacity(len(package.prefix_ids))
+    with pytest.raises(ModelPackageError, match=f"max_context {low - 1} is too small.*use at least {low}"):
+        Engine(package, max_context=low - 1)
+    assert Engine(package, max_context=low).capacity == low
+    with pytest.raises(ModelPackageError, match="position limit"):
+        Engine(package, max_context=10**9)
+    with caplog.at_level(logging.WARNING, logger="listenloop"):
+        engine = Engine(package, max_context=package.decoder["max_context"] + 1)
+    assert engine.capacity == package.decoder["max_context"] + 1
+    assert any("trained for" in r.getMessage() for r in caplog.records)
 
 
 def test_reset_starts_over_with_the_prefix(package):
@@ -307,14 +301,16 @@ def test_failed_self_test_falls_back_to_cpu(package, caplog, monkeypatch, tmp_pa
     if not available:
         pytest.skip("needs a second execution provider in this onnxruntime build")
     profile.write_text('{"name": "flaky", "providers": [["%s", {}], ["CPUExecutionProvider", {}]]}' % available[0])
-    real = Engine._self_test
+    from listenloop.model import Model
+
+    real = Model._self_test
 
     def flaky(self):
         if self.profile.primary != "CPUExecutionProvider":
             raise RuntimeError("device lost")
         real(self)
 
-    monkeypatch.setattr(Engine, "_self_test", flaky)
+    monkeypatch.setattr(Model, "_self_test", flaky)
     with caplog.at_level(logging.WARNING, logger="listenloop"):
         engine = Engine(package, profile=str(profile))
     assert engine.profile.primary == "CPUExecutionProvider"

@@ -50,12 +50,11 @@ def test_any_rate_channels_and_block_size_gives_the_same_decisions(roomy_package
     reference = soxr.resample(reference, 44100, 16000)
     sampler_script = [T["NORMAL"], ord("y"), T["TEXT_END"]]
 
-    rt = listenloop.Runtime(roomy_package, sampler=ScriptedSampler(sampler_script))
-    with rt.session() as s:
+    rt = listenloop.Runtime(roomy_package)
+    with rt.session(sampler=ScriptedSampler(sampler_script)) as s:
         events_16k = _run(s, [reference.astype(np.float32)], 16000)
-    rt.engine.sampler = ScriptedSampler(sampler_script)
     odd = [stereo[i:i + n] for i, n in _odd_blocks(len(stereo))]
-    with rt.session() as s:
+    with rt.session(sampler=ScriptedSampler(sampler_script)) as s:
         events_44k = _run(s, odd, 44100)
 
     a, b = _kinds(events_16k, "Decision"), _kinds(events_44k, "Decision")
@@ -108,27 +107,32 @@ def test_off_protocol_tokens_in_a_reply_are_filtered(runtime_package):  # noqa: 
 
 
 def test_context_resets_keep_the_session_bounded(runtime_package):  # noqa: F811
-    rt = listenloop.Runtime(runtime_package, max_context=200, speak_bias=-1e4)
-    pcm = _signal(24.0, 16000).astype(np.float32)
+    rt = listenloop.Runtime(runtime_package, max_context=300, speak_bias=-1e4)
+    pcm = _signal(48.0, 16000).astype(np.float32)
     with rt.session(stats_every=10) as s:
         events = _run(s, [pcm], 16000)
-    assert len(_kinds(events, "Decision")) == 60
-    assert len(_kinds(events, "ContextReset")) >= 5
-    assert all(st.position <= st.capacity == 200 for st in _kinds(events, "Stats"))
+    assert len(_kinds(events, "Decision")) == 120
+    resets = _kinds(events, "ContextReset")
+    assert len(resets) >= 5
+    # each reset is announced right before the decision of the chunk it applies to
+    for reset in resets:
+        after = events[events.index(reset) + 1]
+        assert after.kind == "Decision" and after.chunk == reset.chunk
+    assert all(st.position <= st.capacity == 300 for st in _kinds(events, "Stats"))
 
 
 def test_overload_drops_whole_chunks_and_says_so(runtime_package, monkeypatch):  # noqa: F811
     """Fed faster than it can encode, with no back-pressure: chunks are dropped, counted, reported."""
     rt = listenloop.Runtime(runtime_package, speak_bias=-1e4)
-    real_encode = rt.engine.encode
+    real_encode = rt.model.encode
 
     def slow_encode(mel):
         time.sleep(0.05)
         return real_encode(mel)
 
-    monkeypatch.setattr(rt.engine, "encode", slow_encode)
+    monkeypatch.setattr(rt.model, "encode", slow_encode)
     n_chunks = 40
-    with rt.session(listen_queue=2, encoded_queue=1, ring_seconds=30) as s:
+    with rt.session(listen_queue=2, ring_seconds=30) as s:
         s.accept_waveform(np.zeros(n_chunks * CHUNK, np.float32), 16000, block=False)
         s.finish(timeout=60)
         events = list(s.events(timeout=1))
@@ -182,27 +186,37 @@ def test_feeding_after_close_or_finish(runtime_package):  # noqa: F811
             s2.accept_waveform(np.zeros(10, np.float32), 16000)
 
 
-def test_one_open_session_per_runtime(runtime_package):  # noqa: F811
-    rt = listenloop.Runtime(runtime_package)
-    with rt.session():
-        with pytest.raises(Error, match="open session"):
-            rt.session()
-    with rt.session():
-        pass
+def test_many_sessions_share_one_runtime(runtime_package):  # noqa: F811
+    """Sessions are independent streams over one model: each has its own policy and state."""
+    script = [ord("y"), T["TEXT_END"]]
+    rt = listenloop.Runtime(runtime_package, speak_bias=-1e4)
+    pcm = _signal(2.0, 16000).astype(np.float32)
+    with rt.session() as quiet, rt.session(speak_bias=1e4, sampler=ScriptedSampler(script)) as chatty:
+        assert rt.open_sessions == 2
+        quiet.accept_waveform(pcm)
+        chatty.accept_waveform(pcm)
+        quiet.finish(timeout=30)
+        chatty.finish(timeout=30)
+        q, c = list(quiet.events()), list(chatty.events())
+    assert not _kinds(q, "ReplyEnded") and len(_kinds(c, "ReplyEnded")) == 5
+    assert rt.open_sessions == 0
+    assert q[-1].kind == c[-1].kind == "Finished"
 
 
 def test_a_failed_decoder_step_skips_the_chunk_and_goes_on(runtime_package, monkeypatch):  # noqa: F811
+    from listenloop.stream import DecoderStream
+
     rt = listenloop.Runtime(runtime_package, speak_bias=-1e4)
-    real_listen = rt.engine.listen
+    real_listen = DecoderStream.listen
     calls = {"n": 0}
 
-    def flaky(audio):
+    def flaky(self, audio):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("transient device error")
-        return real_listen(audio)
+        return real_listen(self, audio)
 
-    monkeypatch.setattr(rt.engine, "listen", flaky)
+    monkeypatch.setattr(DecoderStream, "listen", flaky)
     with rt.session() as s:
         events = []
         for i in range(5):  # chunk by chunk, so every chunk takes the single-step path
@@ -216,7 +230,7 @@ def test_a_failed_decoder_step_skips_the_chunk_and_goes_on(runtime_package, monk
     faults = _kinds(events, "Fault")
     assert len(faults) == 1 and "transient device error" in faults[0].message
     assert [d.chunk for d in _kinds(events, "Decision")] == [0, 2, 3, 4]
-    assert any("decoder failed" in d.reason for d in _kinds(events, "AudioDropped"))
+    assert any("model failed" in d.reason for d in _kinds(events, "AudioDropped"))
 
 
 def test_a_persistent_failure_surfaces_in_the_caller(runtime_package, monkeypatch):  # noqa: F811
@@ -225,7 +239,7 @@ def test_a_persistent_failure_surfaces_in_the_caller(runtime_package, monkeypatc
     def broken(mel):
         raise RuntimeError("encoder is gone")
 
-    monkeypatch.setattr(rt.engine, "encode", broken)
+    monkeypatch.setattr(rt.model, "encode", broken)
     with rt.session() as s:
         with pytest.raises(Error, match="encoder is gone"):
             for _ in range(50):

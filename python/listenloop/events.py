@@ -7,7 +7,6 @@ was produced). `to_dict()` gives the JSON-lines form the CLI prints.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 
 
@@ -69,6 +68,9 @@ class AudioDropped(Event):
 
 @dataclass(frozen=True)
 class ContextReset(Event):
+    """The context was rebuilt before chunk `chunk` was decided (docs/PROTOCOL.md, "Context policy")."""
+
+    chunk: int
     reason: str
 
 
@@ -87,65 +89,28 @@ class Stats(Event):
     dropped_chunks: int
     dropped_events: int
     listen_queue_depth: int
-    encoded_queue_depth: int
     event_queue_depth: int
     step_ms: float  # median decoder listening step over the recent window
     real_time_factor: float  # processing time / audio time (< 1 keeps up with real time)
     position: int = 0  # tokens in the KV cache
     capacity: int = 0
+    kv_bytes: int = 0  # this stream's KV cache: what the stream costs beside the shared model
     extra: dict = field(default_factory=dict)
 
 
-EVENT_TYPES = (Decision, ReplyStarted, TextDelta, ReplyEnded, AudioDropped, ContextReset, Fault, Stats)
+@dataclass(frozen=True)
+class EventsDropped(Event):
+    """`count` events were dropped right here because the reader fell behind (replies never are)."""
+
+    count: int
 
 
-# --- transport through listenloop._core.EventQueue ------------------------------------------
-# The C++ speak queue carries a fixed record (kind, chunk, stream_time, wall_ns, value, flag,
-# text, token_ids); each event type maps its fields onto it, Stats and Fault as JSON text.
+@dataclass(frozen=True)
+class Finished(Event):
+    """The last event of a finished stream: everything before it has been delivered."""
 
-_CODES = {cls: i + 1 for i, cls in enumerate(EVENT_TYPES)}
-_TYPES = {code: cls for cls, code in _CODES.items()}
-
-
-def to_record(event: Event) -> tuple:
-    """(kind, chunk, stream_time, wall_ns, value, flag, text, token_ids) for EventQueue.try_push."""
-    kind = _CODES[type(event)]
-    base = (kind, event.stream_time, int(event.wall_time * 1e9))
-    if isinstance(event, Decision):
-        fields = (event.chunk, event.p_speak, event.spoke, "", ())
-    elif isinstance(event, ReplyStarted):
-        fields = (event.chunk, 0.0, event.emotion is not None, event.emotion or "", ())
-    elif isinstance(event, TextDelta):
-        fields = (-1, 0.0, False, event.text, tuple(event.token_ids))
-    elif isinstance(event, ReplyEnded):
-        fields = (event.chunk, float(event.filtered_tokens), event.truncated, event.text, ())
-    elif isinstance(event, AudioDropped):
-        fields = (event.samples, 0.0, False, event.reason, ())
-    elif isinstance(event, ContextReset):
-        fields = (-1, 0.0, False, event.reason, ())
-    else:  # Fault, Stats: every field but the times as JSON
-        payload = {f.name: getattr(event, f.name) for f in dataclasses.fields(event)
-                   if f.name not in ("stream_time", "wall_time")}
-        fields = (-1, 0.0, False, json.dumps(payload), ())
-    chunk, value, flag, text, token_ids = fields
-    return base[0], chunk, base[1], base[2], value, flag, text, list(token_ids)
+    chunks: int  # chunks decided in the whole stream
 
 
-def from_record(record) -> Event:
-    """The Event a popped listenloop._core.Event record stands for."""
-    cls = _TYPES[record.kind]
-    times = (record.stream_time, record.wall_ns / 1e9)
-    if cls is Decision:
-        return Decision(*times, chunk=record.chunk, spoke=record.flag, p_speak=record.value)
-    if cls is ReplyStarted:
-        return ReplyStarted(*times, chunk=record.chunk, emotion=record.text if record.flag else None)
-    if cls is TextDelta:
-        return TextDelta(*times, text=record.text, token_ids=tuple(record.token_ids))
-    if cls is ReplyEnded:
-        return ReplyEnded(*times, chunk=record.chunk, text=record.text, truncated=record.flag,
-                          filtered_tokens=int(record.value))
-    if cls is AudioDropped:
-        return AudioDropped(*times, samples=record.chunk, reason=record.text)
-    if cls is ContextReset:
-        return ContextReset(*times, reason=record.text)
-    return cls(*times, **json.loads(record.text))
+EVENT_TYPES = (Decision, ReplyStarted, TextDelta, ReplyEnded, AudioDropped, ContextReset, Fault, Stats,
+               EventsDropped, Finished)

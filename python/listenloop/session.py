@@ -1,41 +1,36 @@
-"""Runtime (loads a model once) and Session (one audio stream, its threads and its events).
+"""Runtime (one loaded model, any number of streams) and Session (one audio stream).
 
-Pipeline of a session (MODEL_SPEC §8, docs/DESIGN.md):
+Pipeline of a session (docs/DESIGN.md):
 
-    accept_waveform / microphone -> RingBuffer -> ChunkScheduler (mel) -> listen queue
-      -> encoder thread (batches of waiting chunks) -> encoded queue
-      -> decoder thread (protocol state machine) -> event queue -> events()
+    accept_waveform / microphone -> RingBuffer -> ChunkScheduler (log-mel, C++) -> listen queue
+      -> the Runtime's model thread (scheduler.py): mel peak, encoder, decoder step, reply tokens
+      -> event queue -> events()
 
-Audio keeps flowing into the queues while a reply is generated; the chunks that arrived
-meanwhile are decided right after TEXT_END in one catch-up decoder call (Engine.listen_many),
-so no chunk is lost to a reply.
-
-A Runtime has one Engine (one KV cache), so it serves one open session at a time; close a
-session before opening the next, or create another Runtime for concurrent streams.
+Audio keeps flowing into the queues while a reply is generated; those chunks are decided
+right after TEXT_END, one listening step each, so no chunk is lost to a reply.
 """
 from __future__ import annotations
 
 import collections
 import logging
 import math
-import queue
 import threading
 import time
 
 import numpy as np
 
 from . import events as ev
-from .audio import SAMPLE_RATE, StreamResampler, check_sample_rate, to_float32_mono
-from .engine import MAX_CATCH_UP, Engine
+from .audio import StreamResampler, check_sample_rate, to_float32_mono
 from .errors import Error, SessionClosedError
-from .package import resolve_package
-from .textstream import ReplyText, TokenBytes
+from .event_queue import EventQueue
+from .model import Model
+from .protocol import CHUNK_SAMPLES, CHUNK_SECONDS, SAMPLE_RATE
+from .scheduler import StreamScheduler
+from .textstream import ReplyText
 
 log = logging.getLogger("listenloop")
 
-CHUNK = 6400
-CHUNK_SECONDS = CHUNK / SAMPLE_RATE
-MAX_CONSECUTIVE_FAULTS = 5  # a worker failing this many times in a row is fatal
+MAX_CONSECUTIVE_FAULTS = 5  # a session whose model work fails this many times in a row stops
 
 
 def _core():
@@ -45,66 +40,93 @@ def _core():
 
 
 class Runtime:
-    """A loaded model package and engine; cheap sessions are created from it."""
+    """A loaded model package; `session()` opens independent streams over it.
 
-    def __init__(self, package=None, profile: str = "cpu", *, max_context: int | None = None, **engine_options):
-        self.package = resolve_package(package)
-        self.engine = Engine(self.package, profile, max_context, **engine_options)
-        self.token_bytes = TokenBytes(self.package.tokenizer_path)
-        self._lock = threading.Lock()
-        self._active: Session | None = None
+    `policy` options (speak_bias, sampling, speak_threshold, max_reply_tokens) become the
+    default of every session, which may override them.
+    """
+
+    def __init__(self, package=None, profile: str = "cpu", *, max_context: int | None = None, **policy):
+        self.model = Model(package, profile, max_context=max_context)
+        self.package = self.model.package
+        self._policy_options = policy
+        self.policy = self.model.policy(**policy)  # checked now, not at the first session
+        self._scheduler = StreamScheduler()
+        self._closed = False
 
     @property
     def profile(self):
-        return self.engine.profile
+        return self.model.profile
+
+    @property
+    def open_sessions(self) -> int:
+        return self._scheduler.open_sessions
 
     def session(self, **options) -> Session:
-        """A new stream. One open session per Runtime at a time (they share the KV cache)."""
-        with self._lock:
-            if self._active is not None and not self._active.closed:
-                raise Error("this Runtime already has an open session; close it first or create another Runtime")
-            self._active = Session(self, **options)
-            return self._active
+        """A new stream. Session options: ring_seconds, listen_queue, event_queue, stats_every;
+        policy options (speak_bias, sampling, sampler, speak_threshold, max_reply_tokens)
+        override the Runtime's for this stream only."""
+        if self._closed:
+            raise Error("this Runtime is closed")
+        overrides = {k: options.pop(k) for k in list(options) if k not in Session.OPTIONS}
+        policy = self.model.policy(**{**self._policy_options, **overrides}) if overrides else self.policy
+        return Session(self, self.model.stream(policy), **options)
+
+    def close(self) -> None:
+        """Close every session and stop the model thread (idempotent)."""
+        self._closed = True
+        for session in self._scheduler.sessions():
+            session.close()
+        self._scheduler.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def info(self) -> dict:
         core_info = None
         try:
-            core = _core()
-            core_info = core.build_info() if hasattr(core, "build_info") else None
+            core_info = _core().build_info()
         except ImportError:
             pass
         import onnxruntime as ort
 
-        dec = self.package.decoder
+        dec, m = self.package.decoder, self.model
         return {
             "model": self.package.name, "package": str(self.package.path),
             "precision": dec["precision"], "io_dtype": dec["io_dtype"],
             "layers": dec["num_layers"], "hidden_size": dec["hidden_size"], "vocab_size": dec["vocab_size"],
-            "context_capacity": self.engine.capacity, "profile": self.engine.profile.name,
-            "providers": list(self.engine.providers), "kv_cache_device": self.engine.profile.kv_cache_device,
+            "context_capacity": m.capacity, "trained_context": m.trained_context,
+            "kv_cache_bytes_per_session": m.kv_bytes, "profile": m.profile.name,
+            "providers": list(m.providers), "kv_cache_device": m.profile.kv_cache_device,
             "onnxruntime": ort.__version__, "onnxruntime_providers": ort.get_available_providers(),
             "cuda": "CUDAExecutionProvider" in ort.get_available_providers(), "core_build": core_info,
         }
 
 
 class Session:
-    """One audio stream through the runtime. Use as a context manager, or call close()."""
+    """One audio stream through a Runtime. Use as a context manager, or call close(); a
+    session that is dropped or still open at interpreter exit is closed for you."""
 
-    def __init__(self, runtime: Runtime, *, ring_seconds: float = 8.0, listen_queue: int = 64,
-                 encoded_queue: int = 64, event_queue: int = 65536, stats_every: int = 25):
-        if listen_queue < 2 or encoded_queue < 1 or event_queue < 1:
-            raise ValueError("listen_queue must be >= 2, encoded_queue and event_queue >= 1")
-        if ring_seconds * SAMPLE_RATE < 2 * CHUNK:
+    OPTIONS = ("ring_seconds", "listen_queue", "event_queue", "stats_every")
+
+    def __init__(self, runtime: Runtime, stream, *, ring_seconds: float = 8.0, listen_queue: int = 64,
+                 event_queue: int = 65536, stats_every: int = 25):
+        if listen_queue < 2 or event_queue < 1:
+            raise ValueError("listen_queue must be >= 2 and event_queue >= 1")
+        if ring_seconds * SAMPLE_RATE < 2 * CHUNK_SAMPLES:
             raise ValueError("ring_seconds must hold at least two chunks (0.8 s)")
         core = _core()
         self.runtime = runtime
-        self.engine: Engine = runtime.engine
-        self.engine.reset()
+        self.model: Model = runtime.model
+        self.stream = stream
+        self._scheduler = runtime._scheduler
         self._ring = core.RingBuffer(int(ring_seconds * SAMPLE_RATE))
         self._listen = core.ChunkQueue(listen_queue)
-        self._scheduler = core.ChunkScheduler(self._ring, self._listen)
-        self._encoded: queue.Queue = queue.Queue(maxsize=encoded_queue)
-        self._events = core.EventQueue(event_queue)
+        self._chunker = core.ChunkScheduler(self._ring, self._listen, CHUNK_SAMPLES, self._scheduler.wake_signal)
+        self._events = EventQueue(event_queue)
         self._stats_every = stats_every
 
         self._resampler: StreamResampler | None = None
@@ -114,22 +136,21 @@ class Session:
         self._decided = 0
         self._skipped_chunks = 0
         self._reported_chunk_drops = 0
-        self._drop_lock = threading.Lock()
+        self._fault_streak = 0
+        self._mel_peak = -math.inf  # running peak of the log-mel since the last context reset
+        self._reply: ReplyText | None = None  # the reply being generated
+        self._reply_chunk = 0
         self._step_ms = collections.deque(maxlen=50)
         self._busy_s = 0.0
         self._fatal: BaseException | None = None
         self._finishing = False
         self._flushed = False
-        self._working = False  # the decoder thread holds chunks it has not fully handled yet
+        self._ended = False  # Finished was queued
         self._closed = False
-        self._done = threading.Condition()
+        self._progress = threading.Condition()
 
-        self._scheduler.start()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._guard, args=(self._encoder_loop, "encoder"), name="listenloop-encoder", daemon=True),
-                         threading.Thread(target=self._guard, args=(self._decoder_loop, "decoder"), name="listenloop-decoder", daemon=True)]
-        for t in self._threads:
-            t.start()
+        self._chunker.start()
+        self._scheduler.add(self)
 
     # -- feeding -------------------------------------------------------------------------
 
@@ -158,31 +179,37 @@ class Session:
 
     def finish(self, timeout: float | None = None) -> None:
         """End of input: stop the microphone if one captures, flush the last partial chunk and
-        wait until every event is produced."""
-        self._check_open()
+        wait until every event is produced; the event stream then ends with Finished.
+        Calling it again is harmless."""
+        if self._closed or self._ended:
+            return
         for microphone in self._microphones:
             microphone.stop()
         self._flush_resampler()
         self._finishing = True
-        if not self._scheduler.flush(timeout):
+        if not self._chunker.flush(timeout):
             raise Error("finish() timed out while the chunk scheduler flushed the last chunk")
         self._flushed = True
-        expected = self._expected_chunks()
+        self._scheduler.wake()
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._done:
-            while self._fatal is None and (self._accounted() < expected or self._working):
+        with self._progress:
+            while not self._done():
+                self._raise_fatal()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise Error(f"finish() timed out with {expected - self._accounted()} chunks still in flight")
-                self._done.wait(0.05 if remaining is None else min(0.05, remaining))
+                    raise Error(f"finish() timed out with {self._expected_chunks() - self._accounted()} chunks still in flight")
+                self._progress.wait(0.05 if remaining is None else min(0.05, remaining))
         self._raise_fatal()
         self._report_queue_drops()
         self._emit(self._stats())
+        self._emit(ev.Finished(self._stream_time(), time.monotonic(), self._decided))
+        self._ended = True
+        self._events.close()
 
     def _write(self, samples: np.ndarray, block: bool) -> None:
         if block:
             # Pieces small enough that the ring and the listen queue can always take them.
-            piece = max(CHUNK, min(self._ring.capacity // 2, (self._listen.capacity // 2) * CHUNK))
+            piece = max(CHUNK_SAMPLES, min(self._ring.capacity // 2, (self._listen.capacity // 2) * CHUNK_SAMPLES))
             for start in range(0, len(samples), piece):
                 part = samples[start:start + piece]
                 self._wait_for_room(len(part))
@@ -199,12 +226,12 @@ class Session:
             self._emit(ev.AudioDropped(self._stream_time(), time.monotonic(), lost, "ring buffer overrun"))
 
     def _wait_for_room(self, n: int) -> None:
-        """Back-pressure: keep ring + listen queue below what the scheduler can always push."""
-        while not self._stop.is_set():
+        """Back-pressure: keep ring + listen queue below what the chunk scheduler can always push."""
+        while not self._closed:
             in_ring = self._ring.available()
             # chunks the scheduler will push: what is queued, what the ring will hold, and at
             # most one more from the partial chunk it keeps between reads
-            chunks_ahead = len(self._listen) + (in_ring + n) // CHUNK + 1
+            chunks_ahead = len(self._listen) + (in_ring + n) // CHUNK_SAMPLES + 1
             if in_ring + n <= self._ring.capacity and chunks_ahead <= self._listen.capacity:
                 return
             self._raise_fatal()
@@ -242,192 +269,158 @@ class Session:
 
     def events(self, timeout: float | None = 0.5):
         """Yield events as they come. Stops after `timeout` seconds without one (None: wait
-        until the end), or once the session is finished or closed and every event was delivered."""
-        idle_since = time.monotonic()
+        until the end), and after the Finished event that closes a finished stream, or once
+        the session is closed and every queued event was delivered."""
         while True:
-            self._raise_fatal()
-            item = self._events.pop(0.05)
-            if item is not None:
-                yield ev.from_record(item)
-                idle_since = time.monotonic()
-                continue
-            if (self._closed or self._finished()) and len(self._events) == 0:
+            event = self._events.get(timeout)
+            if event is None:
+                self._raise_fatal()
                 return
-            if timeout is not None and time.monotonic() - idle_since >= timeout:
+            yield event
+            if isinstance(event, ev.Finished):
                 return
 
     def drain(self) -> list:
         """Every event available right now, without waiting."""
         out = []
-        while True:
-            item = self._events.pop(0.0)
-            if item is None:
-                self._raise_fatal()
-                return out
-            out.append(ev.from_record(item))
+        while (event := self._events.get(0)) is not None:
+            out.append(event)
+        self._raise_fatal()
+        return out
 
     def _emit(self, event) -> None:
-        self._events.try_push(*ev.to_record(event))  # a full queue counts the drop (Stats)
+        self._events.put(event)  # a full queue counts the drop and marks it in the stream
 
-    # -- workers -------------------------------------------------------------------------
+    # -- model work (runs on the Runtime's model thread) ---------------------------------
 
-    def _guard(self, loop, where: str) -> None:
-        """Run a worker loop; an escaped exception is fatal and surfaces in the caller's thread."""
+    def _work(self) -> bool:
+        """One unit of model work: a reply token, or one queued chunk. False if there was none."""
+        if self._closed or self._fatal is not None:
+            return False
         try:
-            loop()
-        except BaseException as exc:  # noqa: BLE001 - must never die silently
-            log.exception("listenloop %s thread stopped", where)
-            self._fatal = exc
-            self._emit(ev.Fault(self._stream_time(), time.monotonic(), where, f"fatal: {exc}"))
-            with self._done:
-                self._done.notify_all()
-
-    def _fault(self, where: str, exc: Exception, streak: int, chunks: int) -> int:
-        streak += 1
-        log.warning("listenloop %s failed (%s); skipping %d chunk(s)", where, exc, chunks)
-        self._skipped_chunks += chunks
-        self._emit(ev.Fault(self._stream_time(), time.monotonic(), where, str(exc)))
-        self._emit(ev.AudioDropped(self._stream_time(), time.monotonic(), chunks * CHUNK, f"{where} failed: {exc}"))
-        with self._done:
-            self._done.notify_all()
-        if streak >= MAX_CONSECUTIVE_FAULTS:
-            raise Error(f"{where} failed {streak} times in a row; last error: {exc}")
-        return streak
-
-    def _encoder_loop(self) -> None:
-        streak = 0
-        while not self._stop.is_set():
-            chunks = self._listen.pop_many(MAX_CATCH_UP, 0.1)
-            if not chunks:
-                continue
-            try:
-                embeds = self.engine.encode(np.stack([c.mel for c in chunks]))
-                streak = 0
-            except Exception as exc:  # noqa: BLE001 - one failed call skips its chunks
-                streak = self._fault("encoder", exc, streak, len(chunks))
-                continue
-            for chunk, vectors in zip(chunks, embeds):
-                while not self._stop.is_set():
-                    try:
-                        self._encoded.put((chunk.index, vectors), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-
-    def _decoder_loop(self) -> None:
-        pending: collections.deque = collections.deque()
-        streak = 0
-        while not self._stop.is_set():
+            if self._reply is not None:
+                self._reply_step()
+                return True
             self._report_queue_drops()
-            if not pending:
-                self._set_working(False)
-                try:
-                    pending.append(self._encoded.get(timeout=0.1))
-                except queue.Empty:
-                    continue
-            self._set_working(True)
-            while len(pending) < MAX_CATCH_UP:  # what is waiting is decided together (catch-up);
-                try:  # taking no more than one call's worth keeps back-pressure on the encoder
-                    pending.append(self._encoded.get_nowait())
-                except queue.Empty:
-                    break
-            batch = [pending[j] for j in range(min(len(pending), MAX_CATCH_UP))]
-            started = time.perf_counter()
-            try:
-                if len(batch) == 1:
-                    results = [self.engine.listen(batch[0][1])]
-                else:
-                    results = self.engine.listen_many(np.stack([vectors for _, vectors in batch]))
-                streak = 0
-            except Exception as exc:  # noqa: BLE001 - skip the chunk, keep the session
-                pending.popleft()
-                streak = self._fault("decoder", exc, streak, 1)
-                continue
-            elapsed = time.perf_counter() - started
-            self._busy_s += elapsed
-            self._step_ms.append(1000 * elapsed / len(results))
-            for (index, _), result in zip(batch, results):
-                pending.popleft()
-                self._on_decision(index, result)
-            if results[-1].spoke:
-                self._reply(batch[len(results) - 1][0])
+            chunk = self._listen.pop(0.0)
+            if chunk is None:
+                return False
+            self._decide(chunk)
+            return True
+        except BaseException as exc:  # noqa: BLE001 - one session's failure must not stop the others
+            log.exception("listenloop session stopped")
+            self._fatal = exc
+            self._emit(ev.Fault(self._stream_time(), time.monotonic(), "session", f"fatal: {exc}"))
+            self._events.close()
+            with self._progress:
+                self._progress.notify_all()
+            return True
 
-    def _report_queue_drops(self) -> None:
-        """Chunks the scheduler could not queue become AudioDropped events (decoder thread)."""
-        failure = self._scheduler.last_error
-        if failure:
-            raise Error(f"chunk scheduler failed: {failure}")
-        with self._drop_lock:
-            dropped = self._scheduler_dropped()
-            lost = dropped - self._reported_chunk_drops
-            self._reported_chunk_drops = dropped
-        if lost > 0:
-            self._emit(ev.AudioDropped(self._stream_time(), time.monotonic(), lost * CHUNK,
-                                       f"listen queue full: {lost} chunk(s) dropped"))
-
-    def _set_working(self, working: bool) -> None:
-        if working != self._working:
-            with self._done:
-                self._working = working
-                self._done.notify_all()
-
-    def _chunk_time(self, index: int) -> float:
-        return (index + 1) * CHUNK / SAMPLE_RATE  # exact in binary for whole chunks (no 1.2000000000000002)
-
-    def _on_decision(self, index: int, result) -> None:
+    def _decide(self, chunk) -> None:
+        started = time.perf_counter()
+        stream, index = self.stream, chunk.index
+        try:
+            if stream.pending_reset() is not None:
+                self._mel_peak = -math.inf  # the running peak restarts with the context, at this chunk
+            self._mel_peak = max(self._mel_peak, chunk.peak)
+            mel = chunk.mel
+            _core().normalize_log_mel(mel, self._mel_peak)
+            result = stream.listen(self.model.encode(mel[None])[0])
+        except Exception as exc:  # noqa: BLE001 - skip the chunk, keep the session
+            self._fault(index, exc)
+            return
+        self._fault_streak = 0
+        elapsed = time.perf_counter() - started
+        self._busy_s += elapsed
+        self._step_ms.append(1000 * elapsed)
         stream_time = self._chunk_time(index)
         if result.context_reset:
-            self._scheduler.reset()  # the mel running max restarts with the context (§2.3)
-            self._emit(ev.ContextReset(stream_time, time.monotonic(), result.context_reset))
+            self._emit(ev.ContextReset(stream_time, time.monotonic(), index, result.context_reset))
         self._emit(ev.Decision(stream_time, time.monotonic(), index, result.spoke, result.p_speak))
-        with self._done:
+        if result.spoke:
+            self._reply = ReplyText(self.model.token_bytes, self.model.tokens, self.model.emotions)
+            self._reply_chunk = index
+            self._reply_started = False
+        with self._progress:
             self._decided += 1
-            self._done.notify_all()
+            self._progress.notify_all()
         if self._stats_every and self._decided % self._stats_every == 0:
             self._emit(self._stats())
 
-    def _reply(self, index: int) -> None:
-        stream_time = self._chunk_time(index)
-        reply = ReplyText(self.runtime.token_bytes, self.engine.tokens, self.engine.package.emotions)
-        started_event = False
+    def _reply_step(self) -> None:
+        reply, stream_time = self._reply, self._chunk_time(self._reply_chunk)
         started = time.perf_counter()
         try:
-            for step in self.engine.speak():
-                piece = reply.add(step.token)
-                if not started_event:
-                    self._emit(ev.ReplyStarted(stream_time, time.monotonic(), index, reply.emotion))
-                    started_event = True
-                if piece.text:
-                    self._emit(ev.TextDelta(stream_time, time.monotonic(), piece.text, tuple(piece.token_ids)))
+            step = self.stream.speak_step()
         except Exception as exc:  # noqa: BLE001 - a failed reply ends it; listening goes on
             log.warning("listenloop reply failed: %s", exc)
             self._emit(ev.Fault(stream_time, time.monotonic(), "speak", str(exc)))
-        finally:
-            self._busy_s += time.perf_counter() - started
-        if not started_event:
-            self._emit(ev.ReplyStarted(stream_time, time.monotonic(), index, None))
+            self.stream.end_reply()
+            step = None
+        self._busy_s += time.perf_counter() - started
+        if step is not None:
+            piece = reply.add(step.token)
+            if not self._reply_started:
+                self._emit(ev.ReplyStarted(stream_time, time.monotonic(), self._reply_chunk, reply.emotion))
+                self._reply_started = True
+            if piece.text:
+                self._emit(ev.TextDelta(stream_time, time.monotonic(), piece.text, tuple(piece.token_ids)))
+        if not self.stream.speaking:
+            self._end_reply(reply, stream_time)
+
+    def _end_reply(self, reply: ReplyText, stream_time: float) -> None:
+        if not self._reply_started:
+            self._emit(ev.ReplyStarted(stream_time, time.monotonic(), self._reply_chunk, None))
         tail = reply.finish()
         if tail.text:
             self._emit(ev.TextDelta(stream_time, time.monotonic(), tail.text, tuple(tail.token_ids)))
-        self._emit(ev.ReplyEnded(stream_time, time.monotonic(), index, reply.text,
-                                 self.engine.reply_truncated, reply.filtered))
+        self._emit(ev.ReplyEnded(stream_time, time.monotonic(), self._reply_chunk, reply.text,
+                                 self.stream.reply_truncated, reply.filtered))
+        with self._progress:
+            self._reply = None
+            self._progress.notify_all()
+
+    def _fault(self, index: int, exc: Exception) -> None:
+        self._fault_streak += 1
+        log.warning("listenloop chunk %d failed (%s); skipping it", index, exc)
+        stream_time = self._chunk_time(index)
+        self._emit(ev.Fault(stream_time, time.monotonic(), "model", str(exc)))
+        self._emit(ev.AudioDropped(stream_time, time.monotonic(), CHUNK_SAMPLES, f"model failed: {exc}"))
+        with self._progress:
+            self._skipped_chunks += 1
+            self._progress.notify_all()
+        if self._fault_streak >= MAX_CONSECUTIVE_FAULTS:
+            raise Error(f"the model failed {self._fault_streak} times in a row; last error: {exc}")
+
+    def _report_queue_drops(self) -> None:
+        """Chunks the chunk scheduler could not queue become AudioDropped events."""
+        failure = self._chunker.last_error
+        if failure:
+            raise Error(f"chunk scheduler failed: {failure}")
+        dropped = int(self._chunker.chunks_dropped)
+        lost = dropped - self._reported_chunk_drops
+        self._reported_chunk_drops = dropped
+        if lost > 0:
+            self._emit(ev.AudioDropped(self._stream_time(), time.monotonic(), lost * CHUNK_SAMPLES,
+                                       f"listen queue full: {lost} chunk(s) dropped"))
 
     # -- bookkeeping ---------------------------------------------------------------------
 
-    def _accounted(self) -> int:
-        return self._decided + self._skipped_chunks + self._scheduler_dropped()
+    @staticmethod
+    def _chunk_time(index: int) -> float:
+        return (index + 1) * CHUNK_SAMPLES / SAMPLE_RATE  # exact in binary for whole chunks
 
-    def _scheduler_dropped(self) -> int:
-        return int(self._scheduler.chunks_dropped)
+    def _accounted(self) -> int:
+        return self._decided + self._skipped_chunks + int(self._chunker.chunks_dropped)
 
     def _expected_chunks(self) -> int:
         """Chunks cut from everything that reached the ring; exact once the scheduler flushed."""
         if self._flushed:
-            return int(self._scheduler.chunks_emitted) + int(self._scheduler.chunks_dropped)
-        return math.ceil((self._accepted - self._dropped_samples) / CHUNK)
+            return int(self._chunker.chunks_emitted) + int(self._chunker.chunks_dropped)
+        return math.ceil((self._accepted - self._dropped_samples) / CHUNK_SAMPLES)
 
-    def _finished(self) -> bool:
-        return self._finishing and not self._working and self._accounted() >= self._expected_chunks()
+    def _done(self) -> bool:
+        return self._reply is None and self._accounted() >= self._expected_chunks()
 
     def _stream_time(self) -> float:
         return self._accepted / SAMPLE_RATE
@@ -437,12 +430,13 @@ class Session:
         audio_s = max(self._decided * CHUNK_SECONDS, 1e-9)
         return ev.Stats(self._stream_time(), time.monotonic(), chunks=self._decided,
                         dropped_samples=self._dropped_samples,
-                        dropped_chunks=self._scheduler_dropped() + self._skipped_chunks,
-                        dropped_events=int(self._events.dropped), listen_queue_depth=len(self._listen),
-                        encoded_queue_depth=self._encoded.qsize(), event_queue_depth=len(self._events),
+                        dropped_chunks=int(self._chunker.chunks_dropped) + self._skipped_chunks,
+                        dropped_events=self._events.dropped, listen_queue_depth=len(self._listen),
+                        event_queue_depth=len(self._events),
                         step_ms=steps[len(steps) // 2] if steps else 0.0,
                         real_time_factor=self._busy_s / audio_s,
-                        position=self.engine.position, capacity=self.engine.capacity)
+                        position=self.stream.position, capacity=self.stream.capacity,
+                        kv_bytes=self.stream.kv_bytes)
 
     def stats(self) -> ev.Stats:
         return self._stats()
@@ -462,18 +456,19 @@ class Session:
     # -- shutdown ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the threads and release the stream (idempotent)."""
+        """Stop the microphone and the chunk scheduler and release the stream (idempotent).
+        Events already queued can still be read."""
         if self._closed:
             return
         self._closed = True
         for microphone in self._microphones:
             microphone.stop()
-        self._stop.set()
-        self._scheduler.stop()
+        self._chunker.stop()
         self._listen.close()
-        for t in self._threads:
-            t.join(timeout=5)
+        self._scheduler.remove(self)
         self._events.close()
+        with self._progress:
+            self._progress.notify_all()
 
     def __enter__(self) -> Session:
         return self

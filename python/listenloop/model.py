@@ -1,0 +1,138 @@
+"""Model: one loaded package, shared read-only by every stream (docs/DESIGN.md, "Model and streams").
+
+A Model holds what never changes while streams run: the ONNX Runtime sessions of the encoder
+and decoder, the embedding table, the tokenizer's byte table, the protocol ids and the device
+profile. ONNX Runtime sessions may be run from several threads, and nothing here is written
+after construction, so any number of DecoderStreams (stream.py) can share one Model.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+
+from .context import check_capacity
+from .errors import ModelPackageError
+from .package import ModelPackage, check_graphs, resolve_package
+from .profiles import CPU, Profile, cpu_fallback, load_profile, provider_arguments, resolve_providers, session_options
+from .protocol import FRAMES_PER_CHUNK, N_MELS, STEP
+
+log = logging.getLogger("listenloop")
+
+
+class Model:
+    def __init__(self, package=None, profile="cpu", *, max_context: int | None = None):
+        self.package = package if isinstance(package, ModelPackage) else resolve_package(package)
+        pkg, dec = self.package, self.package.decoder
+        self.profile = resolve_providers(load_profile(profile))
+        self._create_sessions()
+
+        self.tokens = pkg.tokens
+        self.emotions = pkg.emotions
+        self.prefix_ids = np.asarray(pkg.prefix_ids, dtype=np.int64)
+        self.layers, self.kv_heads, self.head_dim = dec["num_layers"], dec["num_kv_heads"], dec["head_dim"]
+        self.hidden, self.vocab = dec["hidden_size"], dec["vocab_size"]
+        self.io_dtype = pkg.io_dtype
+        self.sampling_defaults = dict(pkg.manifest["sampling"])
+        self.trained_context = int(dec.get("trained_context", dec["max_context"]))
+        if max_context is None:
+            max_context = min(c for c in (dec["max_context"], self.profile.max_context) if c is not None)
+            what = "the package's max_context" if max_context == dec["max_context"] else f"profile {self.profile.name!r} max_context"
+        else:
+            what = "max_context"
+        self.capacity = check_capacity(max_context, prefix_len=len(self.prefix_ids), package_context=dec["max_context"],
+                                       trained_context=self.trained_context, what=what)
+        self.embeddings = pkg.embeddings()
+
+    # -- set-up --------------------------------------------------------------------------
+
+    def _create_sessions(self) -> None:
+        try:
+            self._open_sessions(self.profile)
+            self._self_test()
+        except Exception as exc:  # noqa: BLE001 - any provider failure falls back to CPU
+            if self.profile.primary == CPU:
+                if isinstance(exc, ModelPackageError):
+                    raise
+                raise ModelPackageError(f"{self.package.path}: ONNX Runtime cannot run the graphs: {exc}") from None
+            log.warning("profile %r: %s failed its start-up self-test (%s); running on CPUExecutionProvider",
+                        self.profile.name, self.profile.primary, str(exc).splitlines()[0][:200])
+            self.profile = cpu_fallback(self.profile)
+            self._open_sessions(self.profile)
+            self._self_test()
+
+    def _open_sessions(self, profile: Profile) -> None:
+        import onnxruntime as ort
+
+        names, options = provider_arguments(profile)
+        opts = session_options(profile)
+        sessions = []
+        for path in (self.package.encoder_path, self.package.decoder_path):
+            try:
+                sessions.append(ort.InferenceSession(str(path), sess_options=opts, providers=names, provider_options=options))
+            except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
+                if profile.primary != CPU:
+                    raise
+                raise ModelPackageError(f"{path.name}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0][:200]})") from None
+        self.encoder, self.decoder = sessions
+        check_graphs(self.package, self.encoder, self.decoder)
+        self.providers = tuple(self.decoder.get_providers())
+
+    def _self_test(self) -> None:
+        """One real encoder call and one decoder call on zeros, on the chosen provider.
+
+        The decoder call has the listening step's T. ONNX Runtime reuses the memory pattern
+        of a session's first run for every later run whose input dims XOR to the same key; T
+        and P cancel out of that key, so the first run's T decides which step length gets
+        preplanned buffers. The 13-token step recurs every 0.4 s.
+        """
+        self.encoder.run(None, {"mel": np.zeros((1, N_MELS, FRAMES_PER_CHUNK), np.float32)})
+        dec = self.package.decoder
+        io = np.dtype(dec["io_dtype"])
+        feeds = {"inputs_embeds": np.zeros((1, STEP, dec["hidden_size"]), io),
+                 "position_ids": np.zeros((1, STEP), np.int64), "logits_index": np.zeros((1,), np.int64)}
+        past = np.zeros((1, 1, dec["num_kv_heads"], dec["head_dim"]), io)
+        for i in range(dec["num_layers"]):
+            feeds[f"past_key.{i}"] = past
+            feeds[f"past_value.{i}"] = past
+        self.decoder.run(["logits"], feeds)
+
+    # -- shared read-only services -------------------------------------------------------
+
+    @functools.cached_property
+    def token_bytes(self):
+        """Byte strings of every token id, for streaming reply text (loaded on first use)."""
+        from .textstream import TokenBytes
+
+        return TokenBytes(self.package.tokenizer_path)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Memory of one stream's KV cache: what each additional stream costs."""
+        return 2 * self.layers * self.capacity * self.kv_heads * self.head_dim * self.io_dtype.itemsize
+
+    def encode(self, mel: np.ndarray) -> np.ndarray:
+        """[B,128,40] float32 mel -> [B,10,H] float32 audio vectors (chunks are independent)."""
+        mel = np.asarray(mel)
+        if mel.ndim == 2:
+            mel = mel[None]
+        if mel.ndim != 3 or mel.shape[1:] != (N_MELS, FRAMES_PER_CHUNK):
+            raise ValueError(f"mel must be [B, {N_MELS}, {FRAMES_PER_CHUNK}], got {list(mel.shape)}")
+        mel = np.ascontiguousarray(mel, dtype=np.float32)
+        return self.encoder.run(["audio_embeds"], {"mel": mel})[0]
+
+    def policy(self, **options):
+        """A checked stream.Policy: the package's defaults with `options` over them."""
+        from .stream import Policy
+
+        return Policy.build(self.sampling_defaults, **options)
+
+    def stream(self, policy=None, **options):
+        """A new decoder stream over this model, with a Policy or Policy options."""
+        from .stream import DecoderStream
+
+        return DecoderStream(self, policy, **options)
+
+    def __repr__(self) -> str:
+        return f"Model({self.package.name!r}, providers={list(self.providers)}, capacity={self.capacity})"

@@ -1,0 +1,105 @@
+"""One thread that makes every model call for the open sessions of a Runtime.
+
+Each round it gives every session with work one unit: one chunk's listening step (encoder
+and decoder call) or one reply token. So sessions are served fairly, each in its own order,
+and a session never waits behind another session's reply for longer than one decoder call.
+Calls are never batched across chunks or sessions, which keeps each stream's numbers a
+function of its own audio alone (docs/DESIGN.md, "Determinism").
+
+The thread exists while sessions are open and sleeps on one wake signal that every
+session's chunk scheduler, finish() and close() post. At interpreter exit every session is
+closed and the thread joined before Python finalizes, so no thread is ever stopped while it
+is inside a C++ call.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import weakref
+
+log = logging.getLogger("listenloop")
+
+IDLE_WAIT_S = 0.1  # backstop between wake-ups when no session has work
+_live_schedulers: weakref.WeakSet = weakref.WeakSet()
+_live_sessions: weakref.WeakSet = weakref.WeakSet()
+
+
+class StreamScheduler:
+    def __init__(self, name: str = "listenloop-model"):
+        from . import _core
+
+        self.wake_signal = _core.WakeSignal()
+        self._name = name
+        self._lock = threading.Lock()
+        self._sessions: list[weakref.ref] = []  # in the order they were opened
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        _live_schedulers.add(self)
+
+    def add(self, session) -> None:
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("this Runtime is closed")
+            self._sessions.append(weakref.ref(session))
+            _live_sessions.add(session)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+        self.wake()
+
+    def remove(self, session) -> None:
+        with self._lock:
+            self._sessions = [r for r in self._sessions if r() is not None and r() is not session]
+        self.wake()
+
+    def wake(self) -> None:
+        self.wake_signal.post()
+
+    def sessions(self) -> list:
+        with self._lock:
+            return [s for s in (r() for r in self._sessions) if s is not None]
+
+    @property
+    def open_sessions(self) -> int:
+        with self._lock:
+            return sum(1 for r in self._sessions if r() is not None)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._sessions = [r for r in self._sessions if r() is not None]
+                if self._stopping or not self._sessions:
+                    self._thread = None  # a session opened from now on starts a new thread
+                    return
+                refs = list(self._sessions)
+            worked = False
+            for ref in refs:
+                session = ref()
+                if session is not None and session._work():
+                    worked = True
+                session = None  # a dropped session is collected here, not kept by this loop
+            if not worked:
+                self.wake_signal.wait(IDLE_WAIT_S)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread after its current unit of work (idempotent)."""
+        with self._lock:
+            self._stopping = True
+            thread = self._thread
+        self.wake()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+
+@atexit.register
+def _close_everything() -> None:
+    """Runs before Python finalizes: close every session (microphones, chunk schedulers) and
+    join every model thread, so none is left inside a C++ call when the interpreter goes."""
+    for session in list(_live_sessions):
+        try:
+            session.close()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            log.debug("closing a session at exit failed", exc_info=True)
+    for scheduler in list(_live_schedulers):
+        scheduler.close()

@@ -1,0 +1,430 @@
+"""DecoderStream: one stream's decoder state over a shared Model (docs/PROTOCOL.md,
+"Listening step", "Reply", "Context policy").
+
+A stream owns its KV cache, its position, the token to feed back, its recent audio for
+context resets, and its decision policy (speak bias, sampler, reply cap), fixed at creation.
+
+The cache is a `[1, C, KVH, D]` buffer per layer for keys and for values; each decoder call
+binds `past_*` to its first P rows and `new_*` to rows P..P+T of the same buffer, so the graph
+writes new keys in place and nothing is copied or reallocated per step.
+
+Every decoder call feeds exactly one chunk (or one reply token), so a stream's numbers never
+depend on what other chunks or streams exist: int8 graphs quantize activations per call, and
+one chunk per call keeps that a function of the chunk alone.
+
+Not thread-safe: one thread drives a stream at a time (different streams may run in parallel).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .context import HISTORY_CHUNKS, QUIET_P_SPEAK, ContextPolicy, reply_reserve
+from .errors import ProtocolError
+from .protocol import BLOCK, STEP, VECTORS_PER_CHUNK
+from .sampling import Sampler, SamplingConfig
+
+log = logging.getLogger("listenloop")
+
+_ONNX_FLOAT, _ONNX_INT64, _ONNX_FLOAT16 = 1, 7, 10  # onnx.TensorProto element types
+
+
+class ListenResult:
+    """One listening decision. `logits` is a view valid until the stream's next call."""
+
+    __slots__ = ("spoke", "p_speak", "logits", "position", "context_reset", "_ids")
+
+    def __init__(self, spoke: bool, p_speak: float, logits: np.ndarray, position: int,
+                 context_reset: str | None, decision_ids: tuple):
+        self.spoke = spoke
+        self.p_speak = p_speak  # softmax over the two decision logits, speak_bias included
+        self.logits = logits  # float32[V] at the ASSISTANT position
+        self.position = position  # tokens in the cache after this step
+        self.context_reset = context_reset  # why the cache was rebuilt before this step, if it was
+        self._ids = decision_ids
+
+    @property
+    def decision_logits(self) -> np.ndarray:
+        """float32[2]: KEEP_SILENCE, TEXT_BEGIN logits (speak_bias not added)."""
+        return self.logits[list(self._ids)].astype(np.float32)
+
+    def __repr__(self) -> str:
+        return (f"ListenResult(spoke={self.spoke}, p_speak={self.p_speak:.4f}, position={self.position}, "
+                f"context_reset={self.context_reset!r})")
+
+
+@dataclass
+class SpeakStep:
+    """One reply token. `logits` is a view valid until the stream's next call."""
+
+    token: int
+    logits: np.ndarray
+
+
+class _Binder:
+    """IOBinding calls with the device objects made once.
+
+    The public IOBinding methods build an OrtDevice on every call, which costs more than the
+    bind itself at 4 bindings per layer per step; the C-level binding takes it prebuilt.
+    Falls back to the public API if this onnxruntime lays its wrapper out differently.
+    """
+
+    def __init__(self, session):
+        self.io = session.io_binding()
+        self._c_io = getattr(self.io, "_iobinding", None)
+        self._c_sess = getattr(session, "_sess", None)
+        self._devices = {}
+        try:
+            from onnxruntime.capi.onnxruntime_inference_collection import OrtDevice
+
+            for kind in ("cpu", "cuda"):
+                try:
+                    self._devices[kind] = OrtDevice.make(kind, 0)._get_c_device()
+                except Exception:  # noqa: BLE001 - a build without that device type
+                    pass
+        except ImportError:
+            pass
+        self.fast = self._c_io is not None and self._c_sess is not None and "cpu" in self._devices
+        # bind_input/bind_output(name, device, element_type, shape, ptr), with `device` from
+        # device(kind): the same signature on both paths, so the per-step loop has one form.
+        if self.fast:
+            self.bind_input, self.bind_output = self._c_io.bind_input, self._c_io.bind_output
+            self.run = functools.partial(self._c_sess.run_with_iobinding, self._c_io, None)
+        else:
+            io = self.io
+            self.bind_input = lambda name, device, dtype, shape, ptr: io.bind_input(name, device, 0, dtype, shape, ptr)
+            self.bind_output = lambda name, device, dtype, shape, ptr: io.bind_output(name, device, 0, dtype, shape, ptr)
+            self.run = functools.partial(session.run_with_iobinding, io)
+
+    def device(self, kind: str):
+        """The device argument of bind_input/bind_output for "cpu" or "cuda"."""
+        return self._devices[kind] if self.fast else kind
+
+
+def _allocate_host(nbytes: int) -> tuple[np.ndarray, object]:
+    """Page-locked memory from listenloop._core (async-capable CUDA copies), as a uint8 array."""
+    from . import _core
+
+    buf = _core.PinnedBuffer(nbytes)
+    return np.frombuffer(buf, dtype=np.uint8, count=nbytes), buf
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a stream decides and replies, fixed when the stream is created:
+
+    - speak_bias: added to the TEXT_BEGIN logit (default: the package's);
+    - sampling: how decisions and reply tokens are drawn (default: the package's sampling,
+      greedy unless it says otherwise); `sampler`, an object with decide() and sample(),
+      replaces it (tests and benchmarks script choices this way);
+    - speak_threshold: if set, speak when p_speak >= it (overrides sampling for decisions);
+    - max_reply_tokens: the reply cap (default: the package's);
+    - history_chunks: chunks a context reset re-prefills.
+    """
+
+    speak_bias: float
+    sampling: SamplingConfig
+    max_reply_tokens: int
+    speak_threshold: float | None = None
+    history_chunks: int = HISTORY_CHUNKS
+    sampler: object = None
+
+    OPTIONS = ("speak_bias", "sampling", "sampler", "speak_threshold", "max_reply_tokens", "history_chunks")
+
+    @classmethod
+    def build(cls, defaults: dict, **options) -> "Policy":
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown stream option(s): {', '.join(unknown)} (known: {', '.join(cls.OPTIONS)})")
+        given = {k: v for k, v in options.items() if v is not None}
+        sampling = given.get("sampling") or SamplingConfig(temperature=defaults["temperature"], top_k=defaults["top_k"],
+                                                          top_p=defaults["top_p"])
+        policy = cls(speak_bias=float(given.get("speak_bias", defaults["speak_bias"])), sampling=sampling,
+                     max_reply_tokens=int(given.get("max_reply_tokens", defaults["max_reply_tokens"])),
+                     speak_threshold=given.get("speak_threshold"),
+                     history_chunks=int(given.get("history_chunks", HISTORY_CHUNKS)), sampler=given.get("sampler"))
+        if policy.max_reply_tokens < 1:
+            raise ValueError(f"max_reply_tokens must be at least 1, got {policy.max_reply_tokens}")
+        if not 0 < policy.history_chunks <= HISTORY_CHUNKS:
+            raise ValueError(f"history_chunks must be between 1 and {HISTORY_CHUNKS}, got {policy.history_chunks}")
+        return policy
+
+    def new_sampler(self):
+        """The stream's own sampler (its random state is per stream)."""
+        return self.sampler if self.sampler is not None else Sampler(self.sampling)
+
+
+class DecoderStream:
+    """Per-stream decoder state; `policy` is a Policy or Policy.build's options."""
+
+    def __init__(self, model, policy: Policy | None = None, **options):
+        self.model = model
+        self.policy = policy if policy is not None else Policy.build(model.sampling_defaults, **options)
+        self.sampler = self.policy.new_sampler()
+        self.speak_bias = self.policy.speak_bias
+        self.speak_threshold = self.policy.speak_threshold
+        self.max_reply_tokens = self.policy.max_reply_tokens
+
+        self.capacity = model.capacity
+        self.tokens = model.tokens
+        self._silence_id, self._speak_id = self.tokens["KEEP_SILENCE"], self.tokens["TEXT_BEGIN"]
+        self._text_end = self.tokens["TEXT_END"]
+        self._decision_ids = (self._silence_id, self._speak_id)
+        self._prefix = model.prefix_ids
+        self.context = ContextPolicy(self.capacity, len(self._prefix),
+                                     reply_reserve(self.capacity, self.max_reply_tokens), self.policy.history_chunks)
+        self._audio_shape = (VECTORS_PER_CHUNK, model.hidden)
+        self._table = model.embeddings
+        self._allocate()
+        self.reset()
+
+    # -- set-up --------------------------------------------------------------------------
+
+    def _allocate(self) -> None:
+        """Every buffer a step touches, allocated once."""
+        m, C, H = self.model, self.capacity, self.model.hidden
+        self.io_dtype = m.io_dtype
+        self._io_type = _ONNX_FLOAT16 if self.io_dtype == np.float16 else _ONNX_FLOAT
+        self._row_bytes = m.kv_heads * m.head_dim * self.io_dtype.itemsize
+        self._kv_device = m.profile.kv_cache_device
+        if self._kv_device == "cuda":
+            import onnxruntime as ort
+
+            self._kv_values = [ort.OrtValue.ortvalue_from_shape_and_type([1, C, m.kv_heads, m.head_dim], self.io_dtype, "cuda", 0)
+                               for _ in range(2 * m.layers)]
+            kv_ptrs = [v.data_ptr() for v in self._kv_values]
+            self.kv_cache = None
+        else:
+            raw, self._kv_owner = _allocate_host(m.kv_bytes)
+            self.kv_cache = raw.view(self.io_dtype).reshape(2 * m.layers, 1, C, m.kv_heads, m.head_dim)
+            kv_ptrs = [self.kv_cache[j].ctypes.data for j in range(2 * m.layers)]
+        emb_raw, self._emb_owner = _allocate_host(C * H * self.io_dtype.itemsize)
+        self._embeds = emb_raw.view(self.io_dtype).reshape(C, H)
+        self._ids = np.zeros(C, np.int64)
+        # position_ids are always P..P+T-1: each call binds that window of this array
+        self._arange = np.arange(C, dtype=np.int64)
+        self._logits_index = np.zeros(1, np.int64)
+        self._logits = np.zeros((1, m.vocab), np.float32)
+        self._row = self._logits[0]
+        self._history = np.zeros((self.context.history_chunks, VECTORS_PER_CHUNK, H), self.io_dtype)
+        self._step_audio = self._embeds[2:2 + VECTORS_PER_CHUNK]  # the PAD rows of the steady step
+        binder = self._binder = _Binder(m.decoder)
+        self._bind_in, self._bind_out = binder.bind_input, binder.bind_output
+        self._cpu_dev, self._kv_dev = binder.device("cpu"), binder.device(self._kv_device)
+        self._bound_T = None  # the T the staging inputs are bound with
+        self._steady_staged = False  # staging holds the [KEEP_SILENCE] + block layout
+        self._layer_bindings = [(f"past_key.{i}", f"new_key.{i}", f"past_value.{i}", f"new_value.{i}",
+                                 kv_ptrs[2 * i], kv_ptrs[2 * i + 1]) for i in range(m.layers)]
+        self._last = (0, 0)  # (P, T) of the last decoder call, for inspection
+
+    # -- public state --------------------------------------------------------------------
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    @property
+    def speaking(self) -> bool:
+        return self._speaking
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.model.kv_bytes
+
+    def reset(self) -> None:
+        """Empty the KV cache; the next listen feeds the prompt prefix first."""
+        self._position = 0
+        self._previous = None  # token to feed before the next block; None: feed the prefix
+        self._speaking = False
+        self._reply_left = 0
+        self._history_count = 0  # chunks heard since the last reply, up to history_chunks
+        self._history_next = 0
+        self._quiet_run = 0
+        self.reply_truncated = False
+
+    def last_inputs(self) -> dict:
+        """What the last decoder call was fed (views into the staging; for tests and debugging)."""
+        P, T = self._last
+        return {"past_length": P, "token_ids": self._ids[:T], "positions": self._arange[P:P + T],
+                "inputs_embeds": self._embeds[:T], "logits_index": self._logits_index[:1]}
+
+    # -- decoder calls -------------------------------------------------------------------
+
+    def _run(self, T: int) -> None:
+        """Run the decoder on the staged T tokens, appending them to the cache at P."""
+        P = self._position
+        bind_in, bind_out, cpu, dtype = self._bind_in, self._bind_out, self._cpu_dev, self._io_type
+        if self._bound_T != T:  # staging pointers never change; only shapes do
+            bind_in("inputs_embeds", cpu, dtype, [1, T, self.model.hidden], self._embeds.ctypes.data)
+            bind_in("logits_index", cpu, _ONNX_INT64, [1], self._logits_index.ctypes.data)
+            bind_out("logits", cpu, _ONNX_FLOAT, [1, self.model.vocab], self._logits.ctypes.data)
+            self._bound_T = T
+        bind_in("position_ids", cpu, _ONNX_INT64, [1, T], self._arange.ctypes.data + 8 * P)  # int64 P..P+T-1
+        m = self.model
+        past_shape, new_shape = [1, P, m.kv_heads, m.head_dim], [1, T, m.kv_heads, m.head_dim]
+        offset, dev = P * self._row_bytes, self._kv_dev
+        for pk, nk, pv, nv, kp, vp in self._layer_bindings:  # most of the per-step overhead
+            bind_in(pk, dev, dtype, past_shape, kp)
+            bind_out(nk, dev, dtype, new_shape, kp + offset)
+            bind_in(pv, dev, dtype, past_shape, vp)
+            bind_out(nv, dev, dtype, new_shape, vp + offset)
+        self._binder.run()
+        self._last = (P, T)
+        self._position = P + T
+
+    def _stage(self, lead, blocks) -> int:
+        """Stage `lead` token ids, then one listening block per audio array with KEEP_SILENCE
+        between them (docs/PROTOCOL.md, "Listening step"); logits at the last ASSISTANT."""
+        t = self.tokens
+        n = len(lead)
+        self._ids[:n] = lead
+        rows = []
+        for j, audio in enumerate(blocks):
+            if j:
+                self._ids[n] = self._silence_id
+                n += 1
+            self._ids[n] = t["AUDIO_BEGIN"]
+            self._ids[n + 1:n + 1 + VECTORS_PER_CHUNK] = t["PAD"]
+            self._ids[n + BLOCK - 1] = t["ASSISTANT"]
+            rows.append((n + 1, audio))
+            n += BLOCK
+        self._steady_staged = False
+        np.take(self._table, self._ids[:n], axis=0, out=self._embeds[:n])
+        for row, audio in rows:
+            self._embeds[row:row + VECTORS_PER_CHUNK] = audio
+        self._logits_index[0] = n - 1
+        return n
+
+    def _steady_step(self, audio: np.ndarray) -> None:
+        """The common step, [KEEP_SILENCE] + block: its 13 token ids never change, so their
+        embeddings stay staged between steps and only the audio rows and positions are written."""
+        if self._steady_staged:
+            self._step_audio[...] = audio
+        else:
+            self._stage((self._silence_id,), (audio,))
+            self._steady_staged = True
+        self._run(STEP)
+
+    def _history_chunks(self) -> list:
+        n, size = self._history_count, self.context.history_chunks
+        oldest = (self._history_next - n) % size
+        return [self._history[(oldest + j) % size] for j in range(n)]
+
+    def _remember(self, audio: np.ndarray) -> None:
+        size, i = self.context.history_chunks, self._history_next
+        self._history[i] = audio
+        self._history_next = (i + 1) % size
+        self._history_count = min(self._history_count + 1, size)
+
+    def pending_reset(self) -> str | None:
+        """Why the next listen() will rebuild the context first, or None. The front end asks
+        so it can restart the mel's running peak at that same chunk."""
+        if self._position == 0:
+            return None
+        if self.context.must_reset(self._position, STEP):
+            return f"context full at {self._position} of {self.capacity} tokens"
+        if self._previous == self._silence_id and self.context.quiet_reset(self._position, self._quiet_run):
+            return f"quiet moment at {self._position} of {self.capacity} tokens"
+        return None
+
+    def _decision(self, row: np.ndarray) -> tuple[bool, float]:
+        silence = row.item(self._silence_id)  # a Python float, without a NumPy scalar in between
+        speak = row.item(self._speak_id) + self.speak_bias
+        margin = speak - silence
+        p_speak = 1.0 / (1.0 + math.exp(-margin)) if margin > -700 else 0.0  # softmax over the two
+        if self.speak_threshold is not None:
+            return p_speak >= self.speak_threshold, p_speak
+        return self.sampler.decide(silence, speak), p_speak
+
+    # -- listening -----------------------------------------------------------------------
+
+    def listen(self, audio_embeds: np.ndarray) -> ListenResult:
+        """One listening step for one chunk's [10, H] audio vectors: one decoder call."""
+        if type(audio_embeds) is not np.ndarray or audio_embeds.shape != self._audio_shape:
+            audio_embeds = np.asarray(audio_embeds)
+            if audio_embeds.shape != self._audio_shape:
+                raise ValueError(f"audio vectors must be [{VECTORS_PER_CHUNK}, {self.model.hidden}], "
+                                 f"got {list(audio_embeds.shape)}")
+        if self._speaking:
+            raise ProtocolError("listen() during a reply: finish the reply first")
+        reason = self.pending_reset()
+        if reason is None and self._previous == self._silence_id:
+            self._steady_step(audio_embeds)  # the steady state: every 0.4 s for the whole stream
+        else:
+            if reason is not None:
+                history = self._history_chunks()
+                reason += (f": kept the {len(self._prefix)}-token prompt and re-prefilled the last "
+                           f"{len(history)} chunks heard since the last reply")
+                log.info(reason)
+                self._position, self._previous = 0, None
+                blocks = history + [audio_embeds]
+            else:
+                blocks = [audio_embeds]
+            lead = self._prefix if self._previous is None else (self._previous,)
+            self._run(self._stage(lead, blocks))
+        spoke, p_speak = self._decision(self._row)
+        if spoke:
+            self._speaking, self._previous = True, None
+            self._reply_left = self.max_reply_tokens
+            self._history_count = self._quiet_run = 0  # answered audio is never re-fed
+        else:
+            self._previous = self._silence_id
+            self._remember(audio_embeds)
+            self._quiet_run = self._quiet_run + 1 if p_speak < QUIET_P_SPEAK else 0
+        return ListenResult(spoke, p_speak, self._row, self._position, reason, self._decision_ids)
+
+    # -- replying ------------------------------------------------------------------------
+
+    def speak_step(self) -> SpeakStep | None:
+        """The next reply token after a TEXT_BEGIN decision: one decoder call; None once the
+        reply is over (TEXT_END was returned by the previous call, or the cap or the context
+        capacity ended it, in which case TEXT_END is fed back and `reply_truncated` is set)."""
+        if not self._speaking:
+            raise ProtocolError("speak_step() needs a TEXT_BEGIN decision from listen() first")
+        if self._reply_left <= 0 or self._position + 1 + STEP > self.capacity:
+            if self._reply_left > 0:
+                log.info("reply cut at the context capacity (%d tokens)", self.capacity)
+            self.end_reply()
+            return None
+        token = self._speak_id if self._previous is None else self._previous
+        self._ids[0] = token
+        self._steady_staged = False
+        self._embeds[0] = self._table[token]
+        self._logits_index[0] = 0
+        self._run(1)
+        self._reply_left -= 1
+        token = self.sampler.sample(self._row)
+        if token == self._text_end:
+            self._speaking, self._previous, self.reply_truncated = False, self._text_end, False
+        else:
+            self._previous = token
+        return SpeakStep(token, self._row)
+
+    def end_reply(self) -> None:
+        """Stop the reply now: TEXT_END becomes the fed-back token, as after a normal reply."""
+        if self._speaking:
+            self._speaking, self._previous, self.reply_truncated = False, self._text_end, True
+
+    def speak(self, max_tokens: int | None = None) -> Iterator[SpeakStep]:
+        """Decode the whole reply after a TEXT_BEGIN decision, TEXT_END included. A caller that
+        stops iterating ends the reply as end_reply() does."""
+        if not self._speaking:
+            raise ProtocolError("speak() needs a TEXT_BEGIN decision from listen() first")
+        if max_tokens is not None:
+            self._reply_left = int(max_tokens)
+        try:
+            while (step := self.speak_step()) is not None:
+                yield step
+                if not self._speaking:
+                    return
+        finally:
+            self.end_reply()
+
+    def __repr__(self) -> str:
+        return f"DecoderStream({self.model.package.name!r}, position={self._position}/{self.capacity})"
+
