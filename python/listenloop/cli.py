@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 
 from . import __version__
 from .errors import Error, ExportError
 
-CHUNK_SECONDS = 0.4
 EMOTION_MARKS = {"HAPPY": "😊", "SAD": "😢", "ANGRY": "😠", "SURPRISE": "😲", "NORMAL": "😐", "URGENT": "⚠️"}
 
 
@@ -25,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--profile", default="cpu", help="cpu, cuda, jetson or a profile .json (default: cpu)")
         p.add_argument("--json", action="store_true", help="print one JSON event per line")
         p.add_argument("--speak-bias", type=float, default=None, help="added to the TEXT_BEGIN logit")
-        p.add_argument("--max-context", type=int, default=None, help="KV cache capacity in tokens")
+        p.add_argument("--max-context", type=int, default=None,
+                       help="KV cache capacity in tokens (default: the package's; above the context the model "
+                            "was trained for it warns)")
 
     run = sub.add_parser("run", help="stream an audio file through the model")
     run.add_argument("file", help="audio file (wav, flac, ogg, mp3; any rate and channel count)")
@@ -101,6 +103,8 @@ class Printer:
             self._status_len = 0
 
     def summary(self, stats) -> None:
+        from .protocol import CHUNK_SECONDS
+
         if not self.as_json:
             self._clear_status()
             print(f"{stats.chunks} chunks ({stats.chunks * CHUNK_SECONDS:.1f} s), step {stats.step_ms:.2f} ms median, "
@@ -121,24 +125,27 @@ def _runtime(args):
 def cmd_run(args) -> int:
     from .audio import read_audio
 
+    from .protocol import SAMPLE_RATE
+
     samples = read_audio(args.file)  # read first: a bad file fails before the model loads
     runtime = _runtime(args)
     printer = Printer(args.json)
-    block = 1600  # 0.1 s
+    block = SAMPLE_RATE // 10  # 0.1 s
     with runtime.session() as session:
         start = time.monotonic()
         for i in range(0, len(samples), block):
             if args.realtime:
-                delay = start + i / 16000 - time.monotonic()
+                delay = start + i / SAMPLE_RATE - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-            session.accept_waveform(samples[i:i + block], 16000)
+            session.accept_waveform(samples[i:i + block], SAMPLE_RATE)
             for event in session.drain():
                 printer(event)
         session.finish()
         last = None
-        for event in session.events(timeout=None):
-            printer(event)
+        for event in session.events(timeout=None):  # everything, up to Finished
+            if event.kind != "Finished":
+                printer(event)
             last = event if event.kind == "Stats" else last
         printer.summary(last or session.stats())
     return 0
@@ -222,8 +229,34 @@ def cmd_bench(args) -> int:
 COMMANDS = {"run": cmd_run, "listen": cmd_listen, "devices": cmd_devices, "info": cmd_info, "bench": cmd_bench}
 
 
+def _stop_on_sigterm():
+    """SIGTERM ends the command like Ctrl-C: sessions close and the process exits 143.
+    Returns the handler to restore."""
+
+    def terminate(signum, frame):
+        raise _Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (main() called from a library user's thread)
+        return None
+
+
+class _Terminated(KeyboardInterrupt):
+    pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    previous = _stop_on_sigterm()
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str]) -> int:
     verbose = "-v" in argv or "--verbose" in argv
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="listenloop: %(message)s")
     try:
@@ -234,8 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     except Error as exc:
         print(f"listenloop: error: {exc}", file=sys.stderr)
         return 1
+    except _Terminated:
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        return 130
+        return 128 + signal.SIGINT
     except BrokenPipeError:
         return 0
     except Exception as exc:  # noqa: BLE001 - users get one line; --verbose shows the traceback
