@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import soxr
 
+from listenloop.protocol import SAMPLE_RATE
+
 from .dsp import db_to_amplitude, fft_convolve, rms, seconds, time_axis
 
 
@@ -38,10 +40,10 @@ def reverb(rng: np.random.Generator, x: np.ndarray, rt60_s: float, wet: float) -
 def resample_artefacts(x: np.ndarray, via_rate: int) -> np.ndarray:
     """Down to `via_rate` and back up with soxr's low-quality filters: band limit and aliasing
     like a cheap microphone path or a phone line."""
-    if via_rate >= 16000:
-        raise ValueError(f"via_rate must be below 16000, got {via_rate}")
-    low = soxr.resample(x, 16000, via_rate, quality="LQ")
-    back = soxr.resample(low, via_rate, 16000, quality="LQ")
+    if via_rate >= SAMPLE_RATE:
+        raise ValueError(f"via_rate must be below {SAMPLE_RATE}, got {via_rate}")
+    low = soxr.resample(x, SAMPLE_RATE, via_rate, quality="LQ")
+    back = soxr.resample(low, via_rate, SAMPLE_RATE, quality="LQ")
     out = np.zeros_like(x)
     out[: min(len(x), len(back))] = back[: len(x)]
     return out.astype(np.float32)
@@ -52,7 +54,7 @@ def change_tempo(x: np.ndarray, factor: float) -> np.ndarray:
     speaker: a cheap way to widen a few synthetic voices."""
     if not 0.5 <= factor <= 2.0:
         raise ValueError(f"tempo factor must be in [0.5, 2], got {factor}")
-    return soxr.resample(x, 16000, 16000 / factor, quality="HQ").astype(np.float32)
+    return soxr.resample(x, SAMPLE_RATE, SAMPLE_RATE / factor, quality="HQ").astype(np.float32)
 
 
 def clip(x: np.ndarray, drive_db: float) -> np.ndarray:

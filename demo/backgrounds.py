@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from listenloop.protocol import SAMPLE_RATE
+
 from . import speech
 from .dsp import band_filter, fade, seconds, set_rms, time_axis
 
@@ -14,7 +16,7 @@ from .dsp import band_filter, fade, seconds, set_rms, time_axis
 def _shaped_noise(rng: np.random.Generator, n: int, exponent: float) -> np.ndarray:
     """Noise with power ∝ 1/f^exponent (0 white, 1 pink, 2 brown), shaped in the frequency domain."""
     spectrum = np.fft.rfft(rng.standard_normal(n))
-    freqs = np.fft.rfftfreq(n, 1.0 / 16000)
+    freqs = np.fft.rfftfreq(n, 1.0 / SAMPLE_RATE)
     freqs[0] = freqs[1] if n > 1 else 1.0
     spectrum *= freqs ** (-exponent / 2.0)
     return set_rms(np.fft.irfft(spectrum, n).astype(np.float32), 1.0)

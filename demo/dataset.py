@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from listenloop.features import StreamingLogMel
+from listenloop.protocol import CHUNK_SAMPLES
 
 from . import streams
 
@@ -28,10 +29,10 @@ DATA_VERSION = 3  # bump when stream generation changes, so a stale feature cach
 def stream_features(audio: np.ndarray) -> np.ndarray:
     """[n_chunks, 128, 40] float32 exactly as the runtime computes them chunk by chunk
     (running-max floor from the stream's start, reflect padding at each chunk's right edge)."""
-    if len(audio) % streams.CHUNK_SAMPLES:
-        raise ValueError(f"audio length {len(audio)} is not a multiple of {streams.CHUNK_SAMPLES}")
+    if len(audio) % CHUNK_SAMPLES:
+        raise ValueError(f"audio length {len(audio)} is not a multiple of {CHUNK_SAMPLES}")
     mel = StreamingLogMel()
-    return np.stack([mel(c) for c in audio.reshape(-1, streams.CHUNK_SAMPLES)])
+    return np.stack([mel(c) for c in audio.reshape(-1, CHUNK_SAMPLES)])
 
 
 def _render(args: tuple[int, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

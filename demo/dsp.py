@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from listenloop.protocol import SAMPLE_RATE
 
 
 def seconds(n_seconds: float) -> int:

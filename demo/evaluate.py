@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from listenloop.protocol import CHUNK_SAMPLES, SAMPLE_RATE
+
 from . import dataset, streams, tasks, vocab
 from .layout import Protocol
 from .listener import PackageListener, TorchListener
@@ -70,7 +72,7 @@ class StreamScore:
 
 
 def _chunks(seg: streams.Segment, last: int) -> range:
-    return range(seg.start // streams.CHUNK_SAMPLES, last + 1)
+    return range(seg.start // CHUNK_SAMPLES, last + 1)
 
 
 def score(stream: streams.Stream, replies: list[SpokenReply]) -> StreamScore:
@@ -92,7 +94,7 @@ def score(stream: streams.Stream, replies: list[SpokenReply]) -> StreamScore:
     speech = [_chunks(seg, streams.reply_chunk(seg.end) + LATE_CHUNKS) for seg in stream.segments
               if seg.kind == "distractor"]
     near_speech = sum(1 for r in false_replies if any(r.chunk in chunks for chunks in speech))
-    outside_s = max(0, stream.n_chunks - windows) * streams.CHUNK_SAMPLES / 16000.0
+    outside_s = max(0, stream.n_chunks - windows) * CHUNK_SAMPLES / SAMPLE_RATE
     return StreamScore(items, false_replies, near_speech, wrong, outside_s)
 
 

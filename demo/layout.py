@@ -1,4 +1,5 @@
-"""The streaming token layout of MODEL_SPEC §5.2-5.4, built from chunk labels.
+"""The streaming token layout (docs/PROTOCOL.md, "Prompt", "Listening step", "Reply"), built
+from chunk labels.
 
   prefix:  [ONLINE, ENGLISH, SYSTEM, TEXT_BEGIN] + system prompt + [TEXT_END]
   chunk 0: [AUDIO_BEGIN, PAD×10, ASSISTANT] + decision
@@ -17,14 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import tasks
+from listenloop.protocol import BLOCK, PREFIX_HEAD, TOKEN_NAMES, VECTORS_PER_CHUNK
 
-PROTOCOL_NAMES = (
-    "USER", "ASSISTANT", "KEEP_SILENCE", "PAD", "ONLINE", "OFFLINE", "ENGLISH", "HAPPY", "SAD", "ANGRY",
-    "SURPRISE", "NORMAL", "URGENT", "TEXT_END", "TEXT_BEGIN", "SYSTEM", "AUDIO_PAD", "AUDIO_BEGIN", "AUDIO_END",
-)
-VECTORS_PER_CHUNK = 10
-BLOCK = 12  # AUDIO_BEGIN, PAD×10, ASSISTANT
+from . import tasks
 
 
 @dataclass(frozen=True)
@@ -36,11 +32,10 @@ class Protocol:
     @classmethod
     def build(cls, tokens: dict[str, int], encode) -> "Protocol":
         """`encode(text) -> list[int]` is the tokenizer's plain text encoding (no special tokens)."""
-        missing = [n for n in PROTOCOL_NAMES if n not in tokens]
+        missing = [n for n in TOKEN_NAMES if n not in tokens]
         if missing:
             raise ValueError(f"protocol tokens missing: {missing}")
-        prefix = (tokens["ONLINE"], tokens["ENGLISH"], tokens["SYSTEM"], tokens["TEXT_BEGIN"],
-                  *encode(tasks.SYSTEM_PROMPT), tokens["TEXT_END"])
+        prefix = (*(tokens[name] for name in PREFIX_HEAD), *encode(tasks.SYSTEM_PROMPT), tokens["TEXT_END"])
         replies = tuple(
             (tokens["TEXT_BEGIN"], tokens[r.emotion], *encode(r.text), tokens["TEXT_END"]) for r in tasks.REPLIES
         )

@@ -1,7 +1,8 @@
-"""Greedy streaming protocol loop over the torch demo model with a KV cache (§5.3, §5.4).
+"""Greedy streaming protocol loop over the torch demo model with a KV cache (docs/PROTOCOL.md,
+"Listening step" and "Reply").
 
 Listening: the first step feeds prefix + block, later steps [fed-back token] + block; the
-decision is the argmax over {KEEP_SILENCE, TEXT_BEGIN} at the ASSISTANT row (§11.1), with an
+decision is the argmax over {KEEP_SILENCE, TEXT_BEGIN} at the ASSISTANT row, with an
 optional speak bias on TEXT_BEGIN like the package's sampling.speak_bias.
 Speaking: greedy single-token steps from TEXT_BEGIN until TEXT_END or the cap; no audio is
 consumed meanwhile, and TEXT_END becomes the next block's fed-back token.
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .layout import VECTORS_PER_CHUNK, Protocol
+from listenloop.protocol import VECTORS_PER_CHUNK
+
+from .layout import Protocol
 from .model import DemoModel, rounded_positions
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from listenloop.protocol import CHUNK_SECONDS, SAMPLE_RATE
+
 from . import streams
 from .dsp import seconds
 
@@ -49,11 +51,12 @@ EXAMPLES: dict[str, tuple[int, float, str, list[tuple[str, str, str | None, floa
 
 def make_example(seed: int, seconds_long: float, background: str, script) -> streams.Stream:
     rng = np.random.default_rng([seed, 0xE8A])
-    n_chunks = int(round(seconds_long / 0.4))
+    n_chunks = int(round(seconds_long / CHUNK_SECONDS))
     placed = [(streams.render_item(rng, kind, name, "eval", text), seconds(start)) for kind, name, text, start in script]
     for (a, sa), (b, sb) in zip(placed, placed[1:]):
         if sa + len(a.audio) + seconds(EXAMPLE_SETTINGS.gap_s[0]) > sb:
-            raise ValueError(f"{a.name} (ends {(sa + len(a.audio)) / 16000:.1f} s) runs into {b.name} at {sb / 16000:.1f} s")
+            raise ValueError(f"{a.name} (ends {(sa + len(a.audio)) / SAMPLE_RATE:.1f} s) runs into {b.name} "
+                             f"at {sb / SAMPLE_RATE:.1f} s")
     return streams.mix_stream(rng, n_chunks, placed, "eval", EXAMPLE_SETTINGS, seed=seed, background=background)
 
 
@@ -61,12 +64,12 @@ def describe(stream: streams.Stream) -> dict:
     events = []
     for seg in stream.segments:
         entry = {"kind": seg.kind, "name": seg.name, "text": seg.text,
-                 "start_s": round(seg.start / 16000, 3), "end_s": round(seg.end / 16000, 3)}
+                 "start_s": round(seg.start / SAMPLE_RATE, 3), "end_s": round(seg.end / SAMPLE_RATE, 3)}
         if seg.reply is None:
             entry["expected"] = "silence"
         else:
             entry.update(expected="reply", emotion=seg.reply.emotion, reply=seg.reply.text,
-                         reply_chunk=seg.reply_chunk, reply_due_s=round((seg.reply_chunk + 1) * 0.4, 3))
+                         reply_chunk=seg.reply_chunk, reply_due_s=round((seg.reply_chunk + 1) * CHUNK_SECONDS, 3))
         events.append(entry)
     return {"duration_s": stream.duration_s, "chunks": stream.n_chunks, "events": events}
 
@@ -80,10 +83,10 @@ def main(argv=None) -> None:
     for name, (seed, length, background, script) in EXAMPLES.items():
         stream = make_example(seed, length, background, script)
         path = args.out / f"{name}.wav"
-        sf.write(path, stream.audio, 16000, subtype="PCM_16")
+        sf.write(path, stream.audio, SAMPLE_RATE, subtype="PCM_16")
         expected[path.name] = {"background": background, **describe(stream)}
         print(f"{path}: {stream.duration_s:.1f} s, {path.stat().st_size / 1e6:.2f} MB, "
-              + ", ".join(f"{s.name}@{s.end / 16000:.1f}s" for s in stream.segments))
+              + ", ".join(f"{s.name}@{s.end / SAMPLE_RATE:.1f}s" for s in stream.segments))
     (args.out / "expected_events.json").write_text(json.dumps(expected, indent=1) + "\n")
 
 

@@ -1,7 +1,7 @@
 """The demo model: the real model's architecture family, scaled down.
 
 A transformers `Qwen2_5OmniAudioEncoder` driven chunk-wise (each 40-frame chunk is its own
-"audio", MODEL_SPEC §3.3) and a transformers `Qwen2ForCausalLM` (untied embeddings, GQA, rope
+"audio"; docs/PROTOCOL.md, "Encoder") and a transformers `Qwen2ForCausalLM` (untied embeddings, GQA, rope
 theta 1e6) that reads the encoder's 10 vectors per chunk at the PAD rows of a listening block.
 """
 from __future__ import annotations
@@ -15,8 +15,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniAudioEncoderConfig
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
 
-FRAMES_PER_CHUNK = 40
-VECTORS_PER_CHUNK = 10
+from listenloop.protocol import FRAMES_PER_CHUNK, N_MELS
 
 
 @dataclass(frozen=True)
@@ -35,12 +34,12 @@ class DemoSizes:
 
 def audio_config(sizes: DemoSizes) -> Qwen2_5OmniAudioEncoderConfig:
     return Qwen2_5OmniAudioEncoderConfig(
-        num_mel_bins=128,
+        num_mel_bins=N_MELS,
         d_model=sizes.encoder_d_model,
         encoder_layers=sizes.encoder_layers,
         encoder_attention_heads=sizes.encoder_heads,
         encoder_ffn_dim=sizes.encoder_ffn,
-        output_dim=sizes.hidden,  # the proj Linear is the adapter into the LLM (§1)
+        output_dim=sizes.hidden,  # the proj Linear is the adapter into the LLM
         n_window=100,
         max_source_positions=1500,
         activation_function="gelu",
@@ -104,7 +103,7 @@ def chunkwise_encode(encoder: Qwen2_5OmniAudioEncoder, mel: torch.Tensor) -> tor
 
 
 def rounded_positions(n: int, offset: int = 0, device=None) -> torch.Tensor:
-    """Absolute positions rounded through float16 like the reference (§4.2); exact below 2048."""
+    """Absolute positions rounded through float16 (docs/PROTOCOL.md, "Listening step"); exact below 2048."""
     return torch.arange(offset, offset + n, device=device).to(torch.float16).to(torch.int64)
 
 

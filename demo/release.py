@@ -1,5 +1,5 @@
-"""Save a trained demo model in the release checkpoint layout (MODEL_SPEC §7), so the same
-`listenloop export` path that packages the real model packages the demo one.
+"""Save a trained demo model in the release checkpoint layout (listenloop.export.checkpoint), so
+the same `listenloop export` path that packages the real model packages the demo one.
 
   python -m demo.release --run demo/.cache/run --out demo/.cache/checkpoint
 """
@@ -17,7 +17,7 @@ CHECKPOINT_NAME = "listenloop-demo"
 
 
 def litgpt_config(model: DemoModel, vocab_size: int) -> dict:
-    """model_config.yaml for the demo LLM (the litgpt fields of §4.1)."""
+    """model_config.yaml for the demo LLM (litgpt Config fields)."""
     c = model.llm_config
     return {
         "name": CHECKPOINT_NAME, "block_size": c.max_position_embeddings, "vocab_size": vocab_size,

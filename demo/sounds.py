@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from listenloop.protocol import SAMPLE_RATE
+
 from .dsp import band_filter, fade, normalise_peak, seconds, time_axis
 
 SoundGenerator = Callable[[np.random.Generator], np.ndarray]
@@ -18,7 +20,7 @@ SoundGenerator = Callable[[np.random.Generator], np.ndarray]
 def _tone(freq_hz: float | np.ndarray, n: int, phase: float = 0.0) -> np.ndarray:
     """Sine at a constant or per-sample frequency (phase-continuous)."""
     freq = np.broadcast_to(np.asarray(freq_hz, dtype=np.float64), (n,))
-    return np.sin(phase + 2 * np.pi * np.cumsum(freq) / 16000.0)
+    return np.sin(phase + 2 * np.pi * np.cumsum(freq) / SAMPLE_RATE)
 
 
 def smoke_alarm(rng: np.random.Generator) -> np.ndarray:

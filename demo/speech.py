@@ -20,7 +20,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-SAMPLE_RATE = 16000
+from listenloop.protocol import SAMPLE_RATE
+
 CACHE_DIR = Path(__file__).resolve().parent / ".cache" / "speech"
 _CACHE_VERSION = "1"  # bump when rendering or trimming changes
 

@@ -1,8 +1,8 @@
 """Labelled synthetic streams: tens of seconds of background with a few foreground items
 (sound events, commands, distractor speech) separated by quiet stretches.
 
-Labelling rule (MODEL_SPEC §5.4 attaches a reply to "the last chunk boundary reached by the end
-of the user's turn audio"; we make it exact): an item whose audio ends at sample `e` (exclusive,
+Labelling rule (the model was trained with each reply at the last chunk boundary reached by the
+end of the user's turn audio; we make it exact): an item whose audio ends at sample `e` (exclusive,
 dry signal, before any reverb tail) gets its reply on chunk k = (e - 1) // 6400, the chunk whose
 end boundary (k + 1)·6400 is the first boundary at or after `e`. The model therefore answers right
 after the chunk in which the item ends: within one chunk (0.4 s) of the end of the sound. Every
@@ -19,11 +19,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from listenloop.protocol import CHUNK_SAMPLES, SAMPLE_RATE
+
 from . import augment, backgrounds, speech, tasks
 from .dsp import db_to_amplitude, seconds, set_rms
 from .sounds import SOUND_EVENTS
 
-CHUNK_SAMPLES = 6400
 SILENT = -1  # label of a chunk that gets no reply
 _SPLIT_SALT = {"train": 0x5EED, "eval": 0xE7A1}
 
@@ -86,7 +87,7 @@ class Stream:
 
     @property
     def duration_s(self) -> float:
-        return len(self.audio) / 16000.0
+        return len(self.audio) / SAMPLE_RATE
 
     def labels(self) -> np.ndarray:
         """Per chunk: index into tasks.REPLIES, or SILENT."""

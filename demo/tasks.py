@@ -13,15 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from listenloop.protocol import EMOTION_NAMES as EMOTIONS  # noqa: F401
+from listenloop.protocol import RELEASE_SYSTEM_PROMPT as SYSTEM_PROMPT  # noqa: F401 - the release prompt, exactly
+
 from .sounds import SOUND_EVENTS
-
-# MODEL_SPEC §5.2, exactly.
-SYSTEM_PROMPT = (
-    "You are a helpful assistant. When there is no user text, if the audio contains a question, "
-    "please answer it. If it is a sound effect, determine based on the sound whether help is needed."
-)
-
-EMOTIONS = ("HAPPY", "SAD", "ANGRY", "SURPRISE", "NORMAL", "URGENT")
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from listenloop.export.tokenizer_build import build_tokenizer, encode_text
+from listenloop.protocol import TOKEN_NAMES
 
 from . import tasks
-from .layout import PROTOCOL_NAMES
 
 VOCAB_SIZE = 448  # a multiple of 64, so the embedding table needs no padding rows
 
@@ -28,7 +28,7 @@ def demo_tokenizer(folder: Path) -> tuple[Tokenizer, dict[str, int]]:
     tok_path, ids_path = folder / "tokenizer.json", folder / "protocol_tokens.json"
     if tok_path.exists() and ids_path.exists():
         ids = json.loads(ids_path.read_text())
-        return Tokenizer.from_file(str(tok_path)), {k: v for k, v in ids.items() if k in PROTOCOL_NAMES}
+        return Tokenizer.from_file(str(tok_path)), {k: v for k, v in ids.items() if k in TOKEN_NAMES}
     tokenizer, tokens = build_tokenizer(corpus(), vocab_size=VOCAB_SIZE)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(tok_path))

@@ -6,8 +6,7 @@ import sys
 import time
 
 from listenloop.errors import Error
-
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+from listenloop.protocol import PRECISIONS
 
 
 def build_parser(prog: str = "python -m listenloop.export") -> argparse.ArgumentParser:

@@ -1,13 +1,14 @@
-"""Reader and writer of the release checkpoint layout (MODEL_SPEC §7).
+"""Reader and writer of the release checkpoint layout.
 
     model-0000{i}-of-0000{n}.safetensors + model.safetensors.index.json (or model.safetensors)
-    model_config.yaml                      litgpt Config fields (§4.1)
+    model_config.yaml                      litgpt Config fields
     audiointeraction_ChunkwisedEncoder.pth audio tower state dict (old name MiniOmni3_...)
     qwen25OmniConfig/config.json           only thinker_config.audio_config is used
     tokenizer.json, tokenizer_config.json
-    protocol_tokens.json                   optional: overrides of the §5.1 ids and the prompt
+    protocol_tokens.json                   optional: overrides of the release token ids and the
+                                           system prompt (docs/PROTOCOL.md, "Token ids")
 
-The LM weights use litgpt names; `load_checkpoint` maps them to Hugging Face Qwen2 names (§4.3)
+The LM weights use litgpt names; `load_checkpoint` maps them to Hugging Face Qwen2 names
 and checks every file, key, shape and dtype up front, so a bad checkpoint fails in a second
 with one line naming the file and the field, not halfway through an export.
 """
@@ -23,6 +24,7 @@ import torch
 import yaml
 
 from listenloop.errors import CheckpointError
+from listenloop.protocol import EMOTION_NAMES, N_MELS, RELEASE_SYSTEM_PROMPT, RELEASE_TOKENS
 
 MODEL_CONFIG = "model_config.yaml"
 INDEX = "model.safetensors.index.json"
@@ -41,23 +43,10 @@ LLM_CONFIG_FIELDS = {
     "bias": bool, "attn_bias": bool, "lm_head_bias": bool, "parallel_residual": bool,
     "scale_embeddings": bool,
 }
-# The only architecture variant this exporter implements (§4.1); anything else is refused.
+# The only architecture variant this exporter implements; anything else is refused.
 SUPPORTED = {"mlp_class_name": "LLaMAMLP", "norm_class_name": "RMSNorm", "rotary_percentage": 1.0,
              "bias": False, "lm_head_bias": False, "parallel_residual": False, "scale_embeddings": False}
 
-# §5.1 release ids; SYSTEM is the same id as TEXT_BEGIN.
-RELEASE_TOKENS = {
-    "USER": 151601, "ASSISTANT": 151602, "KEEP_SILENCE": 151605, "PAD": 151608,
-    "ONLINE": 151609, "OFFLINE": 151610, "ENGLISH": 151611, "HAPPY": 151614, "SAD": 151615,
-    "ANGRY": 151616, "SURPRISE": 151617, "NORMAL": 151618, "URGENT": 151619,
-    "TEXT_END": 151643, "TEXT_BEGIN": 151644, "SYSTEM": 151644, "AUDIO_PAD": 151646,
-    "AUDIO_BEGIN": 151647, "AUDIO_END": 151648,
-}
-EMOTION_NAMES = ("HAPPY", "SAD", "ANGRY", "SURPRISE", "NORMAL", "URGENT")
-RELEASE_SYSTEM_PROMPT = (
-    "You are a helpful assistant. When there is no user text, if the audio contains a question, "
-    "please answer it. If it is a sound effect, determine based on the sound whether help is needed."
-)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -89,7 +78,7 @@ def _fail(file, field_name: str, problem: str) -> CheckpointError:
     return CheckpointError(f"{file}: {field_name}: {problem}")
 
 
-# --- litgpt <-> HF Qwen2 key mapping (§4.3) ------------------------------------------------
+# --- litgpt <-> HF Qwen2 key mapping ------------------------------------------------------
 
 _LAYER_RENAMES = {
     "norm_1.weight": "input_layernorm.weight",
@@ -133,7 +122,7 @@ def interleave_qkv(tensor: torch.Tensor, cfg: dict) -> torch.Tensor:
 
 
 def hf_qwen2_state_from_litgpt(state: dict, cfg: dict, file: str = "weights") -> dict:
-    """litgpt key names (§4.3) -> HF Qwen2 key names; fused qkv split contiguously."""
+    """litgpt key names -> HF Qwen2 key names; fused qkv split contiguously."""
     out = {}
     q_rows, kv_rows = _qkv_sizes(cfg)
     for key, tensor in state.items():
@@ -187,7 +176,7 @@ def litgpt_state_from_hf_qwen2(state: dict, cfg: dict) -> dict:
 
 
 def expected_litgpt_shapes(cfg: dict) -> dict:
-    """Every litgpt key with its shape, from the config (§4.3 table)."""
+    """Every litgpt key with its shape, from the config."""
     h, v, ff = cfg["n_embd"], cfg["padded_vocab_size"], cfg["intermediate_size"]
     q_rows, kv_rows = _qkv_sizes(cfg)
     shapes = {"transformer.wte.weight": (v, h), "transformer.ln_f.weight": (h,), "lm_head.weight": (v, h)}
@@ -351,8 +340,8 @@ def _read_audio_config(root: Path, n_embd: int):
         config = Qwen2_5OmniAudioEncoderConfig(**audio)
     except (TypeError, ValueError) as exc:
         raise _fail(OMNI_CONFIG, "thinker_config.audio_config", f"invalid ({str(exc).splitlines()[0]})") from None
-    if config.num_mel_bins != 128:
-        raise _fail(OMNI_CONFIG, "thinker_config.audio_config.num_mel_bins", f"must be 128, got {config.num_mel_bins}")
+    if config.num_mel_bins != N_MELS:
+        raise _fail(OMNI_CONFIG, "thinker_config.audio_config.num_mel_bins", f"must be {N_MELS}, got {config.num_mel_bins}")
     if config.output_dim != n_embd:
         raise _fail(OMNI_CONFIG, "thinker_config.audio_config.output_dim",
                     f"{config.output_dim} != n_embd {n_embd} in {MODEL_CONFIG}")
@@ -551,7 +540,7 @@ def load_checkpoint(checkpoint_dir, lazy: bool = False) -> Checkpoint:
 # --- writer -------------------------------------------------------------------------------
 
 def _omni_config_json(audio_config: dict) -> dict:
-    """A minimal Qwen2.5-Omni config: only thinker_config.audio_config is read (§7)."""
+    """A minimal Qwen2.5-Omni config: only thinker_config.audio_config is read."""
     audio = dict(audio_config)
     audio["model_type"] = "qwen2_5_omni_audio_encoder"
     return {"architectures": ["Qwen2_5OmniModel"], "model_type": "qwen2_5_omni",

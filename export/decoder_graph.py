@@ -4,10 +4,10 @@ Why not transformers' Qwen2 module or optimum's exporter: the runtime needs (a) 
 KV layout `[1, P, KVH, D]` whose new rows the graph writes straight into a bound cache buffer
 (zero copy), (b) logits only for the rows in `logits_index` (a [T, 151936] logits tensor per
 prefill would dominate memory traffic), and (c) positions rounded through float16 inside the
-graph (§4.2). Stock exporters give a head-major cache `[1, KVH, P, D]`, all-row logits and
-integer positions. The math here is exactly HF Qwen2's: RMSNorm, rotate-half RoPE with
-θ_i = base^(-2i/D), grouped-query attention, SiLU-gated MLP. `tests/test_export_graphs.py`
-checks it against `transformers.Qwen2ForCausalLM`.
+graph (docs/PROTOCOL.md, "Listening step"). Stock exporters give a head-major cache
+`[1, KVH, P, D]`, all-row logits and integer positions. The math here is exactly HF Qwen2's:
+RMSNorm, rotate-half RoPE with θ_i = base^(-2i/D), grouped-query attention, SiLU-gated MLP.
+`tests/test_export_graphs.py` checks it against `transformers.Qwen2ForCausalLM`.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def rope_inv_freq(head_dim: int, base: float) -> torch.Tensor:
 
 
 def round_positions(position_ids: torch.Tensor) -> torch.Tensor:
-    """§4.2: positions go through float16 before the angles (2049 -> 2048, 2051 -> 2052)."""
+    """Positions go through float16 before the angles: 2049 -> 2048, 2051 -> 2052
+    (docs/PROTOCOL.md, "Listening step")."""
     return position_ids.to(torch.float16).to(torch.float32)
 
 

@@ -2,9 +2,9 @@
 
 HF's `Qwen2_5OmniAudioEncoder.forward` packs chunks into one sequence with data-dependent
 splits (cu_seqlens, `.tolist()`), which does not export to a graph with a dynamic batch. Since
-each 0.4 s chunk is a pure function of its own 40 frames (§3.3), `ChunkEncoder` runs the same
-submodules (conv1, conv2, positional rows 0..19, the layers, pooling, ln_post, proj) over a
-batch of independent chunks. `check_against_hf` proves the equivalence numerically.
+each 0.4 s chunk is a pure function of its own 40 frames (docs/PROTOCOL.md, "Encoder"),
+`ChunkEncoder` runs the same submodules (conv1, conv2, positional rows 0..19, the layers,
+pooling, ln_post, proj) over a batch of independent chunks. `check_against_hf` proves the equivalence numerically.
 """
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .decoder_graph import OPSET
+from listenloop.protocol import FRAMES_PER_CHUNK as FRAMES
+from listenloop.protocol import N_MELS
+from listenloop.protocol import VECTORS_PER_CHUNK as VECTORS
 
-FRAMES, VECTORS = 40, 10
+from .decoder_graph import OPSET
 
 
 def build_hf_encoder(audio_config, encoder_state: dict, share_weights: bool = False):
-    """transformers' own encoder module with the checkpoint's weights (strict load, §7 step 4).
+    """transformers' own encoder module with the checkpoint's weights (strict load).
 
     `share_weights=True`: the module takes the state's tensors themselves (memory-mapped from
     the checkpoint) instead of copies, and is built without allocating or initialising weights
@@ -55,7 +57,7 @@ def check_materialized(module: torch.nn.Module, what: str) -> None:
 
 
 def hf_encode(encoder, mel: torch.Tensor) -> torch.Tensor:
-    """The reference's way (§3.3): all chunks in one call with feature_lens = [40, 40, ...]."""
+    """The reference's way: all chunks in one call with feature_lens = [40, 40, ...]."""
     B = mel.shape[0]
     features = mel.permute(1, 0, 2).reshape(mel.shape[1], B * FRAMES)
     with torch.no_grad():
@@ -105,7 +107,7 @@ class ChunkEncoder(nn.Module):
 def check_against_hf(hf_encoder, chunk_encoder: ChunkEncoder, n_chunks: int = 5, seed: int = 0) -> float:
     """Max abs difference between the batched wrapper and HF's forward on several chunks at once."""
     gen = torch.Generator().manual_seed(seed)
-    mel = (torch.randn(n_chunks, 128, FRAMES, generator=gen) * 0.4).clamp(-1.0, 1.5)
+    mel = (torch.randn(n_chunks, N_MELS, FRAMES, generator=gen) * 0.4).clamp(-1.0, 1.5)
     with torch.no_grad():
         ours = chunk_encoder(mel)
     return float((ours - hf_encode(hf_encoder, mel)).abs().max())
@@ -116,7 +118,7 @@ def export_encoder(chunk_encoder: ChunkEncoder, path: Path, export_params: bool 
 
     path = Path(path)
     with torch.no_grad(), weights_hidden_from_shape_inference(chunk_encoder, hide=not export_params):
-        torch.onnx.export(chunk_encoder.eval(), (torch.zeros(2, 128, FRAMES),), str(path),
+        torch.onnx.export(chunk_encoder.eval(), (torch.zeros(2, N_MELS, FRAMES),), str(path),
                           input_names=["mel"], output_names=["audio_embeds"],
                           dynamic_axes={"mel": {0: "B"}, "audio_embeds": {0: "B"}},
                           opset_version=OPSET, dynamo=False, do_constant_folding=True,

@@ -14,30 +14,23 @@ from pathlib import Path
 import numpy as np
 
 from listenloop.errors import CheckpointError, ExportError
+from listenloop.package import AUDIO, FORMAT, FORMAT_VERSION
+from listenloop.protocol import EMOTION_NAMES, FRAMES_PER_CHUNK, MAX_REPLY_TOKENS, N_MELS, PREFIX_HEAD, TOKEN_NAMES
 
 from . import quantize
 from .checkpoint import validate_checkpoint
 
-FORMAT = "listenloop-model-package"
-FORMAT_VERSION = 1
 VERSION = "0.1.0"
-AUDIO = {"sample_rate": 16000, "chunk_samples": 6400, "n_fft": 400, "hop_length": 160, "n_mels": 128,
-         "frames_per_chunk": 40, "vectors_per_chunk": 10, "mel_scale": "slaney", "mel_norm": "slaney",
-         "log_floor": 1e-10, "dynamic_range_log10": 8.0}
-SAMPLING = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "speak_bias": 0.0, "max_reply_tokens": 512}
-PROTOCOL_NAMES = ("USER", "ASSISTANT", "KEEP_SILENCE", "PAD", "ONLINE", "OFFLINE", "ENGLISH", "HAPPY", "SAD",
-                  "ANGRY", "SURPRISE", "NORMAL", "URGENT", "TEXT_END", "TEXT_BEGIN", "SYSTEM", "AUDIO_PAD",
-                  "AUDIO_BEGIN", "AUDIO_END")
-EMOTION_NAMES = ("HAPPY", "SAD", "ANGRY", "SURPRISE", "NORMAL", "URGENT")
+SAMPLING = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "speak_bias": 0.0, "max_reply_tokens": MAX_REPLY_TOKENS}
 ENCODER_TOLERANCE = 1e-4  # batched wrapper vs HF forward, fp32
 
 
 def prefix_ids(tokens: dict, tokenizer, system_prompt: str) -> list:
-    """§5.2: [ONLINE, ENGLISH, SYSTEM, TEXT_BEGIN] + encode(system prompt) + [TEXT_END]."""
+    """The streaming prefix (docs/PROTOCOL.md, "Prompt"):
+    [ONLINE, ENGLISH, SYSTEM, TEXT_BEGIN] + encode(system prompt) + [TEXT_END]."""
     from .tokenizer_build import encode_text
 
-    return ([tokens["ONLINE"], tokens["ENGLISH"], tokens["SYSTEM"], tokens["TEXT_BEGIN"]]
-            + encode_text(tokenizer, system_prompt) + [tokens["TEXT_END"]])
+    return [tokens[name] for name in PREFIX_HEAD] + encode_text(tokenizer, system_prompt) + [tokens["TEXT_END"]]
 
 
 def _parameter_counts(llm: dict, audio) -> tuple[int, int]:
@@ -46,7 +39,7 @@ def _parameter_counts(llm: dict, audio) -> tuple[int, int]:
     layer = qkv * (h + 1) + llm["n_head"] * llm["head_size"] * h + 3 * ff * h + 2 * h
     lm = llm["n_layer"] * layer + 2 * v * h + h
     d, eff = audio.d_model, audio.encoder_ffn_dim
-    enc = audio.encoder_layers * (4 * d * d + 2 * d * eff + 10 * d) + 128 * d * 3 + d * d * 3 + d * audio.output_dim
+    enc = audio.encoder_layers * (4 * d * d + 2 * d * eff + 10 * d) + N_MELS * d * 3 + d * d * 3 + d * audio.output_dim
     return lm, enc
 
 
@@ -100,7 +93,7 @@ def _scale(chunk_encoder) -> float:
     import torch
 
     with torch.no_grad():
-        return float(chunk_encoder(torch.zeros(1, 128, 40)).abs().max())
+        return float(chunk_encoder(torch.zeros(1, N_MELS, FRAMES_PER_CHUNK)).abs().max())
 
 
 def _export_decoder(checkpoint, work: Path, out: Path, precision: str) -> None:
@@ -135,7 +128,7 @@ def _manifest(checkpoint, out: Path, enc_precision: str, dec_precision: str, max
     cfg = checkpoint.llm_config
     tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_path))
     io_dtype = "float16" if dec_precision == "fp16" else "float32"
-    tokens = {n: int(checkpoint.tokens[n]) for n in PROTOCOL_NAMES}
+    tokens = {n: int(checkpoint.tokens[n]) for n in TOKEN_NAMES}
     files = {}
     for path in sorted(out.iterdir()):
         if path.is_file():

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-CHUNK = 6400
-RATE = 16000
+from listenloop.protocol import CHUNK_SAMPLES as CHUNK
+from listenloop.protocol import MAX_REPLY_TOKENS
+from listenloop.protocol import SAMPLE_RATE as RATE
+
 # Thresholds: fp32 must match exactly in decisions and tokens; lower precisions by agreement.
 FP32_LOGITS_TOLERANCE = 1e-3
 MIN_DECISION_AGREEMENT = 0.97
@@ -162,7 +164,7 @@ class ReferenceRun:
     max_reply_tokens: int
 
 
-def reference_run(checkpoint_dir, n_chunks: int = 64, seed: int = 0, max_reply_tokens: int = 512,
+def reference_run(checkpoint_dir, n_chunks: int = 64, seed: int = 0, max_reply_tokens: int = MAX_REPLY_TOKENS,
                   audio: np.ndarray | None = None) -> ReferenceRun:
     """`audio` (16 kHz float32) replaces the synthetic stream, e.g. a recording with events."""
     from .reference import TorchReference
@@ -184,7 +186,9 @@ def parity_report(checkpoint_dir, package_dir, n_chunks: int = 64, seed: int = 0
     if reference is None or reference.max_reply_tokens != cap:
         reference = reference_run(checkpoint_dir, n_chunks, seed, cap, audio)
     forced = ForcedChoices(reference.trace)
-    engine = Engine(package, max_context=package.decoder["max_context"], sampler=forced)
+    # resets only when full: the reference's context is unbounded, so within the package's
+    # capacity both sides see the same tokens
+    engine = Engine(package, max_context=package.decoder["max_context"], sampler=forced, quiet_resets=False)
     pkg_embeds = engine.encode(reference.mel)
     encoder_diff = float(np.abs(reference.audio_embeds - pkg_embeds).max())
     pkg_trace = run_protocol(engine, pkg_embeds, cap)

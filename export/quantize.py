@@ -16,10 +16,10 @@ import onnx
 from onnx import TensorProto
 
 from listenloop.errors import ExportError
+from listenloop.protocol import PRECISIONS
 
 from .external import ExternalDataWriter, is_external, read_array, save_graph, tensor_nbytes
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
 LARGE_MODEL_BYTES = 1_800_000_000
 INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4  # int8 activations in the CPU MatMulNBits kernel

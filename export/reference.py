@@ -2,8 +2,9 @@
 
 Decoder: `transformers.Qwen2ForCausalLM` with the litgpt weights mapped to HF names, and its own
 `DynamicCache`. Encoder: `Qwen2_5OmniAudioEncoder` called as the reference drives it (all chunks
-in one call, feature_lens = [40]*B, §3.3). Protocol: §5 with greedy decisions and replies.
-Positions go through float16 before RoPE (§4.2), passed as the rounded integers.
+in one call, feature_lens = [40]*B). Protocol: docs/PROTOCOL.md ("Prompt", "Listening step",
+"Reply") with greedy decisions and replies. Positions go through float16 before RoPE, passed as
+the rounded integers.
 
 It is the ground truth of the parity report and the baseline of the benchmarks.
 """
@@ -16,11 +17,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from listenloop.protocol import FRAMES_PER_CHUNK, N_MELS
+from listenloop.protocol import VECTORS_PER_CHUNK as BLOCK_AUDIO
+
 from .checkpoint import load_checkpoint
 from .encoder_graph import build_hf_encoder, check_materialized, hf_encode
 from .package import SAMPLING, prefix_ids
-
-BLOCK_AUDIO = 10
 
 
 @dataclass
@@ -39,7 +41,7 @@ class ReferenceSpeakStep:
 
 
 def rounded_positions(start: int, count: int) -> torch.Tensor:
-    """[1, count] positions start.. after the float16 round trip of §4.2, as integers."""
+    """[1, count] positions start.. after the float16 round trip, as integers."""
     return torch.arange(start, start + count).to(torch.float16).to(torch.float32).round().long()[None]
 
 
@@ -95,8 +97,8 @@ class TorchReference:
 
     def encode(self, mel: np.ndarray) -> np.ndarray:
         mel = torch.as_tensor(np.asarray(mel, dtype=np.float32))
-        if mel.ndim != 3 or tuple(mel.shape[1:]) != (128, 40):
-            raise ValueError(f"mel must be [B, 128, 40], got {list(mel.shape)}")
+        if mel.ndim != 3 or tuple(mel.shape[1:]) != (N_MELS, FRAMES_PER_CHUNK):
+            raise ValueError(f"mel must be [B, {N_MELS}, {FRAMES_PER_CHUNK}], got {list(mel.shape)}")
         return hf_encode(self.encoder, mel).numpy()
 
     def _forward(self, ids: list, audio_rows: dict) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""A seeded random-weight checkpoint in the release layout (§7), tiny or real-size.
+"""A seeded random-weight checkpoint in the release layout (checkpoint.py), tiny or real-size.
 
     python -m listenloop.export.tiny OUT_DIR [--seed N] [--real-size [--layers N]]
 
@@ -9,7 +9,7 @@ is a constant that no layer writes, so lm_head column 0 acts as a per-token logi
 set so that about a third of the chunks choose TEXT_BEGIN and every calibration reply reaches
 TEXT_END within 12 tokens. Everything else stays random.
 
-`--real-size` writes the real dimensions (§3.1, §4.1; ≈ 13.6 GB fp32) shard by shard, for
+`--real-size` writes the real dimensions (≈ 13.6 GB fp32) shard by shard, for
 size and speed measurements only, with no calibration.
 """
 from __future__ import annotations
@@ -22,8 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from listenloop.protocol import N_MELS
+
 from .checkpoint import hf_qwen2_state_from_litgpt, save_checkpoint
-from .tokenizer_build import build_tokenizer, encode_text
+from .package import prefix_ids
+from .tokenizer_build import build_tokenizer
 
 TINY_LLM = {
     "name": "tiny-random", "block_size": 4096, "vocab_size": 0, "padded_vocab_size": 0, "n_layer": 2,
@@ -32,7 +35,7 @@ TINY_LLM = {
     "norm_class_name": "RMSNorm", "norm_eps": 1e-6, "bias": False, "attn_bias": True,
     "lm_head_bias": False, "parallel_residual": False, "scale_embeddings": False,
 }
-TINY_AUDIO = {"num_mel_bins": 128, "encoder_layers": 2, "encoder_attention_heads": 4, "encoder_ffn_dim": 128,
+TINY_AUDIO = {"num_mel_bins": N_MELS, "encoder_layers": 2, "encoder_attention_heads": 4, "encoder_ffn_dim": 128,
               "d_model": 64, "max_source_positions": 1500, "n_window": 100, "output_dim": 64,
               "activation_function": "gelu", "scale_embedding": False}
 REAL_LLM = dict(TINY_LLM, name="audiointeraction-random-real-size", block_size=32768, vocab_size=151643,
@@ -241,8 +244,7 @@ def _make_tiny(out_dir, seed: int, num_shards: int) -> Path:
     for i in range(cfg["n_layer"]):  # no layer writes the bias channel, so it stays constant
         llm_state[f"transformer.h.{i}.attn.proj.weight"][BIAS_CHANNEL] = 0.0
         llm_state[f"transformer.h.{i}.mlp.proj.weight"][BIAS_CHANNEL] = 0.0
-    prefix = ([tokens["ONLINE"], tokens["ENGLISH"], tokens["SYSTEM"], tokens["TEXT_BEGIN"]]
-              + encode_text(tokenizer, TINY_SYSTEM_PROMPT) + [tokens["TEXT_END"]])
+    prefix = prefix_ids(tokens, tokenizer, TINY_SYSTEM_PROMPT)
     calibrate(llm_state, encoder_state, cfg, TINY_AUDIO, tokens, prefix, seed)
     protocol = dict(tokens, system_prompt=TINY_SYSTEM_PROMPT)
     return save_checkpoint(out_dir, llm_config=cfg, lm_state=llm_state, audio_config=TINY_AUDIO,
@@ -288,7 +290,7 @@ def make_real_size(out_dir, seed: int = 0, num_shards: int = 4, layers: int | No
         save_file(shard, str(root / name))
         weight_map.update({k: name for k in group})
         del shard
-    # Release-sized vocabulary, but our small tokenizer: control ids go at the §5.1 release ids.
+    # Release-sized vocabulary, but our small tokenizer: control ids go at the release ids.
     save_checkpoint(root, llm_config=cfg, lm_state={}, audio_config=REAL_AUDIO,
                     encoder_state=random_encoder_state(REAL_AUDIO, gen), tokenizer=tokenizer,
                     protocol_tokens={"system_prompt": TINY_SYSTEM_PROMPT}, num_shards=0, write_lm=False)

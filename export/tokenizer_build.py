@@ -1,15 +1,16 @@
 """A small byte-level BPE tokenizer with the protocol control tokens at known ids.
 
-The release model reuses ids inside Qwen2's 151 643-token vocabulary (§5.1); tiny and demo
+The release model reuses ids inside Qwen2's 151 643-token vocabulary; tiny and demo
 checkpoints instead put the control tokens first (ids 0..n-1) as special tokens, train a few
-hundred merges on their own text, and record the ids in `protocol_tokens.json`.
+hundred merges on their own text, and record the ids in `protocol_tokens.json`
+(docs/PROTOCOL.md, "Token ids").
 """
 from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 # Control token name -> the token string. TEXT_END/TEXT_BEGIN keep Qwen2's spelling; SYSTEM
-# is the same id as TEXT_BEGIN (§5.1), so it has no string of its own.
+# is the same id as TEXT_BEGIN, so it has no string of its own.
 CONTROL_STRINGS = {
     "TEXT_END": "<|endoftext|>", "TEXT_BEGIN": "<|im_start|>",
     "USER": "<|user|>", "ASSISTANT": "<|assistant|>", "KEEP_SILENCE": "<|keep_silence|>",
@@ -44,5 +45,5 @@ def build_tokenizer(texts, vocab_size: int = 512) -> tuple[Tokenizer, dict]:
 
 
 def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Token ids of plain text, without any added special tokens (§6: no BOS, no EOS)."""
+    """Token ids of plain text, without any added special tokens (no BOS, no EOS)."""
     return tokenizer.encode(text, add_special_tokens=False).ids

@@ -9,8 +9,9 @@ import pytest
 from listenloop import Error, features
 from listenloop._core import (FRAMES_PER_CHUNK, ChunkQueue, ChunkScheduler, RingBuffer, StreamingMel, WakeSignal,
                               normalize_log_mel)
+from listenloop.protocol import CHUNK_SAMPLES
 
-CHUNK = 6400
+CHUNK = CHUNK_SAMPLES
 TOL = 1e-4
 
 

@@ -1,5 +1,5 @@
-"""The demo model: chunk-wise encoder equals the HF forward, the token layout follows §5.3-5.4,
-the streaming loop agrees with the training forward, training lowers the loss, and the
+"""The demo model: chunk-wise encoder equals the HF forward, the token layout follows
+docs/PROTOCOL.md ("Prompt", "Listening step", "Reply"), the streaming loop agrees with the training forward, training lowers the loss, and the
 checkpoint round-trips through the exporter's loader."""
 from __future__ import annotations
 

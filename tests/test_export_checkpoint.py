@@ -1,4 +1,4 @@
-"""Checkpoint reader/writer (MODEL_SPEC §4.3, §7): round trip, legacy qkv, and every bad input."""
+"""Checkpoint reader/writer (export/checkpoint.py): round trip, legacy qkv, and every bad input."""
 from __future__ import annotations
 
 import json
@@ -153,7 +153,7 @@ def test_audio_config_must_match_the_llm_width(parts, tmp_path):
 
 def test_protocol_tokens_default_to_release_ids_and_are_range_checked(parts, tmp_path):
     root = _save(parts, tmp_path / "ckpt", protocol=False)
-    # Release ids (§5.1) do not fit a 320-token vocabulary: refused with the field named.
+    # Release ids do not fit a 320-token vocabulary: refused with the field named.
     _one_line_error(root, "USER", "outside the vocabulary")
     (root / "protocol_tokens.json").write_text(json.dumps({"KEEP_SILENCE": 4, "TEXT_BEGIN": 4}))
     _one_line_error(root, "protocol_tokens.json")

@@ -1,7 +1,7 @@
 """Quantized parity where it is meaningful: the trained demo checkpoint (demo/checkpoint, the
 release layout the shipped model was exported from) over held-out example recordings with
 replies. Its decisions have real margins, unlike the random tiny checkpoint's, so int8 and int4
-must meet the export's 97 % decision-agreement threshold here (MODEL_SPEC parity, issue 3).
+must meet the export's 97 % decision-agreement threshold here.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Exported graphs against transformers' own modules (MODEL_SPEC §3.3, §4.2; DESIGN.md contracts)."""
+"""Exported graphs against transformers' own modules (docs/PROTOCOL.md "Encoder" and "Listening step";
+docs/DESIGN.md contracts)."""
 from __future__ import annotations
 
 import numpy as np
@@ -45,7 +46,7 @@ def test_encoder_chunks_are_independent_and_match_hf_forward(checkpoint, tmp_pat
     mel = _mel(4)
     reference = hf_encode(hf, mel)  # one HF call, feature_lens = [40, 40, 40, 40]
     alone = torch.cat([hf_encode(hf, mel[i:i + 1]) for i in range(4)])
-    assert torch.allclose(reference, alone, atol=1e-5)  # chunk independence (§3.3)
+    assert torch.allclose(reference, alone, atol=1e-5)  # chunk independence (docs/PROTOCOL.md, "Encoder")
     wrapper = ChunkEncoder(hf)
     with torch.no_grad():
         assert torch.allclose(wrapper(mel), reference, atol=1e-5)

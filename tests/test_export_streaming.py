@@ -24,8 +24,7 @@ from listenloop.export.encoder_graph import (  # noqa: E402
     export_encoder_streamed,
     hf_encode,
 )
-
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+from listenloop.protocol import PRECISIONS  # noqa: E402
 
 
 @pytest.fixture(scope="module")

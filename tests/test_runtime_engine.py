@@ -12,13 +12,13 @@ from test_runtime_fixtures import H, TOKENS, runtime_package  # noqa: F401
 from listenloop.context import HISTORY_CHUNKS, minimum_capacity
 from listenloop.engine import Engine
 from listenloop.errors import ModelPackageError
-from listenloop.protocol import STEP
+from listenloop.protocol import STEP, VECTORS_PER_CHUNK
 from listenloop.errors import ProtocolError
 from listenloop.package import load_package
 from listenloop.sampling import Sampler
 
 T = TOKENS
-BLOCK = [T["AUDIO_BEGIN"]] + [T["PAD"]] * 10 + [T["ASSISTANT"]]
+BLOCK = [T["AUDIO_BEGIN"]] + [T["PAD"]] * VECTORS_PER_CHUNK + [T["ASSISTANT"]]
 
 
 class ScriptedSampler(Sampler):

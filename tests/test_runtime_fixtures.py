@@ -15,6 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from listenloop.protocol import EMOTION_NAMES
 from listenloop.textstream import byte_level_alphabet
 
 H, KVH, D, LAYERS = 32, 2, 16, 2
@@ -24,7 +25,7 @@ TOKENS = {"USER": 300, "ASSISTANT": 301, "KEEP_SILENCE": 302, "PAD": 303, "ONLIN
           "ENGLISH": 306, "HAPPY": 307, "SAD": 308, "ANGRY": 309, "SURPRISE": 310, "NORMAL": 311,
           "URGENT": 312, "TEXT_END": 313, "TEXT_BEGIN": 314, "SYSTEM": 314, "AUDIO_PAD": 315,
           "AUDIO_BEGIN": 316, "AUDIO_END": 317}
-EMOTIONS = {k: TOKENS[k] for k in ("HAPPY", "SAD", "ANGRY", "SURPRISE", "NORMAL", "URGENT")}
+EMOTIONS = {k: TOKENS[k] for k in EMOTION_NAMES}
 VOCAB = 320
 SYSTEM_PROMPT = "Be brief."
 

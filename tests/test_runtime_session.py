@@ -14,9 +14,10 @@ from test_runtime_fixtures import TOKENS, build_tiny_package, runtime_package  #
 import listenloop
 from listenloop.audio import to_float32_mono
 from listenloop.errors import AudioFormatError, DeviceError, Error, SessionClosedError
+from listenloop.protocol import CHUNK_SAMPLES
 
 T = TOKENS
-CHUNK = 6400
+CHUNK = CHUNK_SAMPLES
 
 
 @pytest.fixture(scope="module")

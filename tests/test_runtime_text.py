@@ -1,4 +1,4 @@
-"""Sampling (§5.5) and streaming reply text (§6, §11.1)."""
+"""Sampling and streaming reply text (docs/PROTOCOL.md, "Sampling" and "Reply")."""
 from __future__ import annotations
 
 import numpy as np

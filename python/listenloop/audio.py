@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AudioFormatError, DeviceError
+from .protocol import SAMPLE_RATE
 
-SAMPLE_RATE = 16000
-# Integer PCM is scaled by its full-scale value, as the reference does for int16 (/32768, §2.1).
+# Integer PCM is scaled by its full-scale value, as the model's training audio was for int16
+# (/32768; docs/PROTOCOL.md, "Front end").
 _INT_SCALE = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2147483648.0, np.dtype(np.int8): 128.0}
 
 

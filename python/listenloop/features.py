@@ -1,4 +1,4 @@
-"""NumPy reference of the audio front-end (MODEL_SPEC §2.3).
+"""NumPy reference of the audio front end (docs/PROTOCOL.md, "Chunks" and "Log-mel").
 
 This is the readable definition the C++ kernel (`listenloop._core.LogMel` and the chunk
 scheduler) is tested against; the runtime itself uses the C++ path.
@@ -9,15 +9,10 @@ import functools
 
 import numpy as np
 
-SAMPLE_RATE = 16000
-N_FFT = 400
-HOP = 160
-N_MELS = 128
-CHUNK_SAMPLES = 6400
-FRAMES_PER_CHUNK = CHUNK_SAMPLES // HOP
+from .protocol import (CHUNK_SAMPLES, DYNAMIC_RANGE_LOG10, FRAMES_PER_CHUNK, HOP, LOG_FLOOR, N_FFT,  # noqa: F401
+                       N_MELS, SAMPLE_RATE)
+
 HISTORY = N_FFT // 2  # samples of real history a chunk's first frames reach back to
-LOG_FLOOR = 1e-10
-DYNAMIC_RANGE_LOG10 = 8.0
 
 
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
@@ -95,7 +90,7 @@ class StreamingLogMel:
     Each 6400-sample chunk gets 200 samples of real history on the left (reflect padding at
     the very start of the stream) and reflect padding on its right edge, so only frame 39
     differs from the whole-file features and no look-ahead latency is added. The 80 dB floor
-    follows a running maximum that `reset()` clears (MODEL_SPEC §2.3, web-demo regime).
+    follows a running maximum that `reset()` clears (docs/PROTOCOL.md, "Log-mel").
     """
 
     def __init__(self) -> None:

@@ -15,19 +15,14 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelPackageError
+from .protocol import EMOTION_NAMES, PRECISIONS, TOKEN_NAMES  # noqa: F401 - public here too
+from .protocol import (CHUNK_SAMPLES, DYNAMIC_RANGE_LOG10, FRAMES_PER_CHUNK, HOP, LOG_FLOOR, N_FFT, N_MELS,
+                       SAMPLE_RATE, STEP, VECTORS_PER_CHUNK)
 
 FORMAT = "listenloop-model-package"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
 IO_DTYPES = ("float32", "float16")
-# Every id of MODEL_SPEC §5.1 (SYSTEM aliases TEXT_BEGIN).
-TOKEN_NAMES = (
-    "USER", "ASSISTANT", "KEEP_SILENCE", "PAD", "ONLINE", "OFFLINE", "ENGLISH",
-    "HAPPY", "SAD", "ANGRY", "SURPRISE", "NORMAL", "URGENT",
-    "TEXT_END", "TEXT_BEGIN", "SYSTEM", "AUDIO_PAD", "AUDIO_BEGIN", "AUDIO_END",
-)
-EMOTION_NAMES = ("HAPPY", "SAD", "ANGRY", "SURPRISE", "NORMAL", "URGENT")
 
 _NUM = (int, float)
 # field -> expected python type(s); bool is excluded from numbers explicitly below.
@@ -36,11 +31,16 @@ _AUDIO_FIELDS = {
     "frames_per_chunk": int, "vectors_per_chunk": int, "mel_scale": str, "mel_norm": str,
     "log_floor": _NUM, "dynamic_range_log10": _NUM,
 }
-# The runtime's front-end (listenloop._core) is built for exactly these values (§2).
-_AUDIO_FIXED = {
-    "sample_rate": 16000, "chunk_samples": 6400, "n_fft": 400, "hop_length": 160, "n_mels": 128,
-    "frames_per_chunk": 40, "vectors_per_chunk": 10, "mel_scale": "slaney", "mel_norm": "slaney",
+# The manifest's audio section: the front end of docs/PROTOCOL.md ("Chunks", "Log-mel"), which
+# the exporter writes as it is.
+AUDIO = {
+    "sample_rate": SAMPLE_RATE, "chunk_samples": CHUNK_SAMPLES, "n_fft": N_FFT, "hop_length": HOP,
+    "n_mels": N_MELS, "frames_per_chunk": FRAMES_PER_CHUNK, "vectors_per_chunk": VECTORS_PER_CHUNK,
+    "mel_scale": "slaney", "mel_norm": "slaney", "log_floor": LOG_FLOOR, "dynamic_range_log10": DYNAMIC_RANGE_LOG10,
 }
+# The runtime's front end (listenloop._core) is built for exactly these values; the log floor
+# and the dynamic range only have to be positive.
+_AUDIO_FIXED = {k: v for k, v in AUDIO.items() if k not in ("log_floor", "dynamic_range_log10")}
 _DECODER_FIELDS = {
     "file": str, "precision": str, "io_dtype": str, "hidden_size": int, "num_layers": int,
     "num_heads": int, "num_kv_heads": int, "head_dim": int, "vocab_size": int,
@@ -218,7 +218,7 @@ def _validate_tokens(manifest: dict) -> tuple[dict, dict, tuple]:
     if not prefix:
         raise _fail(MANIFEST, "prompt.prefix_ids", "must not be empty")
     prefix_ids = tuple(_token_id(v, f"prompt.prefix_ids[{i}]", vocab) for i, v in enumerate(prefix))
-    if manifest["decoder"]["max_context"] < len(prefix_ids) + 13 + 1:
+    if manifest["decoder"]["max_context"] < len(prefix_ids) + STEP + 1:
         raise _fail(MANIFEST, "decoder.max_context",
                     f"{manifest['decoder']['max_context']} cannot hold the prefix and one listening step")
     return tokens, emotions, prefix_ids

@@ -1,7 +1,7 @@
-"""Token sampling: greedy, temperature, top-k and top-p (MODEL_SPEC §5.5), seeded.
+"""Token sampling: greedy, temperature, top-k and top-p, seeded (docs/PROTOCOL.md, "Sampling").
 
-The listening decision is always a two-way choice (KEEP_SILENCE or TEXT_BEGIN, §11.1), made
-by `decide`; `sample` picks reply tokens from the full vocabulary.
+The listening decision is always a two-way choice (KEEP_SILENCE or TEXT_BEGIN), made by
+`decide`; `sample` picks reply tokens from the full vocabulary.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 def top_p_mask(probs: np.ndarray, top_p: float) -> np.ndarray:
-    """Boolean mask of the tokens top-p keeps (§5.5).
+    """Boolean mask of the tokens top-p keeps.
 
     Sort ascending, drop tokens whose cumulative probability is <= 1 - top_p, and always keep
     the most likely token.

@@ -124,7 +124,9 @@ class Policy:
       replaces it (tests and benchmarks script choices this way);
     - speak_threshold: if set, speak when p_speak >= it (overrides sampling for decisions);
     - max_reply_tokens: the reply cap (default: the package's);
-    - history_chunks: chunks a context reset re-prefills.
+    - history_chunks: chunks a context reset re-prefills;
+    - quiet_resets: reset at quiet moments before the context is full (True); False resets
+      only when it must, so a comparison with an unbounded reference stays exact while it fits.
     """
 
     speak_bias: float
@@ -132,9 +134,11 @@ class Policy:
     max_reply_tokens: int
     speak_threshold: float | None = None
     history_chunks: int = HISTORY_CHUNKS
+    quiet_resets: bool = True
     sampler: object = None
 
-    OPTIONS = ("speak_bias", "sampling", "sampler", "speak_threshold", "max_reply_tokens", "history_chunks")
+    OPTIONS = ("speak_bias", "sampling", "sampler", "speak_threshold", "max_reply_tokens", "history_chunks",
+               "quiet_resets")
 
     @classmethod
     def build(cls, defaults: dict, **options) -> "Policy":
@@ -147,7 +151,8 @@ class Policy:
         policy = cls(speak_bias=float(given.get("speak_bias", defaults["speak_bias"])), sampling=sampling,
                      max_reply_tokens=int(given.get("max_reply_tokens", defaults["max_reply_tokens"])),
                      speak_threshold=given.get("speak_threshold"),
-                     history_chunks=int(given.get("history_chunks", HISTORY_CHUNKS)), sampler=given.get("sampler"))
+                     history_chunks=int(given.get("history_chunks", HISTORY_CHUNKS)),
+                     quiet_resets=bool(given.get("quiet_resets", True)), sampler=given.get("sampler"))
         if policy.max_reply_tokens < 1:
             raise ValueError(f"max_reply_tokens must be at least 1, got {policy.max_reply_tokens}")
         if not 0 < policy.history_chunks <= HISTORY_CHUNKS:
@@ -328,7 +333,8 @@ class DecoderStream:
             return None
         if self.context.must_reset(self._position, STEP):
             return f"context full at {self._position} of {self.capacity} tokens"
-        if self._previous == self._silence_id and self.context.quiet_reset(self._position, self._quiet_run):
+        if (self.policy.quiet_resets and self._previous == self._silence_id
+                and self.context.quiet_reset(self._position, self._quiet_run)):
             return f"quiet moment at {self._position} of {self.capacity} tokens"
         return None
 

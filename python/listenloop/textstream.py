@@ -1,4 +1,4 @@
-"""Turning reply tokens into text safely while they stream (MODEL_SPEC §6, §11.1).
+"""Turning reply tokens into text safely while they stream (docs/PROTOCOL.md, "Reply").
 
 - Bytes are decoded incrementally and an incomplete UTF-8 tail is held back, so a character
   split across BPE tokens is never emitted as U+FFFD or half-sent.
@@ -56,7 +56,7 @@ class TokenBytes:
 
     def __call__(self, token_id: int) -> bytes:
         if token_id in self.special:
-            return b""  # decoding skips special tokens (§6)
+            return b""  # decoding skips special tokens
         piece = self.tokenizer.id_to_token(token_id)
         if piece is None:
             return b""
