@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     listener = PackageListener(args.package)  # loaded once; each sweep point only sets the bias
     reports = {}
     for bias in args.biases:
-        listener.engine.speak_bias = bias
+        listener.with_speak_bias(bias)
         reports[bias] = evaluate(listener, tokenizer, "eval", range(args.streams))
         print(f"speak bias {bias:+.1f}: {100 * reports[bias].accuracy:5.1f} % answered right, "
               f"{reports[bias].false_per_10_min:.2f} false replies per 10 min", flush=True)

@@ -183,8 +183,8 @@ def main(argv=None) -> None:
 
         listener = PackageListener(args.package, speak_bias=args.speak_bias)
         tokenizer = Tokenizer.from_file(str(args.package / "tokenizer.json"))
-        print(f"package {args.package} ({listener.engine.package.manifest['decoder']['precision']} decoder), "
-              f"speak bias {listener.engine.speak_bias:+.2f}")
+        print(f"package {args.package} ({listener.model.package.decoder['precision']} decoder), "
+              f"speak bias {listener.speak_bias:+.2f}")
     else:
         model, protocol, tokenizer = load_model(args.run)
         listener = TorchListener(model, protocol, speak_bias=args.speak_bias or 0.0)

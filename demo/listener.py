@@ -86,26 +86,34 @@ class TorchListener:
 
 
 class PackageListener:
-    """The same greedy loop through listenloop's Engine on an exported model package: what a
-    user of the shipped model runs (ONNX Runtime, the package's precision, its bounded context
-    with re-prefill, the manifest's speak bias unless `speak_bias` overrides it)."""
+    """The same greedy loop through listenloop's Model and a DecoderStream on an exported model
+    package: what a user of the shipped model runs (ONNX Runtime, the package's precision, its
+    bounded context and context policy, the manifest's speak bias unless `speak_bias`
+    overrides it)."""
 
     def __init__(self, package, speak_bias: float | None = None, profile: str = "cpu"):
-        from listenloop.engine import Engine
+        from listenloop.model import Model
+
+        self.model = Model(package, profile)
+        self.tokens = self.model.tokens
+        self.with_speak_bias(speak_bias)
+
+    def with_speak_bias(self, speak_bias: float | None) -> None:
+        """Listen from now on with another speak bias: a new stream over the same model."""
         from listenloop.sampling import SamplingConfig
 
-        self.engine = Engine(package, profile, sampling=SamplingConfig(temperature=0.0), speak_bias=speak_bias)
-        self.tokens = self.engine.tokens
+        self.stream = self.model.stream(sampling=SamplingConfig(temperature=0.0), speak_bias=speak_bias)
+        self.speak_bias = self.stream.speak_bias
         self.reset()
 
     def reset(self) -> None:
-        self.engine.reset()
+        self.stream.reset()
         self._chunk = 0
 
     def listen(self, mel: np.ndarray) -> Decision:
-        result = self.engine.listen(self.engine.encode(mel)[0])
+        result = self.stream.listen(self.model.encode(mel)[0])
         decision = Decision(self._chunk, result.spoke, result.p_speak, [])
         self._chunk += 1
         if result.spoke:
-            decision.reply_ids = [step.token for step in self.engine.speak()]
+            decision.reply_ids = [step.token for step in self.stream.speak()]
         return decision
