@@ -47,10 +47,14 @@ def load_model(run: Path) -> tuple[DemoModel, Protocol, object]:
     return model.eval(), Protocol.build(tokens, vocab.encoder_for(tokenizer)), tokenizer
 
 
-def run_stream(listener, tokenizer, features: np.ndarray) -> list[SpokenReply]:
-    """Greedy replies of a TorchListener or PackageListener over one stream's chunk features."""
+def run_stream(listener, tokenizer, features: np.ndarray, continuous: bool = False) -> list[SpokenReply]:
+    """Greedy replies of a TorchListener or PackageListener over one stream's chunk features;
+    `continuous` keeps the PackageListener's context from the previous stream."""
     emotion_names = {listener.tokens[e]: e for e in tasks.EMOTIONS}
-    listener.reset()
+    if continuous:
+        listener.next_recording()
+    else:
+        listener.reset()
     replies = []
     for mel in features:
         decision = listener.listen(mel)
@@ -127,12 +131,14 @@ class Report:
         self.outside_s += scored.outside_s
 
 
-def evaluate(listener, tokenizer, split: str, seeds, show: int = 0) -> Report:
-    """Run `listener` over the streams of `split` with these seeds and score its replies."""
+def evaluate(listener, tokenizer, split: str, seeds, show: int = 0, continuous: bool = False) -> Report:
+    """Run `listener` over the streams of `split` with these seeds and score its replies.
+    `continuous`: one context across all streams, back to back (needs a PackageListener)."""
     report = Report(defaultdict(list), [], 0, 0.0)
+    listener.reset()
     for n, seed in enumerate(seeds):
         stream = streams.make_stream(seed, split)
-        replies = run_stream(listener, tokenizer, dataset.stream_features(stream.audio))
+        replies = run_stream(listener, tokenizer, dataset.stream_features(stream.audio), continuous)
         report.add(score(stream, replies))
         if n < show:
             print(f"stream {seed}: expected " + ", ".join(f"{s.name}@{s.reply_chunk}" for s in stream.segments if s.reply)
@@ -176,6 +182,9 @@ def main(argv=None) -> None:
     p.add_argument("--first-seed", type=int, default=10_000, help="eval-split seeds (the training run's quick eval uses 0..)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--show", type=int, default=0, help="print the replies of the first N streams")
+    p.add_argument("--continuous", action="store_true",
+                   help="with --package: listen to the streams back to back in one context, as an always-on "
+                        "device would, so that the runtime's context resets fall anywhere in the audio")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.package is not None:
@@ -189,7 +198,10 @@ def main(argv=None) -> None:
         model, protocol, tokenizer = load_model(args.run)
         listener = TorchListener(model, protocol, speak_bias=args.speak_bias or 0.0)
 
-    report = evaluate(listener, tokenizer, args.split, range(args.first_seed, args.first_seed + args.streams), args.show)
+    if args.continuous and args.package is None:
+        p.error("--continuous needs --package (the PyTorch listener has no bounded context)")
+    report = evaluate(listener, tokenizer, args.split, range(args.first_seed, args.first_seed + args.streams), args.show,
+                      args.continuous)
     print_report(report)
 
 

@@ -110,8 +110,15 @@ class PackageListener:
         self.stream.reset()
         self._chunk = 0
 
+    def next_recording(self) -> None:
+        """Number chunks from 0 again but keep listening in the same context, as an always-on
+        device hears one recording after another."""
+        self._chunk = 0
+
     def listen(self, mel: np.ndarray) -> Decision:
-        result = self.stream.listen(self.model.encode(mel)[0])
+        from listenloop.context import chunk_level
+
+        result = self.stream.listen(self.model.encode(mel)[0], chunk_level(mel))
         decision = Decision(self._chunk, result.spoke, result.p_speak, [])
         self._chunk += 1
         if result.spoke:

@@ -74,3 +74,21 @@ def test_every_accepted_context_runs_correctly(capacity, long_stream, caplog):
 def test_a_context_above_the_position_limit_is_refused():
     with pytest.raises(ModelPackageError, match="position limit"):
         listenloop.Runtime(max_context=10**9)
+
+
+def test_a_reset_waits_for_the_end_of_a_spoken_command():
+    """On kitchen.wav the context is half full while "turn on the lights" is spoken (14.0-15.1 s, chunks 35-37):
+    the chunks are loud, so the policy waits for a quiet moment after the reply, and the model
+    gives the reply it gives with no reset at all."""
+    pcm, _ = sf.read(EXAMPLES / "kitchen.wav", dtype="float32")
+    replies = {}
+    for capacity in (768, 4096):  # 4096: no reset happens in these 22 s
+        with listenloop.Runtime(max_context=capacity).session() as session:
+            session.accept_waveform(pcm)
+            session.finish(timeout=60)
+            events = list(session.events())
+        replies[capacity] = [(e.chunk, e.text) for e in events if e.kind == "ReplyEnded"]
+        resets = [e.chunk for e in events if e.kind == "ContextReset"]
+        assert all(not 33 <= chunk <= 37 for chunk in resets)
+    assert replies[768] == replies[4096]
+    assert replies[768][-1] == (37, "Turning on the lights.")

@@ -8,7 +8,8 @@ was already answered is never re-fed, so a reset cannot make the model answer it
 A reset happens
 - at a quiet moment once the context is past half of its listening room (and at least as
   many new chunks as a reset re-prefills): the model's last few decisions were silent with a
-  low p_speak, so no utterance is likely to be in progress;
+  low p_speak, and, where the caller passes chunk levels, those chunks were no louder than the
+  background, so no utterance is likely to be in progress;
 - or, failing that, when the next listening step would leave no room for a reply.
 
 Every decision depends only on the stream's own positions and decisions, so resets land on
@@ -26,8 +27,17 @@ log = logging.getLogger("listenloop")
 
 HISTORY_CHUNKS = 8  # 3.2 s re-prefilled: holds a command in progress
 QUIET_CHUNKS = 3  # silent decisions in a row that make a quiet moment
-QUIET_P_SPEAK = 0.1  # ... each with p_speak below this
+QUIET_P_SPEAK = 0.02  # ... each with p_speak below this
+QUIET_FROM = 0.5  # share of the listening room after which a quiet moment resets
+LEVEL_FLOOR_CHUNKS = 25  # the background level is the quietest chunk of the last 10 s ...
+LEVEL_MARGIN = 0.25  # ... and a chunk 10 dB above it (0.25 in normalised log-mel) has sound in it
 MAX_POSITIONS = 32768  # the released model's position limit (its training block size)
+
+
+def chunk_level(mel) -> float:
+    """How loud a chunk is: the loudest frame's mean over the mel bins, in the normalised
+    log-mel the encoder sees (0.25 per 10 dB)."""
+    return float(mel.mean(axis=-2).max())
 
 
 def reset_size(prefix_len: int, chunks: int) -> int:
@@ -78,7 +88,8 @@ class ContextPolicy:
         """Position from which a quiet moment triggers a reset: half-way through the listening
         room, and never before as many new chunks as a reset re-prefills."""
         after_reset = reset_size(self.prefix_len, self.history_chunks)
-        return after_reset + max(self.history_chunks * STEP, (self.capacity - self.reply_reserve - after_reset) // 2)
+        room = self.capacity - self.reply_reserve - after_reset
+        return after_reset + max(self.history_chunks * STEP, int(room * QUIET_FROM))
 
     def must_reset(self, position: int, step_tokens: int) -> bool:
         """The next listening step of `step_tokens` would leave less than the reply reserve."""

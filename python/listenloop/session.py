@@ -21,6 +21,7 @@ import numpy as np
 
 from . import events as ev
 from .audio import StreamResampler, check_sample_rate, to_float32_mono
+from .context import chunk_level
 from .errors import Error, SessionClosedError
 from .event_queue import EventQueue
 from .model import Model
@@ -325,7 +326,7 @@ class Session:
             self._mel_peak = max(self._mel_peak, chunk.peak)
             mel = chunk.mel
             _core().normalize_log_mel(mel, self._mel_peak)
-            result = stream.listen(self.model.encode(mel[None])[0])
+            result = stream.listen(self.model.encode(mel[None])[0], chunk_level(mel))
         except Exception as exc:  # noqa: BLE001 - skip the chunk, keep the session
             self._fault(index, exc)
             return

@@ -16,6 +16,7 @@ Not thread-safe: one thread drives a stream at a time (different streams may run
 """
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
@@ -24,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .context import HISTORY_CHUNKS, QUIET_P_SPEAK, ContextPolicy, reply_reserve
+from .context import HISTORY_CHUNKS, LEVEL_FLOOR_CHUNKS, LEVEL_MARGIN, QUIET_P_SPEAK, ContextPolicy, reply_reserve
 from .errors import ProtocolError
 from .protocol import BLOCK, STEP, VECTORS_PER_CHUNK
 from .sampling import Sampler, SamplingConfig
@@ -249,7 +250,8 @@ class DecoderStream:
         self._reply_left = 0
         self._history_count = 0  # chunks heard since the last reply, up to history_chunks
         self._history_next = 0
-        self._quiet_run = 0
+        self._quiet_run = 0  # silent, low-p_speak (and not loud) chunks in a row
+        self._levels = collections.deque(maxlen=LEVEL_FLOOR_CHUNKS)
         self.reply_truncated = False
 
     def last_inputs(self) -> dict:
@@ -349,8 +351,10 @@ class DecoderStream:
 
     # -- listening -----------------------------------------------------------------------
 
-    def listen(self, audio_embeds: np.ndarray) -> ListenResult:
-        """One listening step for one chunk's [10, H] audio vectors: one decoder call."""
+    def listen(self, audio_embeds: np.ndarray, level: float | None = None) -> ListenResult:
+        """One listening step for one chunk's [10, H] audio vectors: one decoder call.
+        `level` (context.chunk_level of the chunk's mel), when given, keeps the context policy
+        from taking a loud chunk for a quiet moment."""
         if type(audio_embeds) is not np.ndarray or audio_embeds.shape != self._audio_shape:
             audio_embeds = np.asarray(audio_embeds)
             if audio_embeds.shape != self._audio_shape:
@@ -374,6 +378,10 @@ class DecoderStream:
             lead = self._prefix if self._previous is None else (self._previous,)
             self._run(self._stage(lead, blocks))
         spoke, p_speak = self._decision(self._row)
+        loud = False
+        if level is not None:
+            self._levels.append(level)
+            loud = level > min(self._levels) + LEVEL_MARGIN
         if spoke:
             self._speaking, self._previous = True, None
             self._reply_left = self.max_reply_tokens
@@ -381,7 +389,7 @@ class DecoderStream:
         else:
             self._previous = self._silence_id
             self._remember(audio_embeds)
-            self._quiet_run = self._quiet_run + 1 if p_speak < QUIET_P_SPEAK else 0
+            self._quiet_run = self._quiet_run + 1 if p_speak < QUIET_P_SPEAK and not loud else 0
         return ListenResult(spoke, p_speak, self._row, self._position, reason, self._decision_ids)
 
     # -- replying ------------------------------------------------------------------------
