@@ -1,10 +1,11 @@
-"""Runtime overhead of one listening step over bare ONNX Runtime calls on the same graphs.
+"""Runtime overhead of one listening step over bare ONNX Runtime calls on the same graphs, and
+the throughput of several sessions on one Runtime.
 
 bare: `InferenceSession.run` with NumPy inputs doing the same 13-token step (fed-back token +
       [AUDIO_BEGIN, PAD×10, ASSISTANT], audio already in the PAD rows) against a cache of P
       tokens; ORT allocates the outputs and nothing else happens.
-ours: `Engine.listen` at the same cache length: embedding lookup, audio injection, IOBinding
-      into the preallocated cache, logits of the last row only, the two-way decision.
+ours: `DecoderStream.listen` at the same cache length: embedding lookup, audio injection,
+      IOBinding into the preallocated cache, logits of the last row only, the two-way decision.
 
 Both are timed interleaved in one run (so machine noise hits both alike); medians and the
 ratio are printed and the ratio is checked against the 10 % target.
@@ -12,6 +13,12 @@ ratio are printed and the ratio is checked against the 10 % target.
 Most of what remains on a 2-layer toy graph is onnxruntime's own cost per bound tensor
 (~1.3 µs × 4 per layer per step): fixed per layer, so on the real 36-layer model, whose step
 is hundreds of times longer, it is well under 1 %.
+
+sessions: N = 1, 4, 16 sessions open at once on one Runtime of the embedded demo package, each
+      fed examples/kitchen.wav in 0.1 s pieces as fast as possible from its own thread
+      (listenloop.bench.measure_sessions): aggregate chunks/s, the per-stream listening step and
+      the KV bytes per session go to extra_info; every session must produce exactly the events
+      of a single session.
 
     pytest bench/test_bench_runtime.py -s
 """
@@ -27,7 +34,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from listenloop.engine import Engine
+from listenloop import bench
 from listenloop.package import load_package
 from listenloop.profiles import load_profile, session_options
 
@@ -61,8 +68,8 @@ def package(tmp_path_factory):
     return load_package(path)
 
 
-def _bare_feeds(package, engine: Engine) -> dict:
-    """Inputs of one 13-token step as plain NumPy arrays, built like the engine builds them."""
+def _bare_feeds(package) -> dict:
+    """Inputs of one 13-token step as plain NumPy arrays, built like a stream builds them."""
     t = package.tokens
     ids = [t["KEEP_SILENCE"], t["AUDIO_BEGIN"]] + [t["PAD"]] * 10 + [t["ASSISTANT"]]
     embeds = np.asarray(package.embeddings()[ids]).copy()
@@ -79,21 +86,22 @@ def _bare_feeds(package, engine: Engine) -> dict:
 
 
 def test_listen_step_overhead_vs_bare_onnxruntime(package):
-    engine = Engine(package, "cpu", speak_bias=-1e9)  # always silent: every call is a listening step
+    model = bench.load_model(package)
+    stream = bench.listening_stream(model)  # never speaks: every call is a listening step
     audio = np.random.default_rng(2).normal(size=(10, package.hidden_size)).astype(np.float32)
-    while engine.position < CACHE_TOKENS - 13:  # warm the cache up to about P
-        engine.listen(audio)
-    start_position = engine.position
+    while stream.position < CACHE_TOKENS - 13:  # warm the cache up to about P
+        stream.listen(audio)
+    start_position = stream.position
 
     profile = load_profile("cpu")
     bare = ort.InferenceSession(str(package.decoder_path), sess_options=session_options(profile),
                                 providers=["CPUExecutionProvider"])
-    feeds = _bare_feeds(package, engine)
+    feeds = _bare_feeds(package)
     outputs = [o.name for o in bare.get_outputs()]
 
     def ours_step():
-        engine._position = start_position  # same P every round (the cache rows stay valid)
-        engine.listen(audio)
+        stream._position = start_position  # same P every round (the cache rows stay valid)
+        stream.listen(audio)
 
     def bare_step():
         bare.run(outputs, feeds)
@@ -112,21 +120,65 @@ def test_listen_step_overhead_vs_bare_onnxruntime(package):
         ours.append(t2 - t1)
     ours_ms, base_ms = 1e3 * statistics.median(ours), 1e3 * statistics.median(base)
     ratio = ours_ms / base_ms
-    print(f"listening step at P={start_position}: Engine.listen median {ours_ms:.3f} ms, "
+    print(f"listening step at P={start_position}: DecoderStream.listen median {ours_ms:.3f} ms, "
           f"bare InferenceSession.run median {base_ms:.3f} ms, ratio {ratio:.3f} "
           f"(overhead {100 * (ratio - 1):+.1f} %)")
     assert ratio <= 1 + MAX_OVERHEAD, f"runtime overhead {100 * (ratio - 1):.1f} % exceeds the {100 * MAX_OVERHEAD:.0f} % target"
 
 
-def test_engine_listen_step(benchmark, package):
+def test_stream_listen_step(benchmark, package):
     """pytest-benchmark record of the steady-state listening step."""
-    engine = Engine(package, "cpu", speak_bias=-1e9)
+    model = bench.load_model(package)
+    stream = bench.listening_stream(model)
     audio = np.random.default_rng(2).normal(size=(10, package.hidden_size)).astype(np.float32)
-    engine.listen(audio)
-    start = engine.position
+    stream.listen(audio)
+    start = stream.position
 
     def step():
-        engine._position = start
-        engine.listen(audio)
+        stream._position = start
+        stream.listen(audio)
 
     benchmark(step)
+
+
+@pytest.fixture(scope="module")
+def demo_runtime():
+    from listenloop.errors import ModelPackageError
+    from listenloop.session import Runtime
+
+    try:
+        runtime = Runtime()
+    except ModelPackageError as exc:
+        pytest.skip(f"no embedded model package: {exc}")
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture(scope="module")
+def recording():
+    if not bench.DEFAULT_RECORDING.is_file():
+        pytest.skip(f"{bench.DEFAULT_RECORDING} is not in this tree")
+    return bench.load_recording()
+
+
+@pytest.fixture(scope="module")
+def single_session(demo_runtime, recording):
+    """The events one session produces on the recording alone."""
+    return bench.single_session_signature(demo_runtime, recording)
+
+
+@pytest.mark.benchmark(group="sessions")
+@pytest.mark.parametrize("sessions", [1, 4, 16])
+def test_sessions_on_one_runtime(benchmark, demo_runtime, recording, single_session, sessions):
+    """N sessions at once on one Runtime, each fed the same recording as fast as possible."""
+    figures = benchmark.pedantic(bench.measure_sessions, args=(demo_runtime, (sessions,), recording),
+                                 kwargs={"recording": bench.DEFAULT_RECORDING, "reference": single_session},
+                                 rounds=1, iterations=1)
+    row = figures["runs"][str(sessions)]
+    benchmark.extra_info.update(chunks_per_s=row["chunks_per_s"], step_ms_median=row["step_ms"]["median"],
+                                kv_bytes_per_session=row["kv_bytes_per_session"], wall_s=row["wall_s"])
+    print(f"\n{bench.report_sessions(figures)}")
+    assert row["chunks"] == sessions * row["chunks_per_session"] > 0
+    assert row["dropped_chunks"] == row["dropped_samples"] == 0
+    assert row["kv_bytes_per_session"] == demo_runtime.model.kv_bytes
+    assert row["identical_to_single_session"] == sessions, row["differences"]
