@@ -55,10 +55,12 @@ def _parser() -> argparse.ArgumentParser:
 # --- output --------------------------------------------------------------------------------
 
 class Printer:
-    """Readable live transcript on stdout, plus a status line on stderr when it is a terminal."""
+    """Readable live transcript on stdout, plus a status line on stderr when it is a terminal.
+    Context resets are routine (about every 15 s with the demo model): shown with --verbose."""
 
-    def __init__(self, as_json: bool):
+    def __init__(self, as_json: bool, verbose: bool = False):
         self.as_json = as_json
+        self.verbose = verbose
         self.status = sys.stderr.isatty() and not as_json
         self.in_reply = False
         self._status_len = 0
@@ -80,6 +82,8 @@ class Printer:
         elif kind == "ReplyEnded":
             print(" [cut]" if event.truncated else "", flush=True)
             self.in_reply = False
+        elif kind == "ContextReset" and not self.verbose:
+            return
         elif kind in ("AudioDropped", "ContextReset", "Fault"):
             self._clear_status()
             detail = {"AudioDropped": lambda e: f"dropped {e.samples} samples: {e.reason}",
@@ -129,7 +133,7 @@ def cmd_run(args) -> int:
 
     samples = read_audio(args.file)  # read first: a bad file fails before the model loads
     runtime = _runtime(args)
-    printer = Printer(args.json)
+    printer = Printer(args.json, args.verbose)
     block = SAMPLE_RATE // 10  # 0.1 s
     with runtime.session() as session:
         start = time.monotonic()
@@ -153,7 +157,7 @@ def cmd_run(args) -> int:
 
 def cmd_listen(args) -> int:
     runtime = _runtime(args)
-    printer = Printer(args.json)
+    printer = Printer(args.json, args.verbose)
     device = int(args.device) if args.device is not None and str(args.device).isdigit() else args.device
     with runtime.session() as session:
         mic = session.listen(device)

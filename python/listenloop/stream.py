@@ -368,8 +368,7 @@ class DecoderStream:
         else:
             if reason is not None:
                 history = self._history_chunks()
-                reason += (f": kept the {len(self._prefix)}-token prompt and re-prefilled the last "
-                           f"{len(history)} chunks heard since the last reply")
+                reason += f": kept the prompt and re-prefilled the last {len(history)} chunks"
                 log.info(reason)
                 self._position, self._previous = 0, None
                 blocks = history + [audio_embeds]
