@@ -1180,6 +1180,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare-torch", metavar="CHECKPOINT", help="also run the PyTorch reference on this checkpoint")
     p.add_argument("--threads", type=int, default=None,
                    help="ORT intra-op threads (default: the profile's); PyTorch gets as many")
+    p.add_argument("--soak", type=float, metavar="HOURS", default=None,
+                   help="instead of the figures: stream HOURS simulated hours (examples, silence, noise) through one "
+                        "session as fast as it takes them, and report RSS, resets, replies and losses per hour")
     p.add_argument("--json", metavar="FILE", help="save every figure, the command line and the environment")
     p.add_argument("--plot", metavar="FILE.png", help="write the plots")
     p.add_argument("--compare", metavar="OLD.json", help="print ratios against a previous --json run")
@@ -1219,6 +1222,13 @@ def parse_counts(text: str) -> tuple[int, ...]:
 
 
 def main(args) -> int:
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401 - checked before a long run, not after it
+        except ImportError:
+            raise Error("--plot needs matplotlib: pip install 'listenloop[bench]' (or matplotlib)") from None
+    if args.soak is not None:
+        return _main_soak(args)
     if args.chunks < 10 or args.rounds < 3 or args.reply_tokens < 2:
         raise Error("--chunks must be >= 10, --rounds >= 3 and --reply-tokens >= 2")
     if args.speak_every < 1 or args.catch_up_chunks < 1 or args.context_steps < 1 or args.session_chunks < 0:
@@ -1247,11 +1257,26 @@ def main(args) -> int:
                   recording=args.recording, sessions_only=args.sessions_only,
                   precision_packages=args.precision_packages, torch_checkpoint=args.compare_torch, threads=args.threads,
                   command=command, log=lambda line: print(f"... {line}", file=sys.stderr, flush=True))
+    if args.json:  # first: a failing plot must not lose the figures
+        Path(args.json).write_text(json.dumps(results, indent=1))
     print(report(results))
     if old is not None:
         print(compare(results, old))
     if args.plot:
         plot(results, args.plot)
+    return 0
+
+
+def _main_soak(args) -> int:
+    from . import soak
+
+    if not 0 < args.soak <= 24 * 30:
+        raise Error(f"--soak takes simulated hours in (0, 720], got {args.soak}")
+    print(f"... soak: {args.soak} simulated hours", file=sys.stderr, flush=True)
+    result = soak.soak(args.soak, args.package, args.profile, report_every_hours=1.0 if args.soak >= 2 else 0.25,
+                       progress=lambda r: print(f"... {r}", file=sys.stderr, flush=True))
+    result["command"] = command_line(args)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    print(soak.report(result))
     return 0

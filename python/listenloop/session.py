@@ -139,6 +139,7 @@ class Session:
         self._reported_chunk_drops = 0
         self._fault_streak = 0
         self._mel_peak = -math.inf  # running peak of the log-mel since the last context reset
+        self._handled_until = 0.0  # stream time at the end of the last chunk decided or skipped
         self._reply: ReplyText | None = None  # the reply being generated
         self._reply_chunk = 0
         self._step_ms = collections.deque(maxlen=50)
@@ -334,7 +335,7 @@ class Session:
         elapsed = time.perf_counter() - started
         self._busy_s += elapsed
         self._step_ms.append(1000 * elapsed)
-        stream_time = self._chunk_time(index)
+        stream_time = self._handled_until = self._chunk_time(index)
         if result.context_reset:
             self._emit(ev.ContextReset(stream_time, time.monotonic(), index, result.context_reset))
         self._emit(ev.Decision(stream_time, time.monotonic(), index, result.spoke, result.p_speak))
@@ -384,7 +385,7 @@ class Session:
     def _fault(self, index: int, exc: Exception) -> None:
         self._fault_streak += 1
         log.warning("listenloop chunk %d failed (%s); skipping it", index, exc)
-        stream_time = self._chunk_time(index)
+        stream_time = self._handled_until = self._chunk_time(index)
         self._emit(ev.Fault(stream_time, time.monotonic(), "model", str(exc)))
         self._emit(ev.AudioDropped(stream_time, time.monotonic(), CHUNK_SAMPLES, f"model failed: {exc}"))
         with self._progress:
@@ -429,7 +430,8 @@ class Session:
     def _stats(self) -> ev.Stats:
         steps = sorted(self._step_ms)
         audio_s = max(self._decided * CHUNK_SECONDS, 1e-9)
-        return ev.Stats(self._stream_time(), time.monotonic(), chunks=self._decided,
+        # stream_time: the audio handled so far, so Stats times never go backwards
+        return ev.Stats(self._handled_until, time.monotonic(), chunks=self._decided,
                         dropped_samples=self._dropped_samples,
                         dropped_chunks=int(self._chunker.chunks_dropped) + self._skipped_chunks,
                         dropped_events=self._events.dropped, listen_queue_depth=len(self._listen),
