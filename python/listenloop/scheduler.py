@@ -31,7 +31,9 @@ class StreamScheduler:
 
         self.wake_signal = _core.WakeSignal()
         self._name = name
-        self._lock = threading.Lock()
+        # re-entrant: a session collected by the GC in this thread while the lock is held
+        # removes itself from its __del__
+        self._lock = threading.RLock()
         self._sessions: list[weakref.ref] = []  # in the order they were opened
         self._thread: threading.Thread | None = None
         self._stopping = False
