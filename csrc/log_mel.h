@@ -34,7 +34,9 @@ struct MelFilterbank {
 class FrameKernel;
 
 // The frame kernel shared by the whole-array and the streaming paths: windowed real FFT,
-// power, sparse mel product, log10 with the 1e-10 floor. Owns its FFT plan and scratch.
+// power, sparse mel product, log10 of the mel power clamped to [1e-10, FLT_MAX] (a power
+// that overflows float counts as FLT_MAX, so finite samples always give finite features).
+// Owns its FFT plan and scratch.
 // `kernel`: "auto" (widest the CPU runs), "sse2" or "avx2".
 class LogMelKernel {
  public:

@@ -20,6 +20,7 @@ constexpr size_t kLanes = LISTENLOOP_LANES;
 using Lanes = float __attribute__((vector_size(kLanes * sizeof(float))));  // kLanes frames side by side
 using IntLanes = int32_t __attribute__((vector_size(kLanes * sizeof(float))));
 constexpr float kLogFloor = 1e-10f;
+constexpr float kMaxPower = std::numeric_limits<float>::max();
 
 template <class To, class From>
 inline To bit_cast(const From& from) {
@@ -118,16 +119,16 @@ class Kernel final : public FrameKernel {
         const Lanes* p = power + first_bin_[m];
         Lanes acc{};
         for (size_t j = 0, nw = n_weights_[m]; j < nw; ++j) acc += p[j] * w[j];
-        mel[m] = where(acc < kLogFloor, Lanes{} + kLogFloor, acc);  // NaN stays NaN, like np.maximum
+        // Clamped to [kLogFloor, kMaxPower]. `acc <= kMaxPower` is false for +inf and NaN: a
+        // power past the float range (samples beyond about 1e17 overflow the square; near
+        // FLT_MAX the FFT itself overflows, and inf - inf gives NaN) counts as kMaxPower, so
+        // every finite input gives finite features, at most log10(FLT_MAX) ~ 38.53.
+        mel[m] = where(acc < kLogFloor, Lanes{} + kLogFloor, where(acc <= kMaxPower, acc, Lanes{} + kMaxPower));
       }
       for (size_t m = 0; m < kNMels; ++m) logs[m] = log10_lanes(mel[m]);
       Lanes group_peak = Lanes{} - std::numeric_limits<float>::infinity();
       for (size_t m = 0; m < kNMels; ++m) {
-        Lanes v = logs[m];
-        const IntLanes finite = mel[m] <= std::numeric_limits<float>::max();
-        for (size_t lane = 0; lane < kLanes; ++lane) {
-          if (!finite[lane]) v[lane] = std::log10(mel[m][lane]);  // overflow or NaN: libm decides
-        }
+        const Lanes v = logs[m];
         float* row = out + m * out_stride + first;
         for (size_t lane = 0; lane < lanes; ++lane) row[lane] = v[lane];
         group_peak = where(v > group_peak, v, group_peak);

@@ -78,3 +78,90 @@ def test_devices_without_audio_hardware():
     assert "Traceback" not in result.stderr
     if result.returncode:
         assert result.stderr.startswith("listenloop: error: ")
+
+
+def _shared_terminal(monkeypatch):
+    """stdout and stderr into one buffer, in the order written, as on a terminal."""
+    import io
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", buffer)
+    monkeypatch.setattr(sys, "stderr", buffer)
+    return buffer
+
+
+def test_notices_wait_for_the_end_of_the_reply_line(monkeypatch):
+    from listenloop import events as ev
+    from listenloop.cli import Printer
+
+    out = _shared_terminal(monkeypatch)
+    printer = Printer(as_json=False, verbose=True, source="talk.wav")
+    for event in [ev.ReplyStarted(0.4, 0, 0, "NORMAL"), ev.TextDelta(0.4, 0, "Hel"),
+                  ev.AudioDropped(0.8, 0, 6400, "listen queue full: 1 chunk(s) dropped"),
+                  ev.EventsDropped(0.8, 0, 12), ev.Fault(1.2, 0, "model", "boom"),
+                  ev.ContextReset(1.2, 0, 3, "quiet moment"), ev.AudioClipped(1.2, 0, 10, 3.0),
+                  ev.TextDelta(0.4, 0, "lo."), ev.ReplyEnded(0.4, 0, 0, "Hello.")]:
+        printer(event)
+    printer.warning("talk.wav: file is truncated: read 1.0 s of the 2.0 s its header promises")
+    assert out.getvalue().splitlines() == [
+        "[    0.4s] 😐 Hello.",
+        "[    0.8s] (dropped 6400 samples: listen queue full: 1 chunk(s) dropped)",
+        "[    0.8s] (12 events dropped: the reader fell behind)",
+        "[    1.2s] (model fault: boom)",
+        "[    1.2s] (context reset: quiet moment)",
+        "listenloop: warning: talk.wav: file is truncated: read 1.0 s of the 2.0 s its header promises",
+    ]
+
+
+def test_a_reply_cut_short_by_the_end_still_ends_its_line(monkeypatch):
+    from listenloop import events as ev
+    from listenloop.cli import Printer
+
+    out = _shared_terminal(monkeypatch)
+    printer = Printer(as_json=False)
+    printer(ev.ReplyStarted(0.4, 0, 0, None))
+    printer(ev.TextDelta(0.4, 0, "Hi"))
+    printer(ev.Fault(0.8, 0, "speak", "gone"))
+    printer.summary(ev.Stats(0.8, 0, 2, 0, 0, 0, 0, 0, 1.0, 0.1))
+    assert out.getvalue().splitlines()[:2] == ["[    0.4s] Hi", "[    0.8s] (speak fault: gone)"]
+
+
+def test_clipping_is_one_warning_line_for_the_run(monkeypatch):
+    from listenloop import events as ev
+    from listenloop.cli import Printer
+
+    out = _shared_terminal(monkeypatch)
+    printer = Printer(as_json=False, source="loud.wav")
+    reason = "this looks like int16 PCM stored as float; divide by 32768"
+    for i in range(30):
+        printer(ev.AudioClipped(0.1 * i, 0, 1700, 32767.0 - i, reason, True))
+    printer.summary(ev.Stats(3.0, 0, 8, 0, 0, 0, 0, 0, 1.0, 0.1))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == ("listenloop: warning: loud.wav: 51,000 samples clipped (peak 32767.0): "
+                        "this looks like int16 PCM stored as float; divide by 32768")
+    assert len(lines) == 2 and lines[1].startswith("8 chunks")
+
+
+def test_run_streams_the_file_instead_of_reading_it_whole(tmp_path, runtime_package, capsys, monkeypatch):  # noqa: F811
+    import listenloop.audio
+
+    def whole_file(*args, **kwargs):
+        raise AssertionError("run must not read the whole file")
+
+    monkeypatch.setattr(listenloop.audio, "read_audio", whole_file)
+    monkeypatch.setattr(listenloop.audio, "read_audio_blocks", whole_file)
+    wav = _wav(tmp_path / "talk.wav", seconds=2.0)
+    assert main(["run", str(wav), "--package", str(runtime_package), "--json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["chunk"] for e in events if e["event"] == "Decision"] == list(range(5))
+
+
+def test_run_json_includes_audio_clipped(tmp_path, runtime_package, capsys):  # noqa: F811
+    path = tmp_path / "loud.wav"
+    t = np.arange(16000) / 16000
+    sf.write(path, 3000 * np.sin(2 * np.pi * 200 * t), 16000, subtype="FLOAT")
+    assert main(["run", str(path), "--package", str(runtime_package), "--json"]) == 0
+    captured = capsys.readouterr()
+    clipped = [e for e in map(json.loads, captured.out.splitlines()) if e["event"] == "AudioClipped"]
+    assert clipped and all(e["samples"] > 0 and e["peak"] > 1 and e["int_pcm_as_float"] for e in clipped)
+    assert captured.err.count("listenloop: warning:") == 1 and "divide by 32768" in captured.err

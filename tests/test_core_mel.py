@@ -102,3 +102,22 @@ def test_normalize_log_mel_refuses_what_it_cannot_change_in_place():
     frozen.flags.writeable = False
     with pytest.raises(AudioFormatError, match="writable"):
         normalize_log_mel(frozen, 0.0)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("amplitude", [1e18, 1e30, float(np.finfo(np.float32).max)])
+def test_huge_finite_samples_give_finite_features(kernel, amplitude):
+    """The float power spectrum overflows past ~1e17 (and the FFT near FLT_MAX): the mel power is
+    clamped to FLT_MAX, so the features and the running peak stay finite."""
+    x = np.full(6400, amplitude, np.float32)
+    x[::3] *= -1
+    whole = LogMel(kernel=kernel).compute(x)
+    assert np.isfinite(whole).all()
+    stream = StreamingMel(kernel=kernel)
+    loud = stream(x)
+    assert np.isfinite(loud).all() and np.isfinite(stream.peak)
+    assert stream.peak <= np.log10(np.finfo(np.float32).max) + 1e-3
+    quiet = stream(np.zeros(6400, np.float32))  # normalised against the finite peak
+    assert np.isfinite(quiet).all()
+    # frames 2.. no longer reach the loud chunk's history: the floor 80 dB below the peak
+    np.testing.assert_allclose(quiet[:, 2:], (stream.peak - 8 + 4) / 4, rtol=1e-6)

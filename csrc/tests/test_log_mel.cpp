@@ -97,4 +97,35 @@ TEST_CASE(every_kernel_this_cpu_runs_gives_the_same_features) {
   CHECK(threw);
 }
 
+TEST_CASE(huge_finite_samples_give_finite_features) {
+  // 1e18 overflows the float power spectrum; FLT_MAX overflows the FFT itself (inf - inf).
+  std::vector<std::string> kernels{"sse2"};
+  if (best_frame_kernel() == "avx2") kernels.push_back("avx2");
+  const float max_log = std::log10(std::numeric_limits<float>::max());
+  for (const std::string& kernel : kernels) {
+    for (float amplitude : {1e18f, 1e30f, std::numeric_limits<float>::max()}) {
+      std::vector<float> x(kChunkSamples);
+      for (size_t i = 0; i < x.size(); ++i) x[i] = (i % 3 == 0 ? -amplitude : amplitude) * (i % 7 == 0 ? 0.5f : 1.0f);
+      LogMel whole(kernel);
+      const std::vector<float> a = whole.compute(x.data(), x.size());
+      StreamingMel streaming(kChunkSamples, kernel);
+      std::vector<float> raw(kNMels * kFramesPerChunk), out(raw.size());
+      const float peak = streaming.compute_raw(x.data(), raw.data());
+      streaming.compute(x.data(), out.data());
+      CHECK(std::isfinite(peak) && peak <= max_log + 1e-3f);
+      CHECK(std::isfinite(streaming.peak()));
+      bool finite = true;
+      for (float v : a) finite = finite && std::isfinite(v);
+      for (float v : raw) finite = finite && std::isfinite(v) && v <= max_log + 1e-3f;
+      for (float v : out) finite = finite && std::isfinite(v);
+      CHECK(finite);
+      // A quiet chunk after the loud one is normalised against a finite peak.
+      std::vector<float> quiet(kChunkSamples, 0.0f);
+      streaming.compute(quiet.data(), out.data());
+      for (float v : out) finite = finite && std::isfinite(v);
+      CHECK(finite);
+    }
+  }
+}
+
 TEST_MAIN()

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from .errors import (AudioFormatError, CheckpointError, DeviceError, Error, ExportError, ModelPackageError,
                      ProtocolError, SessionClosedError)
-from .events import (AudioDropped, ContextReset, Decision, Event, Fault, ReplyEnded, ReplyStarted, Stats,
-                     TextDelta)
+from .events import (AudioClipped, AudioDropped, ContextReset, Decision, Event, EventsDropped, Fault, Finished,
+                     ReplyEnded, ReplyStarted, Stats, TextDelta)
 
 __version__ = "0.1.0"
 
-_LAZY = {"Runtime": "session", "Session": "session", "read_audio": "audio", "load_package": "package",
-         "Engine": "engine"}
+_LAZY = {"Runtime": "session", "Session": "session", "read_audio": "audio", "read_audio_blocks": "audio",
+         "load_package": "package", "Engine": "engine", "Model": "model"}
 
 
 def __getattr__(name: str):
@@ -31,7 +31,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'listenloop' has no attribute {name!r}")
 
 
-__all__ = ["Runtime", "Session", "Engine", "read_audio", "load_package", "__version__",
-           "Event", "Decision", "ReplyStarted", "TextDelta", "ReplyEnded", "AudioDropped", "ContextReset",
-           "Fault", "Stats", "Error", "AudioFormatError", "ModelPackageError", "ProtocolError",
+__all__ = ["Runtime", "Session", "Model", "Engine", "read_audio", "read_audio_blocks", "load_package", "__version__",
+           "Event", "Decision", "ReplyStarted", "TextDelta", "ReplyEnded", "AudioDropped", "AudioClipped",
+           "ContextReset", "EventsDropped", "Fault", "Stats", "Finished", "Error", "AudioFormatError", "ModelPackageError", "ProtocolError",
            "SessionClosedError", "DeviceError", "ExportError", "CheckpointError"]

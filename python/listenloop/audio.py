@@ -1,35 +1,48 @@
-"""Audio input conditioning: files, PCM conversion and resampling to 16 kHz mono float32."""
+"""Audio input conditioning: files, PCM conversion, clipping and resampling to 16 kHz mono float32."""
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import sys
 import threading
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
 from .errors import AudioFormatError, DeviceError
-from .protocol import SAMPLE_RATE
+from .protocol import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SAMPLE_RATE
 
 # Integer PCM is scaled by its full-scale value, as the model's training audio was for int16
 # (/32768; docs/PROTOCOL.md, "Front end").
 _INT_SCALE = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2147483648.0, np.dtype(np.int8): 128.0}
+RATE_RANGE = f"{MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz"
 
 
-def to_float32_mono(pcm) -> tuple[np.ndarray, int]:
-    """PCM of any supported dtype, 1-D or [n, channels] -> (float32 mono, count of NaN/Inf zeroed).
+class AudioWarning(UserWarning):
+    """A file that was read only in part (truncated, or its decoder stopped early)."""
 
-    Supported: float16/32/64, int8/16/32 (scaled to [-1, 1)), uint8 (offset binary, 128 = 0).
-    Channels are averaged. Non-finite samples are replaced by 0 and counted.
-    """
+
+# --- PCM -----------------------------------------------------------------------------------
+
+def _downmix(pcm) -> tuple[np.ndarray, np.ndarray]:
+    """(mono samples, the input array). Integers are scaled to float32; float16/32 give float32
+    and float64 stays float64, so that finite float64 samples beyond the float32 range stay
+    finite. Channels are averaged without overflow."""
     if isinstance(pcm, (bytes, bytearray, memoryview)):
         raise AudioFormatError("raw bytes are ambiguous: pass a NumPy array (e.g. np.frombuffer(data, np.int16))")
     arr = np.asarray(pcm)
     if arr.dtype == np.uint8:
-        arr = (arr.astype(np.float32) - 128.0) / 128.0
+        mono_src = (arr.astype(np.float32) - 128.0) / 128.0
     elif arr.dtype in _INT_SCALE:
-        arr = arr.astype(np.float32) / _INT_SCALE[arr.dtype]
+        mono_src = arr.astype(np.float32) / _INT_SCALE[arr.dtype]
     elif arr.dtype.kind == "f":
-        arr = arr.astype(np.float32, copy=False)
+        mono_src = arr if arr.dtype in (np.float32, np.float64) else arr.astype(
+            np.float32 if arr.dtype.itemsize < 4 else np.float64)
     else:
         raise AudioFormatError(f"unsupported PCM dtype {arr.dtype}: use float16/32/64, int8/16/32 or uint8")
     if arr.ndim == 2:
@@ -37,24 +50,100 @@ def to_float32_mono(pcm) -> tuple[np.ndarray, int]:
             raise AudioFormatError("PCM of shape [n, 0] has no channels")
         if arr.shape[1] > 64 and arr.shape[0] <= 64:
             raise AudioFormatError(f"PCM shape {list(arr.shape)} looks like [channels, n]; pass [n, channels]")
-        arr = arr.mean(axis=1, dtype=np.float32) if arr.shape[1] > 1 else arr[:, 0]
-    elif arr.ndim != 1:
+        if arr.shape[1] == 1:
+            mono = mono_src[:, 0]
+        elif arr.dtype.kind != "f":
+            mono = mono_src.mean(axis=1, dtype=np.float32)  # scaled integers: within [-1, 1]
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):  # inf - inf is NaN, counted later
+                if mono_src.dtype == np.float64:
+                    mono = (mono_src / arr.shape[1]).sum(axis=1)  # scaled first: no overflow near the max
+                else:
+                    mono = mono_src.mean(axis=1, dtype=np.float64).astype(np.float32)  # float32 sums could overflow
+    elif arr.ndim == 1:
+        mono = mono_src
+    else:
         raise AudioFormatError(f"PCM must be 1-D or [n, channels], got shape {list(arr.shape)}")
-    bad = ~np.isfinite(arr)
+    return mono, arr
+
+
+def to_float32_mono(pcm) -> tuple[np.ndarray, int]:
+    """PCM of any supported dtype, 1-D or [n, channels] -> (float32 mono, count of NaN/Inf zeroed).
+
+    Supported: float16/32/64, int8/16/32 (scaled to [-1, 1)), uint8 (offset binary, 128 = 0).
+    Channels are averaged. Non-finite samples are replaced by 0 and counted. Samples outside
+    [-1, 1] are left as they are: `condition_pcm` is the session's form, which clips them.
+    """
+    mono, _ = _downmix(pcm)
+    with np.errstate(over="ignore"):
+        mono = mono.astype(np.float32, copy=False)
+    bad = ~np.isfinite(mono)
     n_bad = int(bad.sum())
     if n_bad:
-        arr = np.where(bad, np.float32(0.0), arr)
-    return np.ascontiguousarray(arr, dtype=np.float32), n_bad
+        mono = np.where(bad, np.float32(0.0), mono)
+    return np.ascontiguousarray(mono, dtype=np.float32), n_bad
 
 
-def check_sample_rate(sample_rate) -> int:
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float, np.integer, np.floating)):
-        raise AudioFormatError(f"sample_rate must be a number, got {sample_rate!r}")
-    if not np.isfinite(sample_rate) or sample_rate <= 0:
-        raise AudioFormatError(f"sample_rate must be > 0, got {sample_rate}")
-    if int(sample_rate) != sample_rate:
-        raise AudioFormatError(f"sample_rate must be a whole number of Hz, got {sample_rate}")
-    return int(sample_rate)
+@dataclass(frozen=True)
+class ConditionedPCM:
+    """What the front end made of one block of PCM (docs/PROTOCOL.md, "Front end")."""
+
+    samples: np.ndarray  # float32 mono, every sample finite and in [-1, 1]
+    nonfinite: int = 0  # NaN/Inf samples replaced by 0
+    clipped: int = 0  # samples outside [-1, 1], clipped
+    peak: float = 0.0  # the largest finite magnitude before clipping
+    int_pcm_as_float: bool = False  # the block looks like integer PCM passed as float
+
+    @property
+    def clip_reason(self) -> str:
+        """One phrase: what the clipping means and, for integer PCM passed as float, the fix."""
+        if not self.int_pcm_as_float:
+            return "float samples belong in [-1, 1]"
+        if self.peak <= 32768.0:
+            return "this looks like int16 PCM stored as float; divide by 32768"
+        return "this looks like int32 PCM stored as float; divide by 2147483648"
+
+
+def condition_pcm(pcm) -> ConditionedPCM:
+    """PCM of any supported dtype and layout -> finite float32 mono in [-1, 1], with counts.
+
+    Non-finite samples become 0; samples beyond [-1, 1] are clipped, never rescaled. A float
+    block whose peak is above 2 and whose samples are mostly at or above 1 in magnitude, or
+    all whole numbers, is flagged as integer PCM passed as float (peak at most 2^31).
+    """
+    mono, arr = _downmix(pcm)
+    finite = np.isfinite(mono)
+    nonfinite = int(mono.size - np.count_nonzero(finite))
+    if nonfinite:
+        mono = np.where(finite, mono, mono.dtype.type(0.0))
+    magnitude = np.abs(mono)
+    peak = float(magnitude.max()) if mono.size else 0.0
+    clipped, int_like = 0, False
+    if peak > 1.0:
+        clipped = int(np.count_nonzero(magnitude > 1.0))
+        mono = np.clip(mono, -1.0, 1.0)
+        if arr.dtype.kind == "f" and 2.0 < peak <= 2147483648.0:  # no integer PCM goes past 2^31
+            values = arr[np.isfinite(arr)]
+            integral = bool(np.all(values == np.trunc(values)))
+            int_like = integral or int(np.count_nonzero(magnitude >= 1.0)) * 2 > mono.size
+    return ConditionedPCM(np.ascontiguousarray(mono, dtype=np.float32), nonfinite, clipped, peak, int_like)
+
+
+def check_sample_rate(sample_rate, what: str = "sample_rate") -> int:
+    """`sample_rate` as an int Hz: a whole number from MIN_SAMPLE_RATE to MAX_SAMPLE_RATE
+    inclusive; anything else is an AudioFormatError that names `what`."""
+    if isinstance(sample_rate, (bool, np.bool_)) or not isinstance(sample_rate, (int, float, np.integer, np.floating)):
+        raise AudioFormatError(f"{what} must be a number, got {sample_rate!r}")
+    if isinstance(sample_rate, (int, np.integer)):
+        rate = int(sample_rate)
+    else:
+        value = float(sample_rate)
+        if not math.isfinite(value) or not value.is_integer():
+            raise AudioFormatError(f"{what} must be a whole number of Hz from {RATE_RANGE}, got {sample_rate}")
+        rate = int(value)
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioFormatError(f"{what} {sample_rate} Hz is outside the supported range, {RATE_RANGE}")
+    return rate
 
 
 def resample(samples: np.ndarray, sample_rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
@@ -81,34 +170,252 @@ class StreamResampler:
         return self._stream.resample_chunk(samples, last=last)
 
 
-def read_audio(path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode an audio file (wav, flac, ogg, mp3 where libsndfile supports it) to float32 mono at 16 kHz."""
-    import soundfile as sf
+# --- files ---------------------------------------------------------------------------------
 
-    path = Path(path)
-    if not path.is_file():
-        raise AudioFormatError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise AudioFormatError(f"{path}: file is empty")
+_STDERR_LOCK = threading.Lock()
+_MAX_BLOCK_VALUES = 1 << 22  # samples (frames x channels) per read, whatever the channel count
+_UNKNOWN_LENGTH = 1 << 60  # libsndfile's frame count for a stream of unknown length is near 2^63
+_RESAMPLE_LIMIT = 1e30  # magnitudes past this are limited before resampling, so it cannot overflow
+
+
+@contextlib.contextmanager
+def _quiet_c_stderr():
+    """File descriptor 2 goes to the null device inside the block, then back.
+
+    Decoders inside libsndfile (libmpg123 for MP3) print notes straight to the C-level stderr
+    when given damaged data; the real error still arrives as an exception. Python's own
+    sys.stderr is flushed first, so nothing written before is lost.
+    """
+    with _STDERR_LOCK:
+        saved = None
+        try:
+            sys.stderr.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+        try:
+            saved = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, 2)
+            finally:
+                os.close(devnull)
+        except OSError:  # no fd 2, or no null device: leave stderr alone
+            if saved is not None:
+                os.close(saved)
+            saved = None
+        try:
+            yield
+        finally:
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+
+
+def _wav_header_frames(path: Path) -> int | None:
+    """Frames the data chunk of a RIFF/WAVE header announces. libsndfile reports the frames
+    actually present, so this is how a truncated WAV is recognised; None if not known."""
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        detail = _first_line(exc)
-        if "not a regular file" in detail or "unknown format" in detail.lower():
-            detail = "unrecognised format or corrupt data"  # libsndfile's generic open failure
-        raise AudioFormatError(f"{path}: cannot decode audio ({detail}); "
-                               f"supported: {', '.join(sorted(sf.available_formats()))}") from None
-    if data.shape[0] == 0:
-        raise AudioFormatError(f"{path}: contains no audio samples")
-    mono, n_bad = to_float32_mono(data)
-    if n_bad:
-        raise AudioFormatError(f"{path}: {n_bad} samples are NaN or infinite")
-    return resample(mono, int(rate), sample_rate)
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            block_align = 0
+            for _ in range(256):  # chunks before "data": fmt, fact, LIST, ...
+                header = f.read(8)
+                if len(header) < 8:
+                    return None
+                chunk, size = header[:4], int.from_bytes(header[4:], "little")
+                if chunk == b"data":
+                    return size // block_align if block_align and size not in (0, 0xFFFFFFFF) else None
+                if chunk == b"fmt ":
+                    fmt = f.read(min(size, 16))
+                    if len(fmt) < 14:
+                        return None
+                    block_align = int.from_bytes(fmt[12:14], "little")
+                    f.seek(size - len(fmt) + (size & 1), os.SEEK_CUR)
+                else:
+                    f.seek(size + (size & 1), os.SEEK_CUR)
+    except OSError:
+        return None
+    return None
 
 
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    line = text[0].strip() if text else type(exc).__name__
+    for prefix in ("Error : ", "Error: "):  # libsndfile's own prefix, redundant in our messages
+        line = line[len(prefix):] if line.startswith(prefix) else line
+    return line.rstrip(".") or type(exc).__name__
+
+
+def _seconds(frames: int, rate: int) -> str:
+    return f"{frames / rate:.1f} s"
+
+
+class AudioFile:
+    """An audio file opened for streaming, block by block, in bounded memory.
+
+    Opening checks the file (it exists and is a regular file, the decoder takes it, its sample
+    rate is within MIN_SAMPLE_RATE..MAX_SAMPLE_RATE) and decodes the first block, so a bad file
+    fails here with one AudioFormatError line. Iterating yields mono blocks at the file's own
+    rate (`sample_rate`): float32, or float64 for 64-bit float files; samples are as stored,
+    not clipped (Session.accept_waveform clips and reports). A file that ends before its header
+    said (or whose decoder stops part way) ends the iteration with one warning passed to
+    `on_warning` (default: warnings.warn with AudioWarning).
+    """
+
+    def __init__(self, path, block_seconds: float = 1.0, on_warning: Callable[[str], None] | None = None):
+        import soundfile as sf
+
+        if not (isinstance(block_seconds, (int, float)) and math.isfinite(block_seconds) and block_seconds > 0):
+            raise ValueError(f"block_seconds must be a positive number of seconds, got {block_seconds!r}")
+        self.path = Path(path)
+        self._on_warning = on_warning
+        self._file = None
+        self.frames_read = 0
+        self.truncated = False
+        name = str(path)
+        if not self.path.exists():
+            raise AudioFormatError(f"{name}: no such file")
+        if self.path.is_dir():
+            raise AudioFormatError(f"{name}: is a directory, not an audio file")
+        if not self.path.is_file():
+            raise AudioFormatError(f"{name}: not a regular file")
+        if self.path.stat().st_size == 0:
+            raise AudioFormatError(f"{name}: file is empty")
+        self.name = name
+        with _quiet_c_stderr():
+            try:
+                self._file = sf.SoundFile(name)
+            except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as exc:
+                raise self._decode_error(exc) from None
+        try:
+            f = self._file
+            self.sample_rate = check_sample_rate(f.samplerate, f"{name}: sample rate")
+            self.channels = int(f.channels)
+            if self.channels < 1:
+                raise AudioFormatError(f"{name}: header says {self.channels} channels")
+            self._dtype = "float64" if f.subtype == "DOUBLE" else "float32"
+            self._noisy = f.format == "MP3"  # libmpg123 may print notes on any read
+            header = _wav_header_frames(self.path) if f.format in ("WAV", "WAVEX") else None
+            if header is None:
+                header = int(f.frames) if 0 <= f.frames < _UNKNOWN_LENGTH else 0
+            self.header_frames = header  # what the header promises (0: not known)
+            # MP3 lengths without an encoder header are estimates: allow 2 % before warning.
+            self._tolerance = self.header_frames // 50 if self._noisy else 0
+            self._block = max(1, min(round(block_seconds * self.sample_rate), _MAX_BLOCK_VALUES // self.channels))
+            with _quiet_c_stderr():
+                first = self._read()
+            if first is None or len(first) == 0:
+                raise AudioFormatError(f"{name}: contains no audio samples")
+            self._pending = first
+        except BaseException:
+            self.close()
+            raise
+
+    def _decode_error(self, exc: Exception) -> AudioFormatError:
+        import soundfile as sf
+
+        detail = _first_line(exc)
+        if "not a regular file" in detail or "unknown format" in detail.lower():
+            detail = "unrecognised format or corrupt data"  # libsndfile's generic open failures
+        return AudioFormatError(f"{self.name}: cannot decode audio ({detail}); "
+                                f"supported: {', '.join(sorted(sf.available_formats()))}")
+
+    def _read(self) -> np.ndarray | None:
+        """The next block as mono, or None at the end; a decoder failure after some audio is
+        reported once and ends the file, before any audio it is an AudioFormatError."""
+        import soundfile as sf
+
+        try:
+            data = self._file.read(self._block, dtype=self._dtype, always_2d=True)
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as exc:
+            if self.frames_read == 0:
+                raise self._decode_error(exc) from None
+            self._warn_short(f"decoding stopped ({_first_line(exc)})")
+            return None
+        if len(data) == 0:
+            return None
+        finite = np.isfinite(data)
+        if not finite.all():
+            raise AudioFormatError(f"{self.name}: {int(data.size - np.count_nonzero(finite))} samples are NaN or "
+                                   f"infinite (at {_seconds(self.frames_read, self.sample_rate)})")
+        self.frames_read += len(data)
+        if data.shape[1] == 1:
+            return np.ascontiguousarray(data[:, 0])
+        return data.mean(axis=1, dtype=np.float64).astype(data.dtype, copy=False)
+
+    def _warn_short(self, what: str) -> None:
+        self.truncated = True
+        rate, read = self.sample_rate, self.frames_read
+        if self.header_frames > read:
+            message = (f"{self.name}: {what}: read {_seconds(read, rate)} of the "
+                       f"{_seconds(self.header_frames, rate)} its header promises")
+        else:
+            message = f"{self.name}: {what} after {_seconds(read, rate)}"
+        if self._on_warning is None:
+            warnings.warn(message, AudioWarning, stacklevel=3)
+        else:
+            self._on_warning(message)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if self._file is None:
+            return
+        try:
+            block, self._pending = self._pending, None
+            while block is not None:
+                yield block
+                if self._noisy:
+                    with _quiet_c_stderr():
+                        block = self._read()
+                else:
+                    block = self._read()
+            if not self.truncated and self.header_frames - self.frames_read > self._tolerance:
+                self._warn_short("file is truncated")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> AudioFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_audio_blocks(path, block_seconds: float = 1.0, sample_rate: int = SAMPLE_RATE,
+                      on_warning: Callable[[str], None] | None = None) -> Iterator[np.ndarray]:
+    """Decode an audio file block by block to float32 mono at `sample_rate` (16 kHz).
+
+    Any format libsndfile reads (wav, flac, ogg, mp3 where supported). Memory does not depend
+    on the file's length: each block is about `block_seconds` of audio, resampled with a
+    streaming resampler (the blocks join into exactly the one-shot result). Errors and
+    warnings are AudioFile's; samples are as stored, not clipped.
+    """
+    with AudioFile(path, block_seconds, on_warning) as audio:
+        resampler = StreamResampler(audio.sample_rate, sample_rate)
+        for block in audio:
+            if block.dtype != np.float32:
+                block = np.clip(block, -_RESAMPLE_LIMIT, _RESAMPLE_LIMIT).astype(np.float32)
+            elif audio.sample_rate != sample_rate and np.abs(block).max() > _RESAMPLE_LIMIT:
+                block = np.clip(block, -_RESAMPLE_LIMIT, _RESAMPLE_LIMIT)
+            out = resampler(block)
+            if out.size:
+                yield out
+        tail = resampler(np.zeros(0, np.float32), last=True)
+        if tail.size:
+            yield tail
+
+
+def read_audio(path, sample_rate: int = SAMPLE_RATE, on_warning: Callable[[str], None] | None = None) -> np.ndarray:
+    """Decode a whole audio file (wav, flac, ogg, mp3 where libsndfile supports it) to float32
+    mono at 16 kHz; see read_audio_blocks for long files."""
+    blocks = list(read_audio_blocks(path, block_seconds=10.0, sample_rate=sample_rate, on_warning=on_warning))
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 
 # --- microphone ----------------------------------------------------------------------------
@@ -157,7 +464,11 @@ class Microphone:
             sd.check_input_settings(device=device, channels=1, samplerate=SAMPLE_RATE, dtype="float32")
             self.rate = SAMPLE_RATE
         except Exception:  # noqa: BLE001 - the device cannot do 16 kHz: capture natively, resample aside
-            self.rate = int(info["default_samplerate"])
+            native = float(info["default_samplerate"])
+            if not (math.isfinite(native) and MIN_SAMPLE_RATE <= round(native) <= MAX_SAMPLE_RATE):
+                raise AudioFormatError(f"audio input {self.device_name!r} runs at {native:g} Hz, outside the "
+                                       f"supported range, {RATE_RANGE}") from None
+            self.rate = int(round(native))
         from . import _core
 
         self._target = session._ring if self.rate == SAMPLE_RATE else _core.RingBuffer(self.rate * 4)

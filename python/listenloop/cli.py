@@ -56,20 +56,33 @@ def _parser() -> argparse.ArgumentParser:
 
 class Printer:
     """Readable live transcript on stdout, plus a status line on stderr when it is a terminal.
-    Context resets are routine (about every 15 s with the demo model): shown with --verbose."""
 
-    def __init__(self, as_json: bool, verbose: bool = False):
+    Notices (dropped audio or events, faults, verbose context resets, warnings) go to stderr,
+    but never into the middle of a reply line: while a reply is being printed they are held
+    and printed once its line ends. Clipped input is summed over the run and reported as one
+    warning line by `summary()`. Context resets are routine (about every 15 s with the demo
+    model): shown with --verbose."""
+
+    def __init__(self, as_json: bool, verbose: bool = False, source: str | None = None):
         self.as_json = as_json
         self.verbose = verbose
+        self.source = source  # the input's name, for warnings
         self.status = sys.stderr.isatty() and not as_json
         self.in_reply = False
         self._status_len = 0
+        self._held: list[str] = []
+        self._clipped = 0
+        self._clip_peak = 0.0
+        self._clip_reason = ""
+        self._clip_int_pcm = False
 
     def __call__(self, event) -> None:
+        kind = event.kind
+        if kind == "AudioClipped":
+            self._note_clipping(event)
         if self.as_json:
             print(json.dumps(event.to_dict(), ensure_ascii=False), flush=True)
             return
-        kind = event.kind
         if kind == "Decision":
             self._status(f"[{event.stream_time:7.1f}s] listening  p(speak)={event.p_speak:.2f}")
         elif kind == "ReplyStarted":
@@ -82,17 +95,48 @@ class Printer:
         elif kind == "ReplyEnded":
             print(" [cut]" if event.truncated else "", flush=True)
             self.in_reply = False
+            self._release()
         elif kind == "ContextReset" and not self.verbose:
             return
-        elif kind in ("AudioDropped", "ContextReset", "Fault"):
-            self._clear_status()
+        elif kind in ("AudioDropped", "ContextReset", "Fault", "EventsDropped"):
             detail = {"AudioDropped": lambda e: f"dropped {e.samples} samples: {e.reason}",
                       "ContextReset": lambda e: f"context reset: {e.reason}",
-                      "Fault": lambda e: f"{e.where} fault: {e.message}"}[kind](event)
-            print(f"[{event.stream_time:7.1f}s] ({detail})", file=sys.stderr, flush=True)
+                      "Fault": lambda e: f"{e.where} fault: {e.message}",
+                      "EventsDropped": lambda e: f"{e.count} events dropped: the reader fell behind"}[kind](event)
+            self.notice(f"[{event.stream_time:7.1f}s] ({detail})")
         elif kind == "Stats":
             self._status(f"[{event.stream_time:7.1f}s] {event.chunks} chunks  step {event.step_ms:.1f} ms  "
                          f"RTF {event.real_time_factor:.2f}  dropped {event.dropped_chunks} chunks")
+
+    def notice(self, line: str) -> None:
+        """One line on stderr, after the reply line if a reply is being printed."""
+        if self.in_reply:
+            self._held.append(line)
+            return
+        self._clear_status()
+        print(line, file=sys.stderr, flush=True)
+
+    def warning(self, message: str) -> None:
+        self.notice(f"listenloop: warning: {message}")
+
+    def _release(self) -> None:
+        held, self._held = self._held, []
+        for line in held:
+            self.notice(line)
+
+    def _note_clipping(self, event) -> None:
+        self._clipped += event.samples
+        self._clip_peak = max(self._clip_peak, event.peak)
+        if not self._clip_reason or (event.int_pcm_as_float and not self._clip_int_pcm):
+            self._clip_reason, self._clip_int_pcm = event.reason, event.int_pcm_as_float
+
+    def clipping_warning(self) -> str | None:
+        """The run's one line about clipped input, or None if nothing was clipped."""
+        if not self._clipped:
+            return None
+        peak = f"{self._clip_peak:.1f}" if self._clip_peak < 1e7 else f"{self._clip_peak:.3g}"
+        where = f"{self.source}: " if self.source else ""
+        return f"{where}{self._clipped:,} samples clipped (peak {peak}): {self._clip_reason}"
 
     def _status(self, text: str) -> None:
         if self.status and not self.in_reply:
@@ -107,8 +151,17 @@ class Printer:
             self._status_len = 0
 
     def summary(self, stats) -> None:
+        """End of the run: finish an interrupted reply line, print held notices, the clipping
+        warning and (in transcript mode) the statistics line."""
         from .protocol import CHUNK_SECONDS
 
+        if self.in_reply:
+            print(flush=True)
+            self.in_reply = False
+        self._release()
+        clipping = self.clipping_warning()
+        if clipping:
+            self.warning(clipping)
         if not self.as_json:
             self._clear_status()
             print(f"{stats.chunks} chunks ({stats.chunks * CHUNK_SECONDS:.1f} s), step {stats.step_ms:.2f} ms median, "
@@ -127,31 +180,32 @@ def _runtime(args):
 
 
 def cmd_run(args) -> int:
-    from .audio import read_audio
+    from .audio import AudioFile
 
-    from .protocol import SAMPLE_RATE
-
-    samples = read_audio(args.file)  # read first: a bad file fails before the model loads
-    runtime = _runtime(args)
-    printer = Printer(args.json, args.verbose)
-    block = SAMPLE_RATE // 10  # 0.1 s
-    with runtime.session() as session:
-        start = time.monotonic()
-        for i in range(0, len(samples), block):
-            if args.realtime:
-                delay = start + i / SAMPLE_RATE - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-            session.accept_waveform(samples[i:i + block], SAMPLE_RATE)
-            for event in session.drain():
-                printer(event)
-        session.finish()
-        last = None
-        for event in session.events(timeout=None):  # everything, up to Finished
-            if event.kind != "Finished":
-                printer(event)
-            last = event if event.kind == "Stats" else last
-        printer.summary(last or session.stats())
+    printer = Printer(args.json, args.verbose, source=args.file)
+    # Opened first: a bad file fails before the model loads. Read 0.1 s at a time, so memory
+    # does not depend on the file's length and events are printed as they come.
+    with AudioFile(args.file, block_seconds=0.1, on_warning=printer.warning) as audio:
+        runtime = _runtime(args)
+        with runtime.session() as session:
+            start = time.monotonic()
+            fed = 0
+            for block in audio:
+                if args.realtime:
+                    delay = start + fed / audio.sample_rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                session.accept_waveform(block, audio.sample_rate)
+                fed += len(block)
+                for event in session.drain():
+                    printer(event)
+            session.finish()
+            last = None
+            for event in session.events(timeout=None):  # everything, up to Finished
+                if event.kind != "Finished":
+                    printer(event)
+                last = event if event.kind == "Stats" else last
+            printer.summary(last or session.stats())
     return 0
 
 

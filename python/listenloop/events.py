@@ -67,6 +67,20 @@ class AudioDropped(Event):
 
 
 @dataclass(frozen=True)
+class AudioClipped(Event):
+    """Samples outside [-1, 1] in one accept_waveform() call, clipped to [-1, 1] (docs/PROTOCOL.md,
+    "Front end"). `peak` is the largest magnitude before clipping. `int_pcm_as_float` is set
+    when the call looks like integer PCM passed as float (float samples, peak above 2, mostly
+    at or above 1 in magnitude or all whole numbers); `reason` then names the fix. The runtime
+    never rescales: it clips and says so."""
+
+    samples: int
+    peak: float
+    reason: str = "float samples belong in [-1, 1]"
+    int_pcm_as_float: bool = False
+
+
+@dataclass(frozen=True)
 class ContextReset(Event):
     """The context was rebuilt before chunk `chunk` was decided (docs/PROTOCOL.md, "Context policy")."""
 
@@ -112,5 +126,5 @@ class Finished(Event):
     chunks: int  # chunks decided in the whole stream
 
 
-EVENT_TYPES = (Decision, ReplyStarted, TextDelta, ReplyEnded, AudioDropped, ContextReset, Fault, Stats,
-               EventsDropped, Finished)
+EVENT_TYPES = (Decision, ReplyStarted, TextDelta, ReplyEnded, AudioDropped, AudioClipped, ContextReset, Fault,
+               Stats, EventsDropped, Finished)

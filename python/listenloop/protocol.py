@@ -14,6 +14,9 @@ VECTORS_PER_CHUNK = 10  # encoder output vectors per chunk (one per 40 ms)
 CHUNK_SECONDS = CHUNK_SAMPLES / SAMPLE_RATE  # 0.4
 LOG_FLOOR = 1e-10
 DYNAMIC_RANGE_LOG10 = 8.0  # the log-mel floor sits 80 dB below the running peak
+# Input rates the runtime accepts and resamples from (PROTOCOL.md, "Front end"); others are refused.
+MIN_SAMPLE_RATE = 4_000
+MAX_SAMPLE_RATE = 384_000
 
 # --- token layout (PROTOCOL.md, "Prompt", "Listening step") ---------------------------------
 BLOCK = VECTORS_PER_CHUNK + 2  # AUDIO_BEGIN, PAD x 10, ASSISTANT

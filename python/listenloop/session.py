@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from . import events as ev
-from .audio import StreamResampler, check_sample_rate, to_float32_mono
+from .audio import StreamResampler, check_sample_rate, condition_pcm
 from .context import chunk_level
 from .errors import Error, SessionClosedError
 from .event_queue import EventQueue
@@ -161,7 +161,13 @@ class Session:
         return self._closed
 
     def accept_waveform(self, pcm, sample_rate: int = SAMPLE_RATE, *, block: bool = True) -> None:
-        """Feed PCM (float or int, 1-D or [n, channels], any rate).
+        """Feed PCM (float or int, 1-D or [n, channels]) at any rate from MIN_SAMPLE_RATE to
+        MAX_SAMPLE_RATE (4 kHz to 384 kHz; others are an AudioFormatError).
+
+        Float samples belong in [-1, 1] (docs/PROTOCOL.md, "Front end"): louder ones are clipped,
+        never rescaled, and reported by one AudioClipped event for the call, which also says
+        when the block looks like integer PCM passed as float. NaN and infinite samples become
+        silence, reported by AudioDropped.
 
         With block=True (the default) this waits while the pipeline is full, so nothing is
         dropped however fast audio is fed; real-time sources that must never wait pass
@@ -169,15 +175,18 @@ class Session:
         """
         self._check_open()
         self._check_no_microphone("accept_waveform()")
-        rate = check_sample_rate(sample_rate)
-        samples, n_bad = to_float32_mono(pcm)
-        if n_bad:
-            self._emit(ev.AudioDropped(self._stream_time(), time.monotonic(), n_bad,
+        rate = check_sample_rate(sample_rate)  # before any conversion or resampling
+        conditioned = condition_pcm(pcm)
+        if conditioned.nonfinite:
+            self._emit(ev.AudioDropped(self._stream_time(), time.monotonic(), conditioned.nonfinite,
                                        "NaN or infinite samples replaced by silence"))
+        if conditioned.clipped:
+            self._emit(ev.AudioClipped(self._stream_time(), time.monotonic(), conditioned.clipped, conditioned.peak,
+                                       conditioned.clip_reason, conditioned.int_pcm_as_float))
         if self._resampler is None or self._resampler.in_rate != rate:
             self._flush_resampler()
             self._resampler = StreamResampler(rate)
-        self._write(self._resampler(samples), block)
+        self._write(self._resampler(conditioned.samples), block)
 
     def finish(self, timeout: float | None = None) -> None:
         """End of input: stop the microphone if one captures, flush the last partial chunk and
