@@ -34,6 +34,7 @@ def _error(pkg) -> str:
     assert isinstance(info.value, Error)
     message = str(info.value)
     assert "\n" not in message
+    assert message.startswith(f"{pkg}/")  # the file is named with its folder
     return message
 
 
@@ -51,7 +52,7 @@ def test_missing_folder(tmp_path):
 
 def test_missing_manifest(pkg):
     (pkg / "manifest.json").unlink()
-    assert _error(pkg).startswith("manifest.json")
+    assert _error(pkg).startswith(f"{pkg / 'manifest.json'}: not found")
 
 
 def test_corrupt_json(pkg):
@@ -74,7 +75,7 @@ def test_missing_field(pkg, section, field):
 @pytest.mark.parametrize("section,field,value,expect", [
     ("decoder", "hidden_size", "32", "must be an integer"),
     ("decoder", "num_layers", True, "must be an integer"),
-    ("sampling", "temperature", "hot", "must be a number"),
+    ("sampling", "temperature", "hot", "must be a finite number in [0, 100]"),
     ("tokens", "PAD", 1.5, "integer token id"),
     ("tokens", "TEXT_END", VOCAB + 5, "outside the vocabulary"),
     ("decoder", "precision", "int3", "must be one of"),
@@ -95,20 +96,20 @@ def test_prefix_id_outside_vocab(pkg):
 def test_missing_file(pkg):
     (pkg / "tokenizer.json").unlink()
     message = _error(pkg)
-    assert message.startswith("tokenizer.json") and "tokenizer.file" in message
+    assert message.startswith(str(pkg / "tokenizer.json")) and "tokenizer.file" in message
 
 
 def test_truncated_graph_file(pkg):
     data = (pkg / "decoder.onnx").read_bytes()
     (pkg / "decoder.onnx").write_bytes(data[: len(data) // 2])
     message = _error(pkg)
-    assert message.startswith("decoder.onnx") and "files.decoder.onnx.bytes" in message
+    assert message.startswith(str(pkg / "decoder.onnx")) and "files.decoder.onnx.bytes" in message
 
 
 def test_embeddings_shape_mismatch(pkg):
     np.save(pkg / "embeddings.npy", np.zeros((VOCAB, 16), np.float32))
     message = _error(pkg)
-    assert message.startswith("embeddings.npy") and "embeddings.shape" in message
+    assert message.startswith(str(pkg / "embeddings.npy")) and "embeddings.shape" in message
 
 
 def test_embeddings_not_npy(pkg):

@@ -58,10 +58,25 @@ def minimum_capacity(prefix_len: int, history_chunks: int = HISTORY_CHUNKS) -> i
 
 
 def check_capacity(requested: int, *, prefix_len: int, package_context: int, trained_context: int,
-                   what: str = "max_context") -> int:
-    """`requested` if a stream can run in it; one ModelPackageError line if not."""
-    if isinstance(requested, bool) or not isinstance(requested, int):
-        raise ModelPackageError(f"{what} must be a whole number of tokens, got {requested!r}")
+                   what: str = "max_context", kv_bytes_per_token: int = 0, available_bytes: int | None = None) -> int:
+    """`requested` if a stream can run in it; one ModelPackageError line if not.
+
+    A capacity must be a whole number of tokens between `minimum_capacity` and MAX_POSITIONS,
+    and, when `available_bytes` is known, one stream's KV cache (`requested` times
+    `kv_bytes_per_token`) must fit in it: the check comes before anything is allocated."""
+    import numbers
+
+    from .errors import show
+
+    def size(nbytes: int) -> str:
+        for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+            if nbytes >= scale:
+                return f"{nbytes / scale:.1f} {unit}"
+        return f"{nbytes} B"
+
+    if isinstance(requested, bool) or not isinstance(requested, numbers.Integral):
+        raise ModelPackageError(f"{what} must be a whole number of tokens, got {show(requested)}")
+    requested = int(requested)
     low = minimum_capacity(prefix_len)
     if requested < low:
         raise ModelPackageError(
@@ -70,6 +85,12 @@ def check_capacity(requested: int, *, prefix_len: int, package_context: int, tra
             f"new chunks and a reply; use at least {low}")
     if requested > MAX_POSITIONS:
         raise ModelPackageError(f"{what} {requested} is above the model's {MAX_POSITIONS}-position limit")
+    needed = requested * kv_bytes_per_token
+    if available_bytes is not None and needed > available_bytes:
+        fits = max(0, available_bytes // kv_bytes_per_token) if kv_bytes_per_token else 0
+        raise ModelPackageError(
+            f"{what} {requested} needs {size(needed)} ({needed} bytes) for one stream's KV cache, but only "
+            f"{size(available_bytes)} ({available_bytes} bytes) of memory is available; at most {fits} tokens fit")
     if requested > trained_context:
         log.warning("%s %d is above the %d tokens of context this model was trained for; replies may degrade "
                     "past that point (the package's default is %d)", what, requested, trained_context, package_context)

@@ -41,8 +41,15 @@ class Model:
             what = "the package's max_context" if max_context == dec["max_context"] else f"profile {self.profile.name!r} max_context"
         else:
             what = "max_context"
+        # One stream's KV cache must fit in the memory it is allocated from (host memory for a
+        # CPU cache; a CUDA cache is left to the device's allocator).
+        from . import profiles
+
+        per_token = 2 * self.layers * self.kv_heads * self.head_dim * self.io_dtype.itemsize
+        available = profiles.available_memory() if self.profile.kv_cache_device == "cpu" else None
         self.capacity = check_capacity(max_context, prefix_len=len(self.prefix_ids), package_context=dec["max_context"],
-                                       trained_context=self.trained_context, what=what)
+                                       trained_context=self.trained_context, what=what,
+                                       kv_bytes_per_token=per_token, available_bytes=available)
         self.embeddings = pkg.embeddings()
 
     # -- set-up --------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """Model package loading and validation (format: runtime/PACKAGE_FORMAT.md, docs/DESIGN.md).
 
-`load_package` checks the manifest and the files without creating ONNX Runtime sessions;
-`check_graphs` checks live sessions against the manifest once the engine has created them.
-Every failure is one ModelPackageError naming the file and the field.
+`load_package` checks the manifest, the files and the tokenizer without creating ONNX Runtime
+sessions; `check_graphs` checks live sessions against the manifest once the engine has created
+them. Every failure is one ModelPackageError line naming the file (with its folder) and the
+field, e.g. `pkg/manifest.json: sampling.speak_bias: must be a finite number in [-100, 100],
+got nan`. Every number in the manifest must be finite and inside the range given for it in
+runtime/PACKAGE_FORMAT.md ("Ranges").
 """
 from __future__ import annotations
 
@@ -14,22 +17,29 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelPackageError
+from .context import MAX_POSITIONS
+from .errors import Bounds, ModelPackageError, show
 from .protocol import EMOTION_NAMES, PRECISIONS, TOKEN_NAMES  # noqa: F401 - public here too
 from .protocol import (CHUNK_SAMPLES, DYNAMIC_RANGE_LOG10, FRAMES_PER_CHUNK, HOP, LOG_FLOOR, N_FFT, N_MELS,
                        SAMPLE_RATE, STEP, VECTORS_PER_CHUNK)
+from .sampling import REPLY_TOKENS, TEMPERATURE, TOP_P
 
 FORMAT = "listenloop-model-package"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 IO_DTYPES = ("float32", "float16")
+MAX_FILE_NAME = 255
 
-_NUM = (int, float)
-# field -> expected python type(s); bool is excluded from numbers explicitly below.
+# Ranges of the manifest's numbers (runtime/PACKAGE_FORMAT.md, "Ranges").
+# A package's speak bias is a calibration (docs/PROTOCOL.md, "Sampling"): +-50 already decides
+# every chunk, so anything past +-100 is a broken manifest rather than a choice.
+PACKAGE_SPEAK_BIAS = Bounds(-100.0, 100.0)
+CONTEXT = Bounds(1, MAX_POSITIONS, integer=True)
 _AUDIO_FIELDS = {
     "sample_rate": int, "chunk_samples": int, "n_fft": int, "hop_length": int, "n_mels": int,
     "frames_per_chunk": int, "vectors_per_chunk": int, "mel_scale": str, "mel_norm": str,
-    "log_floor": _NUM, "dynamic_range_log10": _NUM,
+    "log_floor": Bounds(0.0, 1.0, low_open=True, high_open=True),  # power floor before log10
+    "dynamic_range_log10": Bounds(0.0, 20.0, low_open=True),  # up to 200 dB
 }
 # The manifest's audio section: the front end of docs/PROTOCOL.md ("Chunks", "Log-mel"), which
 # the exporter writes as it is.
@@ -39,15 +49,20 @@ AUDIO = {
     "mel_scale": "slaney", "mel_norm": "slaney", "log_floor": LOG_FLOOR, "dynamic_range_log10": DYNAMIC_RANGE_LOG10,
 }
 # The runtime's front end (listenloop._core) is built for exactly these values; the log floor
-# and the dynamic range only have to be positive.
+# and the dynamic range only have to lie in their ranges.
 _AUDIO_FIXED = {k: v for k, v in AUDIO.items() if k not in ("log_floor", "dynamic_range_log10")}
 _DECODER_FIELDS = {
-    "file": str, "precision": str, "io_dtype": str, "hidden_size": int, "num_layers": int,
-    "num_heads": int, "num_kv_heads": int, "head_dim": int, "vocab_size": int,
-    "rope_theta": _NUM, "rms_norm_eps": _NUM, "rope_position_rounding": str, "max_context": int,
+    "file": str, "precision": str, "io_dtype": str,
+    "hidden_size": Bounds(1, 65536, integer=True), "num_layers": Bounds(1, 1024, integer=True),
+    "num_heads": Bounds(1, 1024, integer=True), "num_kv_heads": Bounds(1, 1024, integer=True),
+    "head_dim": Bounds(1, 4096, integer=True), "vocab_size": Bounds(1, 2 ** 24, integer=True),
+    "rope_theta": Bounds(1.0, 1e10, low_open=True), "rms_norm_eps": Bounds(0.0, 0.1, low_open=True),
+    "rope_position_rounding": str, "max_context": CONTEXT,
 }
+_QUANTIZATION_OPTIONAL = {"block_size": Bounds(1, 65536, integer=True), "accuracy_level": Bounds(0, 4, integer=True)}
 _SAMPLING_FIELDS = {
-    "temperature": _NUM, "top_k": int, "top_p": _NUM, "speak_bias": _NUM, "max_reply_tokens": int,
+    "temperature": TEMPERATURE, "top_k": int, "top_p": TOP_P, "speak_bias": PACKAGE_SPEAK_BIAS,
+    "max_reply_tokens": REPLY_TOKENS,
 }
 
 
@@ -90,25 +105,53 @@ class ModelPackage:
         return np.load(self.embeddings_path, mmap_mode="r")
 
 
-def _fail(file: str, field: str, problem: str) -> ModelPackageError:
-    return ModelPackageError(f"{file}: {field}: {problem}")
+class _Invalid(ModelPackageError):
+    """One problem found while checking a package: the file inside the package, the field and
+    what is wrong. load_package and check_graphs turn it into a ModelPackageError whose
+    message starts with the file's full path."""
+
+    def __init__(self, file: str, field: str | None, problem: str):
+        super().__init__(f"{file}: {field}: {problem}" if field else f"{file}: {problem}")
+        self.file, self.field, self.problem = file, field, problem
+
+    def at(self, root: Path) -> ModelPackageError:
+        where = root / self.file
+        return ModelPackageError(f"{where}: {self.field}: {self.problem}" if self.field else f"{where}: {self.problem}")
+
+
+def _fail(file: str, field: str | None, problem: str) -> _Invalid:
+    return _Invalid(file, field, problem)
 
 
 def _type_name(expected) -> str:
-    if expected is _NUM:
-        return "a number"
+    if isinstance(expected, Bounds):
+        return expected.wants
     return {int: "an integer", str: "a string", dict: "an object", list: "a list"}[expected]
 
 
 def _get(obj: dict, key: str, expected, where: str, file: str = MANIFEST) -> Any:
+    """obj[key], checked: `expected` is a type (str, int, dict, list) or a Bounds."""
     field = f"{where}.{key}" if where else key
     if key not in obj:
         raise _fail(file, field, "missing")
     value = obj[key]
-    is_bool = isinstance(value, bool)
-    if is_bool or not isinstance(value, expected):
-        raise _fail(file, field, f"must be {_type_name(expected)}, got {json.dumps(value)[:60]}")
+    if isinstance(expected, Bounds):
+        problem = expected.problem(value)
+        if problem:
+            raise _fail(file, field, problem)
+    elif isinstance(value, bool) or not isinstance(value, expected):
+        raise _fail(file, field, f"must be {_type_name(expected)}, got {_json_show(value)}")
     return value
+
+
+def _json_show(value) -> str:
+    if isinstance(value, float) and not np.isfinite(value):
+        return show(value)
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        return show(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_section(manifest: dict, section: str, fields: dict) -> dict:
@@ -118,31 +161,31 @@ def _check_section(manifest: dict, section: str, fields: dict) -> dict:
     return obj
 
 
-def _positive(obj: dict, section: str, *keys: str) -> None:
-    for key in keys:
-        if obj[key] <= 0:
-            raise _fail(MANIFEST, f"{section}.{key}", f"must be > 0, got {obj[key]}")
-
-
 def _read_manifest(root: Path) -> dict:
     path = root / MANIFEST
     if not path.is_file():
-        raise _fail(MANIFEST, "(file)", f"not found in {root}")
+        raise _fail(MANIFEST, None, "not found (not a model package folder?)")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(MANIFEST, "(file)", f"not valid JSON ({exc})") from None
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise _fail(MANIFEST, None, f"cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise _fail(MANIFEST, None, "not valid JSON (not UTF-8 text)") from None
+    except RecursionError:
+        raise _fail(MANIFEST, None, "not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # json.JSONDecodeError, or an integer with too many digits
+        raise _fail(MANIFEST, None, f"not valid JSON ({str(exc).splitlines()[0][:120]})") from None
     if not isinstance(manifest, dict):
-        raise _fail(MANIFEST, "(file)", "must hold a JSON object")
+        raise _fail(MANIFEST, None, "must hold a JSON object")
     return manifest
 
 
 def _validate_header(manifest: dict) -> None:
     if _get(manifest, "format", str, "") != FORMAT:
-        raise _fail(MANIFEST, "format", f"must be {FORMAT!r}, got {manifest['format']!r}")
+        raise _fail(MANIFEST, "format", f"must be {FORMAT!r}, got {show(manifest['format'])}")
     version = _get(manifest, "format_version", int, "")
     if version != FORMAT_VERSION:
-        raise _fail(MANIFEST, "format_version", f"this runtime reads version {FORMAT_VERSION}, got {version}")
+        raise _fail(MANIFEST, "format_version", f"this runtime reads version {FORMAT_VERSION}, got {show(version)}")
     _get(manifest, "name", str, "")
     _get(manifest, "created_by", str, "")
 
@@ -151,22 +194,21 @@ def _validate_audio(manifest: dict) -> None:
     audio = _check_section(manifest, "audio", _AUDIO_FIELDS)
     for key, value in _AUDIO_FIXED.items():
         if audio[key] != value:
-            raise _fail(MANIFEST, f"audio.{key}", f"this runtime supports only {value!r}, got {audio[key]!r}")
-    _positive(audio, "audio", "log_floor", "dynamic_range_log10")
+            raise _fail(MANIFEST, f"audio.{key}", f"this runtime supports only {value!r}, got {show(audio[key])}")
 
 
 def _validate_decoder(manifest: dict) -> None:
     dec = _check_section(manifest, "decoder", _DECODER_FIELDS)
     if dec["precision"] not in PRECISIONS:
-        raise _fail(MANIFEST, "decoder.precision", f"must be one of {PRECISIONS}, got {dec['precision']!r}")
+        raise _fail(MANIFEST, "decoder.precision", f"must be one of {PRECISIONS}, got {show(dec['precision'])}")
     if dec["io_dtype"] not in IO_DTYPES:
-        raise _fail(MANIFEST, "decoder.io_dtype", f"must be one of {IO_DTYPES}, got {dec['io_dtype']!r}")
+        raise _fail(MANIFEST, "decoder.io_dtype", f"must be one of {IO_DTYPES}, got {show(dec['io_dtype'])}")
     if (dec["io_dtype"] == "float16") != (dec["precision"] == "fp16"):
         raise _fail(MANIFEST, "decoder.io_dtype", f"{dec['io_dtype']} does not go with precision {dec['precision']}")
-    _positive(dec, "decoder", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-              "vocab_size", "rope_theta", "rms_norm_eps", "max_context")
     if dec["num_heads"] % dec["num_kv_heads"]:
         raise _fail(MANIFEST, "decoder.num_kv_heads", "must divide decoder.num_heads")
+    if "trained_context" in dec:
+        _get(dec, "trained_context", CONTEXT, "decoder")
     if "quantization" not in dec:
         raise _fail(MANIFEST, "decoder.quantization", "missing (null for fp32/fp16)")
     quant = dec["quantization"]
@@ -180,18 +222,21 @@ def _validate_decoder(manifest: dict) -> None:
         bits = _get(quant, "bits", int, "decoder.quantization")
         if bits != int(dec["precision"][3:]):
             raise _fail(MANIFEST, "decoder.quantization.bits", f"{bits} does not match precision {dec['precision']}")
+        for key, bounds in _QUANTIZATION_OPTIONAL.items():
+            if key in quant:
+                _get(quant, key, bounds, "decoder.quantization")
     enc = _check_section(manifest, "encoder", {"file": str, "precision": str, "output_dim": int})
     if enc["precision"] not in PRECISIONS:
-        raise _fail(MANIFEST, "encoder.precision", f"must be one of {PRECISIONS}, got {enc['precision']!r}")
+        raise _fail(MANIFEST, "encoder.precision", f"must be one of {PRECISIONS}, got {show(enc['precision'])}")
     if enc["output_dim"] != dec["hidden_size"]:
         raise _fail(MANIFEST, "encoder.output_dim", f"{enc['output_dim']} != decoder.hidden_size {dec['hidden_size']}")
 
 
 def _token_id(value, field: str, vocab: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(MANIFEST, field, f"must be an integer token id, got {json.dumps(value)[:40]}")
+        raise _fail(MANIFEST, field, f"must be an integer token id, got {_json_show(value)}")
     if not 0 <= value < vocab:
-        raise _fail(MANIFEST, field, f"id {value} is outside the vocabulary [0, {vocab})")
+        raise _fail(MANIFEST, field, f"id {show(value)} is outside the vocabulary [0, {vocab})")
     return value
 
 
@@ -226,22 +271,21 @@ def _validate_tokens(manifest: dict) -> tuple[dict, dict, tuple]:
 
 def _validate_sampling(manifest: dict) -> None:
     sampling = _check_section(manifest, "sampling", _SAMPLING_FIELDS)
-    if sampling["temperature"] < 0:
-        raise _fail(MANIFEST, "sampling.temperature", "must be >= 0")
-    if sampling["top_k"] < 0:
-        raise _fail(MANIFEST, "sampling.top_k", "must be >= 0")
-    if not 0 < sampling["top_p"] <= 1:
-        raise _fail(MANIFEST, "sampling.top_p", "must be in (0, 1]")
-    if sampling["max_reply_tokens"] <= 0:
-        raise _fail(MANIFEST, "sampling.max_reply_tokens", "must be > 0")
+    # top_k above the vocabulary would cut nothing: the range ends at vocab_size.
+    _get(sampling, "top_k", Bounds(0, manifest["decoder"]["vocab_size"], integer=True), "sampling")
+
+
+def _check_name(manifest_field: str, name: str) -> None:
+    if (os.sep in name or "/" in name or "\\" in name or "\x00" in name or name in ("", ".", "..")
+            or len(name.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME):
+        raise _fail(MANIFEST, manifest_field, f"must be a file name inside the package, got {show(name)}")
 
 
 def _check_file(root: Path, manifest: dict, field: str, name: str) -> Path:
-    if os.sep in name or "/" in name or name in ("", ".", ".."):
-        raise _fail(MANIFEST, field, f"must be a file name inside the package, got {name!r}")
+    _check_name(field, name)
     path = root / name
     if not path.is_file():
-        raise _fail(name, field, f"file not found in {root}")
+        raise _fail(name, field, "file not found in the package folder")
     return path
 
 
@@ -259,9 +303,10 @@ def _validate_files(root: Path, manifest: dict) -> dict:
         if name not in files:
             raise _fail(MANIFEST, f"files.{name}", "missing")
     for name, entry in files.items():
+        _check_name(f"files.{name}", name)
         if not isinstance(entry, dict):
             raise _fail(MANIFEST, f"files.{name}", "must be an object with 'bytes'")
-        expected = _get(entry, "bytes", int, f"files.{name}")
+        expected = _get(entry, "bytes", Bounds(0, 2 ** 63 - 1, integer=True), f"files.{name}")
         path = _check_file(root, manifest, f"files.{name}", name)
         actual = path.stat().st_size
         if actual != expected:
@@ -275,18 +320,30 @@ def _validate_embeddings(path: Path, manifest: dict) -> None:
     shape = _get(emb, "shape", list, "embeddings")
     dec = manifest["decoder"]
     expected = [dec["vocab_size"], dec["hidden_size"]]
-    if shape != expected:
-        raise _fail(MANIFEST, "embeddings.shape", f"{shape} != [decoder.vocab_size, decoder.hidden_size] = {expected}")
+    if shape != expected or any(isinstance(v, bool) for v in shape):
+        raise _fail(MANIFEST, "embeddings.shape",
+                    f"{_json_show(shape)} != [decoder.vocab_size, decoder.hidden_size] = {expected}")
     if dtype != dec["io_dtype"]:
-        raise _fail(MANIFEST, "embeddings.dtype", f"{dtype} != decoder.io_dtype {dec['io_dtype']}")
+        raise _fail(MANIFEST, "embeddings.dtype", f"{show(dtype)} != decoder.io_dtype {dec['io_dtype']}")
     try:
         table = np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as exc:
-        raise _fail(path.name, "embeddings.file", f"not a readable .npy array ({exc})") from None
+    except (ValueError, OSError, EOFError) as exc:
+        detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise _fail(path.name, "embeddings.file", f"not a readable .npy array ({detail})") from None
+    if not isinstance(table, np.ndarray):
+        raise _fail(path.name, "embeddings.file", "not a .npy array")
     if list(table.shape) != expected:
         raise _fail(path.name, "embeddings.shape", f"array has shape {list(table.shape)}, manifest says {expected}")
     if table.dtype != np.dtype(dtype):
         raise _fail(path.name, "embeddings.dtype", f"array has dtype {table.dtype}, manifest says {dtype}")
+
+
+def _validate_tokenizer(path: Path) -> None:
+    """Parse the tokenizer now, so a broken one stops the load rather than the first reply.
+    The parsed tokenizer is cached (textstream.TokenBytes), so the model does not parse it twice."""
+    from .textstream import TokenBytes
+
+    TokenBytes(path)  # a ModelPackageError naming the file and tokenizer.file if it is broken
 
 
 def load_package(path) -> ModelPackage:
@@ -294,14 +351,18 @@ def load_package(path) -> ModelPackage:
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ModelPackageError(f"{root}: model package folder not found")
-    manifest = _read_manifest(root)
-    _validate_header(manifest)
-    _validate_audio(manifest)
-    _validate_decoder(manifest)
-    tokens, emotions, prefix_ids = _validate_tokens(manifest)
-    _validate_sampling(manifest)
-    paths = _validate_files(root, manifest)
-    _validate_embeddings(paths["embeddings"], manifest)
+    try:
+        manifest = _read_manifest(root)
+        _validate_header(manifest)
+        _validate_audio(manifest)
+        _validate_decoder(manifest)
+        tokens, emotions, prefix_ids = _validate_tokens(manifest)
+        _validate_sampling(manifest)
+        paths = _validate_files(root, manifest)
+        _validate_embeddings(paths["embeddings"], manifest)
+        _validate_tokenizer(paths["tokenizer"])
+    except _Invalid as problem:
+        raise problem.at(root) from None
     return ModelPackage(
         path=root, manifest=manifest, tokens=tokens, emotions=emotions, prefix_ids=prefix_ids,
         encoder_path=paths["encoder"], decoder_path=paths["decoder"],
@@ -362,6 +423,13 @@ def _compare(file: str, kind: str, actual_args, expected: dict) -> None:
 
 def check_graphs(package: ModelPackage, encoder_session, decoder_session) -> None:
     """Check live ONNX Runtime sessions against the manifest (names, dtypes, static dims)."""
+    try:
+        _check_graphs(package, encoder_session, decoder_session)
+    except _Invalid as problem:
+        raise problem.at(package.path) from None
+
+
+def _check_graphs(package: ModelPackage, encoder_session, decoder_session) -> None:
     enc_in, enc_out = _expected_encoder_io(package)
     _compare(package.encoder_path.name, "input", encoder_session.get_inputs(), enc_in)
     _compare(package.encoder_path.name, "output", encoder_session.get_outputs(), enc_out)

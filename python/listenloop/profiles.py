@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import DeviceError
+from .context import MAX_POSITIONS
+from .errors import Bounds, DeviceError, show
 
 log = logging.getLogger("listenloop")
 
@@ -21,6 +22,7 @@ CPU = "CPUExecutionProvider"
 _EXECUTION_MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+CONTEXT = Bounds(1, MAX_POSITIONS, integer=True)
 
 
 @dataclass(frozen=True)
@@ -67,31 +69,193 @@ def physical_cores() -> int:
     return max(1, min(len(cores) or affinity, affinity))
 
 
+def available_memory() -> int | None:
+    """Bytes of host memory a new allocation can take now (None when unknown): psutil's
+    `available` (or /proc/meminfo's MemAvailable, or free pages), capped by a cgroup v2
+    memory limit when the process runs in one (less what the cgroup uses, page cache that can
+    be reclaimed not counted as used)."""
+    available = None
+    try:
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - psutil missing or unable to read this system
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+        except (OSError, ValueError, IndexError):
+            pass
+        if available is None:
+            try:
+                available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (AttributeError, ValueError, OSError):
+                return None
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            used = int((cgroup / "memory.current").read_text().strip())
+            for line in (cgroup / "memory.stat").read_text().splitlines():
+                if line.startswith("inactive_file "):
+                    used -= int(line.split()[1])
+            available = min(available, max(0, int(limit) - max(0, used)))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+# Ranges and choices of a profile's fields (runtime/PACKAGE_FORMAT.md, "Ranges").
+THREADS = Bounds(0, 256, integer=True)  # 0: ONNX Runtime's default
+DEVICE_ID = Bounds(0, 255, integer=True)
+_SESSION_FIELDS = ("intra_op_num_threads", "inter_op_num_threads", "execution_mode", "graph_optimization_level",
+                   "config_entries")
+_MAX_CONFIG_KEY = 1024  # ONNX Runtime refuses longer session config keys
+
+
+class _Invalid(Exception):
+    """A problem in a profile: the field (None for the whole file) and what is wrong."""
+
+    def __init__(self, field: str | None, problem: str):
+        super().__init__(f"{field}: {problem}" if field else problem)
+
+
+def _string(value, field: str, *, choices=None, optional=False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise _Invalid(field, f"must be a string, got {show(value)}")
+    if choices is not None and value not in choices:
+        raise _Invalid(field, f"must be one of {', '.join(choices)}, got {show(value)}")
+    return value
+
+
+def _number(value, field: str, bounds: Bounds):
+    problem = bounds.problem(value)
+    if problem:
+        raise _Invalid(field, problem)
+    return value
+
+
+def _option_value(value, field: str):
+    """A provider option: a string, a boolean, an integer or a finite number."""
+    if isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, int):
+        return _number(value, field, Bounds(-(2 ** 63), 2 ** 63 - 1, integer=True))
+    if isinstance(value, float):
+        return _number(value, field, Bounds(-1e300, 1e300))
+    raise _Invalid(field, f"must be a string, a boolean or a number, got {show(value)}")
+
+
+def _providers(data) -> tuple:
+    if "providers" not in data:
+        raise _Invalid("providers", "missing")
+    raw = data["providers"]
+    if not isinstance(raw, list) or not raw:
+        raise _Invalid("providers", f"must be a non-empty list of [name, options] pairs, got {show(raw)}")
+    providers, seen = [], set()
+    for i, entry in enumerate(raw):
+        field = f"providers[{i}]"
+        if not isinstance(entry, list) or len(entry) != 2:
+            raise _Invalid(field, f"must be a [name, options] pair, got {show(entry)}")
+        name, options = entry
+        if not isinstance(name, str) or not name:
+            raise _Invalid(f"{field}[0]", f"must be a provider name, got {show(name)}")
+        if name in seen:
+            raise _Invalid(f"{field}[0]", f"{name} is listed twice")
+        seen.add(name)
+        if not isinstance(options, dict):
+            raise _Invalid(f"{field}[1]", f"must be an object of provider options, got {show(options)}")
+        for key, value in options.items():
+            where = f"{field}[1].{key}"
+            if key == "device_id":
+                _number(value, where, DEVICE_ID)
+            elif key == "trt_engine_cache_path":
+                if not isinstance(value, str) or not value.strip() or "\x00" in value:
+                    raise _Invalid(where, f"must be a folder path, got {show(value)}")
+            else:
+                _option_value(value, where)
+        providers.append((name, dict(options)))
+    return tuple(providers)
+
+
+def _session(data) -> dict:
+    session = data.get("session", {})
+    if session is None:
+        return {}
+    if not isinstance(session, dict):
+        raise _Invalid("session", f"must be an object, got {show(session)}")
+    for key in session:
+        if key not in _SESSION_FIELDS:
+            raise _Invalid(f"session.{key}", f"unknown setting (known: {', '.join(_SESSION_FIELDS)})")
+    if "intra_op_num_threads" in session:
+        threads = session["intra_op_num_threads"]
+        if threads != "physical_cores" and not THREADS.holds(threads):
+            raise _Invalid("session.intra_op_num_threads", f"must be \"physical_cores\" or {THREADS.wants}, "
+                                                           f"got {show(threads)}")
+    if "inter_op_num_threads" in session:
+        _number(session["inter_op_num_threads"], "session.inter_op_num_threads", THREADS)
+    if "execution_mode" in session:
+        _string(session["execution_mode"], "session.execution_mode", choices=tuple(_EXECUTION_MODES))
+    if "graph_optimization_level" in session:
+        _string(session["graph_optimization_level"], "session.graph_optimization_level", choices=tuple(_OPT_LEVELS))
+    entries = session.get("config_entries", {})
+    if not isinstance(entries, dict):
+        raise _Invalid("session.config_entries", f"must be an object of strings, got {show(entries)}")
+    for key, value in entries.items():
+        if not key or len(key) > _MAX_CONFIG_KEY:
+            raise _Invalid("session.config_entries", f"a key must have 1 to {_MAX_CONFIG_KEY} characters")
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise _Invalid(f"session.config_entries.{key}", f"must be a string, got {show(value)}")
+    return dict(session)
+
+
+def _parse_profile(data, stem: str) -> Profile:
+    if not isinstance(data, dict):
+        raise _Invalid(None, "must hold a JSON object")
+    name = _string(data.get("name", stem), "name")
+    description = _string(data.get("description", ""), "description")
+    providers = _providers(data)
+    session = _session(data)
+    device = _string(data.get("kv_cache_device", "cpu"), "kv_cache_device", choices=("cpu", "cuda"))
+    max_context = data.get("max_context")
+    if max_context is not None:
+        problem = CONTEXT.problem(max_context)
+        if problem:
+            raise _Invalid("max_context", f"{problem} (or null)")
+    return Profile(name=name, providers=providers, session=session, kv_cache_device=device,
+                   max_context=max_context, description=description)
+
+
 def load_profile(name_or_path) -> Profile:
-    """A profile by name (cpu, cuda, jetson) or from a JSON file path."""
+    """A profile by name (cpu, cuda, jetson) or from a JSON file path.
+
+    Every field is checked here (runtime/PACKAGE_FORMAT.md, "Device profiles"); a problem is
+    one DeviceError line naming the profile file and the field."""
     if isinstance(name_or_path, Profile):
         return name_or_path
     path = Path(str(name_or_path))
     if path.suffix != ".json":
         path = profiles_dir() / f"{name_or_path}.json"
     if not path.is_file():
-        raise DeviceError(f"unknown profile {name_or_path!r}; choose one of {', '.join(available_profiles())} or a .json file")
+        raise DeviceError(f"unknown profile {show(str(name_or_path))}; choose one of "
+                          f"{', '.join(available_profiles())} or a .json file")
     try:
-        data = json.loads(path.read_text())
-        providers = tuple((str(p), dict(opts)) for p, opts in data["providers"])
-        if not providers:
-            raise ValueError("providers is empty")
-        device = data.get("kv_cache_device", "cpu")
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"kv_cache_device must be cpu or cuda, got {device!r}")
-        max_context = data.get("max_context")
-        if max_context is not None and (not isinstance(max_context, int) or max_context <= 0):
-            raise ValueError("max_context must be a positive integer or null")
-        return Profile(name=str(data.get("name", path.stem)), providers=providers,
-                       session=dict(data.get("session", {})), kv_cache_device=device,
-                       max_context=max_context, description=str(data.get("description", "")))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DeviceError(f"{path}: invalid profile ({exc})") from None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise DeviceError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise DeviceError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    except RecursionError:
+        raise DeviceError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # json.JSONDecodeError, or an integer with too many digits
+        raise DeviceError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
+    try:
+        return _parse_profile(data, path.stem)
+    except _Invalid as exc:
+        raise DeviceError(f"{path}: {exc}") from None
 
 
 def cpu_fallback(profile: Profile) -> Profile:

@@ -9,21 +9,45 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .context import MAX_POSITIONS
+from .errors import Bounds, ConfigError
+
+# Ranges of the sampling settings and of a stream's decision options (runtime/PACKAGE_FORMAT.md,
+# "Ranges"); a package's sampling section uses the same, except for its speak bias.
+TEMPERATURE = Bounds(0.0, 100.0)  # 0 is greedy; at 100 every token is about equally likely
+TOP_P = Bounds(0.0, 1.0, low_open=True)  # 1 keeps every token
+TOP_K = Bounds(0, 2 ** 31 - 1, integer=True)  # 0 keeps every token
+SEED = Bounds(0, 2 ** 63 - 1, integer=True)
+# A stream's speak bias: +-50 already decides every chunk (benchmarks force decisions so);
+# the bound keeps the biased logit an ordinary float.
+SPEAK_BIAS = Bounds(-10000.0, 10000.0)
+SPEAK_THRESHOLD = Bounds(0.0, 1.01)  # p_speak >= threshold speaks: 0 always, above 1 never
+REPLY_TOKENS = Bounds(1, MAX_POSITIONS, integer=True)  # a reply never outgrows the context
+
 
 @dataclass
 class SamplingConfig:
+    """How reply tokens (and, with temperature > 0, listening decisions) are drawn.
+
+    Every field is checked on construction and again by `check()` (a stream checks its
+    config when it is created): a value outside its range raises one ConfigError line."""
+
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0 means no top-k cut
     top_p: float = 1.0  # 1 means no nucleus cut
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        self.check()
+
+    def check(self) -> "SamplingConfig":
+        for name, bounds in (("temperature", TEMPERATURE), ("top_k", TOP_K), ("top_p", TOP_P)):
+            problem = bounds.problem(getattr(self, name))
+            if problem:
+                raise ConfigError(f"sampling {name} {problem}")
+        if self.seed is not None and not SEED.holds(self.seed):
+            raise ConfigError(f"sampling seed {SEED.problem(self.seed)} (or None)")
+        return self
 
     @property
     def greedy(self) -> bool:
@@ -82,5 +106,9 @@ class Sampler:
         if self.config.greedy:
             return bool(speak_logit > silence_logit)
         t = self.config.temperature
-        p_speak = softmax(np.array([silence_logit, speak_logit]) / t)[1]
+        with np.errstate(over="ignore", invalid="ignore"):
+            scaled = np.array([silence_logit, speak_logit], dtype=np.float64) / t
+        if not np.isfinite(scaled).all():  # a temperature so small it overflows: the greedy choice
+            return bool(speak_logit > silence_logit)
+        p_speak = softmax(scaled)[1]
         return bool(self.rng.random() < p_speak)

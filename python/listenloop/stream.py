@@ -119,15 +119,20 @@ def _allocate_host(nbytes: int) -> tuple[np.ndarray, object]:
 class Policy:
     """How a stream decides and replies, fixed when the stream is created:
 
-    - speak_bias: added to the TEXT_BEGIN logit (default: the package's);
+    - speak_bias: added to the TEXT_BEGIN logit (default: the package's); a finite number in
+      [-10000, 10000] (+-50 already decides every chunk);
     - sampling: how decisions and reply tokens are drawn (default: the package's sampling,
-      greedy unless it says otherwise); `sampler`, an object with decide() and sample(),
-      replaces it (tests and benchmarks script choices this way);
+      greedy unless it says otherwise), a SamplingConfig; `sampler`, an object with decide()
+      and sample(), replaces it (tests and benchmarks script choices this way);
     - speak_threshold: if set, speak when p_speak >= it (overrides sampling for decisions);
-    - max_reply_tokens: the reply cap (default: the package's);
-    - history_chunks: chunks a context reset re-prefills;
+      in [0, 1.01]: 0 always speaks, anything above 1 never does;
+    - max_reply_tokens: the reply cap (default: the package's), an integer in [1, 32768];
+    - history_chunks: chunks a context reset re-prefills, an integer in [1, HISTORY_CHUNKS];
     - quiet_resets: reset at quiet moments before the context is full (True); False resets
       only when it must, so a comparison with an unbounded reference stays exact while it fits.
+
+    `build` checks every option (booleans are not numbers, NaN and infinities never pass) and
+    raises one ConfigError line naming the option; an unknown option name is a TypeError.
     """
 
     speak_bias: float
@@ -143,22 +148,41 @@ class Policy:
 
     @classmethod
     def build(cls, defaults: dict, **options) -> "Policy":
+        from .errors import Bounds, ConfigError, show
+        from .sampling import REPLY_TOKENS, SPEAK_BIAS, SPEAK_THRESHOLD
+
         unknown = sorted(set(options) - set(cls.OPTIONS))
         if unknown:
             raise TypeError(f"unknown stream option(s): {', '.join(unknown)} (known: {', '.join(cls.OPTIONS)})")
         given = {k: v for k, v in options.items() if v is not None}
-        sampling = given.get("sampling") or SamplingConfig(temperature=defaults["temperature"], top_k=defaults["top_k"],
-                                                          top_p=defaults["top_p"])
-        policy = cls(speak_bias=float(given.get("speak_bias", defaults["speak_bias"])), sampling=sampling,
-                     max_reply_tokens=int(given.get("max_reply_tokens", defaults["max_reply_tokens"])),
-                     speak_threshold=given.get("speak_threshold"),
-                     history_chunks=int(given.get("history_chunks", HISTORY_CHUNKS)),
-                     quiet_resets=bool(given.get("quiet_resets", True)), sampler=given.get("sampler"))
-        if policy.max_reply_tokens < 1:
-            raise ValueError(f"max_reply_tokens must be at least 1, got {policy.max_reply_tokens}")
-        if not 0 < policy.history_chunks <= HISTORY_CHUNKS:
-            raise ValueError(f"history_chunks must be between 1 and {HISTORY_CHUNKS}, got {policy.history_chunks}")
-        return policy
+
+        def number(name, bounds, default=None):
+            value = given.get(name, default)
+            problem = bounds.problem(value)
+            if problem:
+                raise ConfigError(f"{name} {problem}")
+            return int(value) if bounds.integer else float(value)
+
+        sampling = given.get("sampling")
+        if sampling is None:
+            sampling = SamplingConfig(temperature=defaults["temperature"], top_k=defaults["top_k"],
+                                      top_p=defaults["top_p"])
+        elif not isinstance(sampling, SamplingConfig):
+            raise ConfigError(f"sampling must be a SamplingConfig, got {show(sampling)}")
+        sampling.check()  # a SamplingConfig is mutable: check what it holds now
+        sampler = given.get("sampler")
+        if sampler is not None and not (callable(getattr(sampler, "decide", None))
+                                        and callable(getattr(sampler, "sample", None))):
+            raise ConfigError(f"sampler must have decide() and sample() methods, got {show(sampler)}")
+        quiet_resets = given.get("quiet_resets", True)
+        if not isinstance(quiet_resets, (bool, np.bool_)):
+            raise ConfigError(f"quiet_resets must be True or False, got {show(quiet_resets)}")
+        threshold = number("speak_threshold", SPEAK_THRESHOLD) if "speak_threshold" in given else None
+        return cls(speak_bias=number("speak_bias", SPEAK_BIAS, defaults["speak_bias"]), sampling=sampling,
+                   max_reply_tokens=number("max_reply_tokens", REPLY_TOKENS, defaults["max_reply_tokens"]),
+                   speak_threshold=threshold,
+                   history_chunks=number("history_chunks", Bounds(1, HISTORY_CHUNKS, integer=True), HISTORY_CHUNKS),
+                   quiet_resets=bool(quiet_resets), sampler=sampler)
 
     def new_sampler(self):
         """The stream's own sampler (its random state is per stream)."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from .errors import ModelPackageError
+
 
 @lru_cache(maxsize=1)
 def byte_level_alphabet() -> tuple[str, ...]:
@@ -37,21 +39,64 @@ def _unicode_to_byte() -> dict:
 
 def _is_byte_level(tokenizer_json: dict) -> bool:
     decoder = tokenizer_json.get("decoder") or {}
-    kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", []) or []]
+    if not isinstance(decoder, dict):
+        return False
+    inner = decoder.get("decoders") or []
+    kinds = [decoder.get("type")] + [d.get("type") for d in inner if isinstance(d, dict)]
     return "ByteLevel" in kinds
 
 
+def _special_ids(tokenizer_json: dict) -> frozenset:
+    added = tokenizer_json.get("added_tokens") or []
+    return frozenset(t["id"] for t in added
+                     if isinstance(t, dict) and t.get("special") and isinstance(t.get("id"), int))
+
+
+@lru_cache(maxsize=4)
+def _parse(path: str, mtime_ns: int, size: int) -> tuple:
+    """(Tokenizer, byte-level?, special ids) of a tokenizer file; cached per file version, so a
+    package check and the model share one parse. Raises ModelPackageError (not cached)."""
+    from tokenizers import Tokenizer
+
+    def fail(problem: str) -> ModelPackageError:
+        return ModelPackageError(f"{path}: tokenizer.file: {problem}")
+
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+        spec = json.loads(text)
+    except OSError as exc:
+        raise fail(f"cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise fail("not a Hugging Face tokenizers file (not UTF-8 JSON)") from None
+    except RecursionError:
+        raise fail("not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # json.JSONDecodeError, or an integer with too many digits
+        raise fail(f"not valid JSON ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise fail("not a Hugging Face tokenizers file (no \"model\" object)")
+    try:
+        tokenizer = Tokenizer.from_str(text)
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception for a bad file
+        detail = " ".join(str(exc).split())[:160]
+        raise fail(f"not a Hugging Face tokenizers file ({detail})") from None
+    if tokenizer.get_vocab_size(with_added_tokens=True) == 0:
+        raise fail("the tokenizer has an empty vocabulary")
+    return tokenizer, _is_byte_level(spec), _special_ids(spec)
+
+
 class TokenBytes:
-    """Maps token ids to the raw bytes they stand for."""
+    """Maps token ids to the raw bytes they stand for.
+
+    A file that is not a Hugging Face tokenizers JSON file raises one ModelPackageError line
+    naming it."""
 
     def __init__(self, tokenizer_path):
-        from tokenizers import Tokenizer
-
         path = Path(tokenizer_path)
-        self.tokenizer = Tokenizer.from_file(str(path))
-        spec = json.loads(path.read_text(encoding="utf-8"))
-        self.byte_level = _is_byte_level(spec)
-        self.special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise ModelPackageError(f"{path}: tokenizer.file: cannot be read ({exc.strerror or exc})") from None
+        self.tokenizer, self.byte_level, self.special = _parse(str(path), stat.st_mtime_ns, stat.st_size)
         self._table = _unicode_to_byte()
 
     def __call__(self, token_id: int) -> bytes:
