@@ -22,8 +22,8 @@ def build_parser(prog: str = "python -m listenloop.export") -> argparse.Argument
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = "python -m listenloop.export") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         from .package import export_package
 

@@ -41,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("devices", help="list audio input devices")
 
     info = sub.add_parser("info", help="show the model, profile, providers and build")
-    info.add_argument("--package", metavar="DIR")
-    info.add_argument("--profile", default="cpu")
+    info.add_argument("--package", metavar="DIR", help="model package folder (default: the embedded model)")
+    info.add_argument("--profile", default="cpu", help="cpu, cuda, jetson or a profile .json (default: cpu)")
 
     sub.add_parser("export", help="export a checkpoint to a model package (needs listenloop[export])", add_help=False)
 
@@ -275,7 +275,7 @@ def cmd_export(argv: list[str]) -> int:
         raise ExportError("export needs PyTorch: pip install 'listenloop[export]'") from None
     from listenloop.export.__main__ import main as export_main
 
-    return export_main(argv) or 0
+    return export_main(argv, prog="listenloop export") or 0
 
 
 def cmd_bench(args) -> int:

@@ -1,9 +1,10 @@
 """The bounded queue between a session's model work and its reader.
 
 A reader that falls behind loses decisions and statistics, never replies: past `capacity`
-only reply events and the end-of-stream marker get in (up to twice the capacity, so memory
-stays bounded even if nobody ever reads). Every loss is counted, and an EventsDropped
-marker with the count goes in before the next event that is accepted, at the point of loss.
+only reply events and the end-of-stream marker get in. Every loss is counted, and an
+EventsDropped marker with the count goes in before the next event that is accepted, at the
+point of loss. Memory stays bounded because the session stops producing while the queue is
+`backlogged` (twice the capacity): its audio then waits, or is dropped and reported, upstream.
 """
 from __future__ import annotations
 
@@ -32,8 +33,7 @@ class EventQueue:
         with self._ready:
             if self._closed:
                 return False
-            n = len(self._items)
-            if n >= self.capacity and not (isinstance(event, _KEPT_WHEN_FULL) and n < 2 * self.capacity):
+            if len(self._items) >= self.capacity and not isinstance(event, _KEPT_WHEN_FULL):
                 self.dropped += 1
                 self._unreported += 1
                 return False
@@ -57,6 +57,11 @@ class EventQueue:
         with self._ready:
             self._closed = True
             self._ready.notify_all()
+
+    @property
+    def backlogged(self) -> bool:
+        """The reader is so far behind that the producer should wait for it."""
+        return len(self._items) >= 2 * self.capacity
 
     def __len__(self) -> int:
         return len(self._items)

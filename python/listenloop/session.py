@@ -147,7 +147,7 @@ class Session:
         self._fatal: BaseException | None = None
         self._finishing = False
         self._flushed = False
-        self._ended = False  # Finished was queued
+        self._ended = False  # Finished was queued (by the model thread)
         self._closed = False
         self._progress = threading.Condition()
 
@@ -190,31 +190,38 @@ class Session:
 
     def finish(self, timeout: float | None = None) -> None:
         """End of input: stop the microphone if one captures, flush the last partial chunk and
-        wait until every event is produced; the event stream then ends with Finished.
-        Calling it again is harmless."""
-        if self._closed or self._ended:
+        wait until every event is produced; the event stream then ends with Finished. It
+        returns early if the reader is so far behind that the session pauses for it (see
+        event_queue.py): the rest follows as events() is read. Calling it again is harmless."""
+        if self._closed:
             return
-        for microphone in self._microphones:
-            microphone.stop()
-        self._flush_resampler()
-        self._finishing = True
-        if not self._chunker.flush(timeout):
-            raise Error("finish() timed out while the chunk scheduler flushed the last chunk")
-        self._flushed = True
-        self._scheduler.wake()
+        if not self._finishing:
+            for microphone in self._microphones:
+                microphone.stop()
+            self._flush_resampler()
+            self._finishing = True
+            if not self._chunker.flush(timeout):
+                raise Error("finish() timed out while the chunk scheduler flushed the last chunk")
+            self._flushed = True
+            self._scheduler.wake()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._progress:
-            while not self._done():
+            while not (self._ended or self._events.backlogged):
                 self._raise_fatal()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise Error(f"finish() timed out with {self._expected_chunks() - self._accounted()} chunks still in flight")
                 self._progress.wait(0.05 if remaining is None else min(0.05, remaining))
         self._raise_fatal()
+
+    def _end_stream(self) -> None:
+        """Everything is decided and replied (model thread): the final Stats, then Finished."""
         self._report_queue_drops()
         self._emit(self._stats())
         self._emit(ev.Finished(self._stream_time(), time.monotonic(), self._decided))
-        self._ended = True
+        with self._progress:
+            self._ended = True
+            self._progress.notify_all()
         self._events.close()
 
     def _write(self, samples: np.ndarray, block: bool) -> None:
@@ -306,9 +313,14 @@ class Session:
 
     def _work(self) -> bool:
         """One unit of model work: a reply token, or one queued chunk. False if there was none."""
-        if self._closed or self._fatal is not None:
+        if self._closed or self._fatal is not None or self._ended:
             return False
         try:
+            if self._flushed and self._done():
+                self._end_stream()
+                return True
+            if self._events.backlogged:
+                return False  # a reader this far behind pauses the session (see event_queue.py)
             if self._reply is not None:
                 self._reply_step()
                 return True
