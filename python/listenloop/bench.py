@@ -1191,6 +1191,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def command_line(args) -> str:
     """The `listenloop bench` command of parsed `args`, every option spelled out."""
     parts = ["listenloop", "bench"] + ([str(args.package)] if args.package else [])
+    if args.soak is not None:  # the soak run takes only these
+        parts += ["--profile", str(args.profile), "--soak", str(args.soak)]
+        return shlex.join(parts + (["--json", str(args.json)] if args.json else []))
     parts += ["--profile", str(args.profile), "--chunks", str(args.chunks), "--rounds", str(args.rounds),
               "--reply-tokens", str(args.reply_tokens), "--context", args.context,
               "--context-steps", str(args.context_steps), "--session-chunks", str(args.session_chunks),
