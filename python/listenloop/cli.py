@@ -46,6 +46,21 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("export", help="export a checkpoint to a model package (needs listenloop[export])", add_help=False)
 
+    serve = sub.add_parser("serve", help="serve the model over WebSocket: OpenAI Realtime and raw PCM "
+                                         "(needs listenloop[serve])")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1; any other address needs --api-key-env)")
+    serve.add_argument("--port", type=int, default=8765, help="TCP port (default: 8765)")
+    serve.add_argument("--package", metavar="DIR", help="model package folder (default: the embedded model)")
+    serve.add_argument("--profile", default="cpu", help="cpu, cuda, jetson or a profile .json (default: cpu)")
+    serve.add_argument("--max-sessions", type=int, default=8, metavar="N",
+                       help="open connections at most, one session each; more are refused (default: 8)")
+    serve.add_argument("--api-key-env", metavar="VAR",
+                       help="environment variable holding the API key that clients must send "
+                            "(Authorization: Bearer KEY or ?key=KEY)")
+    serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                       help="browser origin allowed besides the server's own, e.g. https://app.example (repeatable)")
+
     from . import bench
 
     bench.add_arguments(sub.add_parser("bench", help="measure latency, throughput and memory of a model package"))
@@ -284,7 +299,21 @@ def cmd_bench(args) -> int:
     return bench.main(args)
 
 
-COMMANDS = {"run": cmd_run, "listen": cmd_listen, "devices": cmd_devices, "info": cmd_info, "bench": cmd_bench}
+def cmd_serve(args) -> int:
+    try:
+        import aiohttp  # noqa: F401 - only to give a clear message when the extra is missing
+    except ImportError:
+        raise Error("serve needs aiohttp: pip install 'listenloop[serve]'") from None
+    from .server import serve
+
+    if args.max_sessions < 1:
+        raise Error(f"--max-sessions must be at least 1, got {args.max_sessions}")
+    serve(host=args.host, port=args.port, package=args.package, profile=args.profile,
+          max_sessions=args.max_sessions, api_key_env=args.api_key_env, allowed_origins=tuple(args.allow_origin))
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "run": cmd_run, "listen": cmd_listen, "devices": cmd_devices, "info": cmd_info, "bench": cmd_bench}
 
 
 def _stop_on_sigterm():

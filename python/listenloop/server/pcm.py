@@ -1,0 +1,116 @@
+"""/v1/pcm: binary frames of mono PCM in, one JSON text frame per listenloop event out.
+
+Query: rate (Hz, default 16000), format (f32 | s16, little-endian), key (API key),
+speak_bias (float). The server first sends {"event": "Ready", ...}; a text frame
+{"type": "finish"} ends the input, and the server sends every remaining event up to Finished,
+then closes. Bad input gets {"event": "Error", "message": ...} and the connection goes on.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+
+import numpy as np
+from aiohttp import WSCloseCode, web
+
+from ..audio import check_sample_rate
+from ..errors import Error
+from ..protocol import SAMPLE_RATE
+from .app import STATE, guard, json_error
+from .connection import Connection, loads_object, quote
+
+FORMATS = {"f32": np.dtype("<f4"), "s16": np.dtype("<i2")}
+FINISH_TIMEOUT_S = 300.0
+
+
+class PcmConnection(Connection):
+    def __init__(self, request, state, rate: int, dtype: np.dtype, policy: dict):
+        super().__init__(request, state)
+        self.rate = rate
+        self.dtype = dtype
+        self.policy = policy
+        self._finishing = False
+
+    async def on_open(self) -> None:
+        await self.send({"event": "Ready", "model": self.state.model_name, "sample_rate": SAMPLE_RATE,
+                         "session": self.id})
+
+    async def on_error(self, code: str, message: str, client_event_id=None, param=None) -> None:
+        await self.send({"event": "Error", "code": code, "message": message})
+
+    async def on_binary(self, data: bytes) -> None:
+        if self._finishing:
+            await self.on_error("input_finished", "input was finished; open a new connection for more audio")
+            return
+        size = self.dtype.itemsize
+        if len(data) % size:
+            await self.on_error("invalid_audio_length", f"a frame of {len(data)} bytes is not a whole number of "
+                                f"{size}-byte samples")
+            return
+        if not data:
+            return
+        try:
+            self.session.accept_waveform(np.frombuffer(data, self.dtype), self.rate, block=False)
+        except Error as exc:
+            await self.on_error("invalid_audio", str(exc))
+
+    async def on_text(self, text: str) -> None:
+        message, problem = loads_object(text)
+        if problem is None and message.get("type") != "finish":
+            problem = f"unknown message {quote(message.get('type'))}: the only text message is {{\"type\": \"finish\"}}"
+        if problem is not None:
+            await self.on_error("invalid_message", problem)
+            return
+        if not self._finishing:
+            self._finishing = True
+            asyncio.create_task(self._finish())
+
+    async def _finish(self) -> None:
+        session = self.session
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, session.finish, FINISH_TIMEOUT_S)
+        except Error as exc:
+            await self.on_error("server_error", str(exc))
+            self._done = True
+            await self._close(WSCloseCode.INTERNAL_ERROR, "finish failed")
+
+    async def on_event(self, event) -> None:
+        await self.send(event.to_dict())
+        if event.kind == "Finished":
+            self._done = True
+            await self._close(WSCloseCode.OK, "finished")
+
+
+def _query_options(query) -> tuple[int, np.dtype, dict]:
+    """(rate, sample dtype, policy) from the query string; ValueError with the reason."""
+    try:
+        rate = int(query.get("rate", SAMPLE_RATE))
+    except ValueError:
+        raise ValueError(f"rate must be an integer number of Hz, got {quote(query.get('rate'))}") from None
+    rate = check_sample_rate(rate)
+    fmt = query.get("format", "f32")
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be f32 or s16, got {quote(fmt)}")
+    policy = {}
+    if "speak_bias" in query:
+        try:
+            bias = float(query["speak_bias"])
+        except ValueError:
+            bias = math.nan
+        if not math.isfinite(bias):
+            raise ValueError(f"speak_bias must be a finite number, got {quote(query['speak_bias'])}")
+        policy["speak_bias"] = bias
+    return rate, FORMATS[fmt], policy
+
+
+async def pcm_handler(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    try:
+        rate, dtype, policy = _query_options(request.query)
+    except (ValueError, Error) as exc:
+        refusal = guard(request, counts=False)
+        return refusal if refusal is not None else json_error(400, str(exc), "invalid_option")
+    refusal = guard(request, counts=True)
+    if refusal is not None:
+        return refusal
+    return await PcmConnection(request, state, rate, dtype, policy).run()

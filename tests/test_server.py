@@ -1,0 +1,562 @@
+"""`listenloop serve`: the OpenAI Realtime endpoint through the official SDK, /v1/pcm against
+the Python API, hostile input, limits and access control. Loopback only."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+aiohttp = pytest.importorskip("aiohttp")
+pytest.importorskip("openai")
+
+import listenloop  # noqa: E402
+from listenloop.server import check_bind, create_app, is_loopback  # noqa: E402
+from test_determinism import signature  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ALARM = "Smoke alarm! Please check the kitchen."
+DOOR = "Someone is at the door."
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    rt = listenloop.Runtime()
+    yield rt
+    rt.close()
+
+
+class Server:
+    """An app served on a free loopback port by an event loop in a background thread."""
+
+    def __init__(self, runtime, **options):
+        self.app = create_app(runtime, **options)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self._runner = aiohttp.web.AppRunner(self.app, shutdown_timeout=1.0)
+        self.port = self._call(self._start())
+
+    def _call(self, coro, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _start(self):
+        await self._runner.setup()
+        site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        return self._runner.addresses[0][1]
+
+    @property
+    def http(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def state(self):
+        from listenloop.server.app import STATE
+
+        return self.app[STATE]
+
+    def close(self):
+        self._call(self._runner.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+@contextlib.contextmanager
+def serving(runtime, **options):
+    server = Server(runtime, **options)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def server(runtime):
+    with serving(runtime, max_sessions=8) as s:
+        yield s
+
+
+def run(coro, timeout=45):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def wav(name):
+    pcm, rate = sf.read(EXAMPLES / name, dtype="float32")
+    assert rate == 16000
+    return pcm
+
+
+def pcm16_24k(pcm):
+    import soxr
+
+    return (np.clip(soxr.resample(pcm, 16000, 24000), -1, 1) * 32767).astype("<i2")
+
+
+def b64(samples) -> str:
+    return base64.b64encode(np.asarray(samples, "<i2").tobytes()).decode()
+
+
+async def wait_idle(server, timeout=5.0):
+    for _ in range(int(timeout / 0.02)):
+        if server.state.reserved == 0 and server.state.runtime.open_sessions == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{server.state.reserved} connections / {server.state.runtime.open_sessions} sessions open")
+
+
+# -- OpenAI Realtime through the official SDK ------------------------------------------------
+
+def _validator(beta: bool):
+    from pydantic import TypeAdapter
+
+    if beta:
+        from openai.types.beta.realtime.realtime_server_event import RealtimeServerEvent
+    else:
+        from openai.types.realtime.realtime_server_event import RealtimeServerEvent
+    return TypeAdapter(RealtimeServerEvent)
+
+
+async def _sdk_kitchen(port, beta: bool):
+    from openai import AsyncOpenAI
+
+    # the beta client needs websocket_base_url for plain ws:// (it assumes wss:// otherwise)
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                         websocket_base_url=f"ws://127.0.0.1:{port}/v1" if beta else None)
+    realtime = client.beta.realtime if beta else client.realtime
+    pcm = pcm16_24k(wav("kitchen.wav"))
+    strict = _validator(beta)
+    seen, replies, text, emotions = [], [], "", []
+    async with realtime.connect(model="listenloop-demo") as conn:
+        first = await conn.recv()
+        assert first.type == "session.created"
+        if beta:
+            await conn.session.update(session={"input_audio_format": "pcm16", "listenloop": {"events": True}})
+        else:
+            await conn.session.update(session={"type": "realtime", "output_modalities": ["text"],
+                                               "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}}}})
+
+        async def feed():  # 0.1 s pieces at about 20x real time
+            for start in range(0, len(pcm), 2400):
+                await conn.input_audio_buffer.append(audio=b64(pcm[start:start + 2400]))
+                await asyncio.sleep(0.005)
+
+        feeder = asyncio.create_task(feed())
+        try:
+            while not replies:
+                raw = await asyncio.wait_for(conn.recv_bytes(), 20)
+                data = json.loads(raw)
+                seen.append(data["type"])
+                if not data["type"].startswith("listenloop."):
+                    strict.validate_python(data)  # every field the SDK's types require, with the right types
+                event = conn.parse_event(raw)
+                if event.type in ("response.output_text.delta", "response.text.delta"):
+                    text += event.delta
+                elif event.type == "response.done":
+                    assert event.response.status == "completed"
+                    emotions.append((event.response.metadata or {}).get("emotion"))
+                    replies.append(text)
+        finally:
+            feeder.cancel()
+    return seen, replies, emotions
+
+
+def test_openai_sdk_streams_the_alarm_reply(server):
+    seen, replies, emotions = run(_sdk_kitchen(server.port, beta=False))
+    assert replies == [ALARM]
+    assert emotions == ["URGENT"]
+    assert seen[0] == "session.updated"
+    start = seen.index("response.created")
+    assert seen[start - 1] == "input_audio_buffer.committed"
+    assert seen[start:start + 3] == ["response.created", "response.output_item.added", "response.content_part.added"]
+    assert seen[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                         "response.done"]
+    assert not any(t.startswith("listenloop.") or t == "error" for t in seen)
+
+
+def test_openai_sdk_beta_event_names_and_listenloop_events(server):
+    seen, replies, _ = run(_sdk_kitchen(server.port, beta=True))
+    assert replies == [ALARM]
+    assert "response.text.delta" in seen and "response.text.done" in seen
+    assert "response.output_text.delta" not in seen
+    assert seen.count("listenloop.decision") >= 10  # one per 0.4 s chunk, with p_speak
+
+
+# -- /v1/pcm ---------------------------------------------------------------------------------
+
+async def _pcm_events(url, pcm, piece=1600, pace=0.005, fmt="f32"):
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{url}/v1/pcm?format={fmt}") as ws:
+            ready = await ws.receive_json(timeout=10)
+            events = []
+
+            async def read():
+                async for msg in ws:
+                    events.append(json.loads(msg.data))
+
+            reader = asyncio.create_task(read())
+            for start in range(0, len(pcm), piece):
+                block = pcm[start:start + piece]
+                await ws.send_bytes((block * 32767).astype("<i2").tobytes() if fmt == "s16" else
+                                    block.astype("<f4").tobytes())
+                await asyncio.sleep(pace)
+            await ws.send_str(json.dumps({"type": "finish"}))
+            await asyncio.wait_for(reader, 30)
+            return ready, events, ws.close_code
+
+
+def _without_timing(dicts):
+    class Shim:  # signature() works on events; rebuild just enough of one from its dict
+        def __init__(self, d):
+            self.kind, self._d = d["event"], d
+
+        def to_dict(self):
+            return dict(self._d)
+
+    return signature([Shim(d) for d in dicts])
+
+
+def test_pcm_events_equal_the_python_api(server, runtime):
+    pcm = wav("front_door.wav")
+    with runtime.session() as s:
+        s.accept_waveform(pcm)
+        s.finish(timeout=60)
+        expected = signature(list(s.events(timeout=5)))
+    ready, events, code = run(_pcm_events(server.http, pcm))
+    assert ready["event"] == "Ready" and ready["sample_rate"] == 16000 and ready["model"] == "listenloop-demo"
+    assert ready["session"]
+    assert events[-1]["event"] == "Finished" and code == 1000
+    assert _without_timing(events) == expected
+    assert [e["text"] for e in events if e["event"] == "ReplyEnded"][0] == DOOR
+
+
+# -- hostile input ---------------------------------------------------------------------------
+
+BAD_REALTIME = [
+    "{not json",
+    "[1, 2]",
+    json.dumps({"no": "type"}),
+    json.dumps({"type": 7}),
+    json.dumps({"type": "no.such.event", "event_id": "evt_1"}),
+    json.dumps({"type": "conversation.item.create", "event_id": "evt_2"}),
+    json.dumps({"type": "input_audio_buffer.append"}),
+    json.dumps({"type": "input_audio_buffer.append", "audio": 12}),
+    json.dumps({"type": "input_audio_buffer.append", "audio": "!!!not base64!!!"}),
+    json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\x00\x01\x02").decode()}),
+    json.dumps({"type": "session.update", "session": "x"}),
+    json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcm",
+                                                                                      "rate": 44100}}}}}),
+    json.dumps({"type": "session.update", "session": {"input_audio_format": "g711_ulaw"}}),
+    json.dumps({"type": "session.update", "session": {"listenloop": {"bogus": 1}}}),
+    json.dumps({"type": "session.update", "session": {"listenloop": {"speak_bias": "loud"}}}),
+    json.dumps({"type": "response.cancel", "event_id": "evt_3"}),
+    json.dumps({"type": "input_audio_buffer.append", "event_id": 5, "audio": ""}),
+]
+
+
+async def _hostile_realtime(url):
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{url}/v1/realtime") as ws:
+            assert (await ws.receive_json(timeout=10))["type"] == "session.created"
+            for bad in BAD_REALTIME:
+                await ws.send_str(bad)
+                reply = await ws.receive_json(timeout=10)
+                assert reply["type"] == "error", (bad, reply)
+                error = reply["error"]
+                assert error["type"] == "invalid_request_error" and error["code"] and error["message"]
+                assert reply["event_id"]
+                if '"event_id": "evt_' in bad:
+                    assert error["event_id"] == json.loads(bad)["event_id"]
+            await ws.send_bytes(b"\x00\x00")
+            assert (await ws.receive_json(timeout=10))["type"] == "error"
+            await ws.send_str(json.dumps({"type": "input_audio_buffer.append", "audio": "A" * 90_000}))
+            too_big = await ws.receive_json(timeout=10)  # over max_frame_bytes: error, the connection stays
+            assert too_big["type"] == "error" and too_big["error"]["code"] == "frame_too_large"
+            # accepted messages, then good audio: the connection still works
+            await ws.send_str(json.dumps({"type": "input_audio_buffer.commit"}))
+            assert (await ws.receive_json(timeout=10))["type"] == "input_audio_buffer.committed"
+            await ws.send_str(json.dumps({"type": "input_audio_buffer.clear"}))
+            assert (await ws.receive_json(timeout=10))["type"] == "input_audio_buffer.cleared"
+            await ws.send_str(json.dumps({"type": "response.create"}))
+            await ws.send_str(json.dumps({"type": "session.update", "session": {"listenloop": {"speak_bias": 0.0}}}))
+            assert (await ws.receive_json(timeout=10))["type"] == "session.updated"
+            pcm = pcm16_24k(wav("kitchen.wav"))
+            text, types = "", []
+            for start in range(0, len(pcm), 4800):
+                await ws.send_str(json.dumps({"type": "input_audio_buffer.append", "audio": b64(pcm[start:start + 4800])}))
+            while True:
+                event = await ws.receive_json(timeout=20)
+                types.append(event["type"])
+                if event["type"] == "response.output_text.delta":
+                    text += event["delta"]
+                if event["type"] == "response.done":
+                    break
+            assert text == ALARM and "error" not in types
+            # a message past four times the limit cannot be read: the connection closes (1009)
+            await ws.send_str("x" * 300_000)
+            msg = await ws.receive(timeout=10)
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+            assert ws.close_code == 1009 or msg.data == 1009
+
+
+def test_hostile_realtime_messages_get_errors_and_the_connection_keeps_working(runtime):
+    with serving(runtime, max_frame_bytes=65_536) as server:
+        run(_hostile_realtime(server.http))
+        run(wait_idle(server))
+
+
+async def _hostile_pcm(url):
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{url}/v1/pcm?format=s16&rate=8000") as ws:
+            assert (await ws.receive_json(timeout=10))["event"] == "Ready"
+            for bad in (b"\x00\x01\x02", "not json", json.dumps({"type": "stop"}), json.dumps([1])):
+                await (ws.send_bytes(bad) if isinstance(bad, bytes) else ws.send_str(bad))
+                reply = await ws.receive_json(timeout=10)
+                assert reply["event"] == "Error" and reply["message"], bad
+        for query in ("rate=100", "rate=abc", "format=f64", "speak_bias=nan"):
+            response = await http.get(f"{url}/v1/pcm?{query}")
+            assert response.status == 400 and "message" in (await response.json())["error"], query
+
+
+def test_hostile_pcm_frames_get_errors(server):
+    run(_hostile_pcm(server.http))
+    pcm = wav("front_door.wav")
+    _, events, _ = run(_pcm_events(server.http, pcm, fmt="s16"))  # the server still serves
+    assert DOOR in [e.get("text") for e in events]
+    run(wait_idle(server))
+
+
+def test_response_cancel_stops_the_reply_being_streamed():
+    from types import SimpleNamespace
+
+    from listenloop import events as ev
+    from listenloop.server.realtime import RealtimeConnection
+
+    async def scenario():
+        state = SimpleNamespace(max_frame_bytes=65_536, model_name="m", send_timeout_s=1.0)
+        conn = RealtimeConnection(None, state, beta=False)
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+            return True
+
+        conn.send = send
+        await conn.on_event(ev.Decision(0.4, 0.0, 0, True, 0.9))
+        await conn.on_event(ev.ReplyStarted(0.4, 0.0, 0, "URGENT"))
+        await conn.on_event(ev.TextDelta(0.4, 0.0, "Smoke"))
+        await conn.on_text(json.dumps({"type": "response.cancel", "event_id": "evt_c"}))
+        await conn.on_event(ev.TextDelta(0.4, 0.0, " alarm!"))
+        await conn.on_event(ev.ReplyEnded(0.4, 0.0, 0, "Smoke alarm!"))
+        await conn.on_text(json.dumps({"type": "response.cancel", "event_id": "evt_d"}))  # nothing to cancel
+        return sent
+
+    sent = run(scenario())
+    types = [m["type"] for m in sent]
+    assert types == ["input_audio_buffer.committed", "response.created", "response.output_item.added",
+                     "response.content_part.added", "response.output_text.delta", "response.output_text.done",
+                     "response.content_part.done", "response.output_item.done", "response.done", "error"]
+    done = sent[8]["response"]
+    assert done["status"] == "cancelled" and done["status_details"]["reason"] == "client_cancelled"
+    assert done["metadata"] == {"emotion": "URGENT"} and done["output"][0]["content"][0]["text"] == "Smoke"
+    assert sent[5]["text"] == "Smoke"
+    assert sent[9]["error"]["code"] == "response_cancel_not_active" and sent[9]["error"]["event_id"] == "evt_d"
+    _validator(False).validate_python(sent[8])
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+async def _cycles(url, n):
+    async with aiohttp.ClientSession() as http:
+        for i in range(n):
+            async with http.ws_connect(f"{url}/v1/pcm" if i % 2 else f"{url}/v1/realtime") as ws:
+                await ws.receive_json(timeout=10)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
+def test_a_thousand_connect_disconnect_cycles(server):
+    run(_cycles(server.http, 100))
+    run(wait_idle(server))
+    before = _rss_bytes()
+    run(_cycles(server.http, 1000))
+    run(wait_idle(server))
+    grown = _rss_bytes() - before
+    assert grown < 40 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 1000 connections"
+    assert len(server.state.connections) == 0
+
+    async def health():
+        async with aiohttp.ClientSession() as http:
+            return await (await http.get(f"{server.http}/healthz")).json()
+
+    assert run(health())["sessions"] == 0
+
+
+async def _never_reads(url, other_url):
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"{url}/v1/pcm?format=s16")
+        ws._conn.transport.pause_reading()  # this client reads nothing from now on
+        deadline = asyncio.get_running_loop().time() + 20
+        stalled = False
+        while not stalled and asyncio.get_running_loop().time() < deadline:
+            try:  # each bad frame makes the server send an Error event, until the socket is full
+                await asyncio.wait_for(ws.send_bytes(b"\x00"), 0.5)
+            except (asyncio.TimeoutError, ConnectionError):
+                stalled = True  # the server, stuck sending to it, stopped reading from it as well
+        assert stalled
+        # meanwhile other clients are served
+        ready, events, _ = await _pcm_events(other_url, wav("front_door.wav"))
+        assert DOOR in [e.get("text") for e in events]
+        ws._conn.transport.resume_reading()
+        errors = 0
+        while True:  # what the server had sent before it gave up on this client, then its close
+            msg = await ws.receive(timeout=10)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                break
+            errors += json.loads(msg.data)["event"] == "Error"
+        return errors, msg, ws.close_code
+
+
+def test_a_client_that_never_reads_is_disconnected(runtime):
+    with serving(runtime, send_timeout_s=1.0) as server:
+        errors, last, code = run(_never_reads(server.http, server.http))
+        assert errors > 0
+        # the server gave up on it: a close frame if it still fit in the socket, else it dropped the connection
+        assert (code == 1008 and "not reading" in last.extra) or code == 1006, (last, code)
+        run(wait_idle(server, timeout=10))  # its session is closed; memory did not pile up
+        assert server.state.served >= 2
+
+
+async def _refused(url):
+    async with aiohttp.ClientSession() as http:
+        a = await http.ws_connect(f"{url}/v1/pcm")
+        b = await http.ws_connect(f"{url}/v1/realtime")
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refusal:
+            await http.ws_connect(f"{url}/v1/realtime")
+        assert refusal.value.status == 503
+        response = await http.get(f"{url}/v1/pcm", headers={"Connection": "Upgrade", "Upgrade": "websocket",
+                                                            "Sec-WebSocket-Version": "13",
+                                                            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+        assert response.status == 503 and (await response.json())["error"]["code"] == "session_limit"
+        await a.close()
+        await asyncio.sleep(0.1)
+        c = await http.ws_connect(f"{url}/v1/pcm")  # a slot is free again
+        assert (await c.receive_json(timeout=10))["event"] == "Ready"
+        await b.close()
+        await c.close()
+
+
+def test_session_cap_refuses_with_503(runtime):
+    with serving(runtime, max_sessions=2) as server:
+        run(_refused(server.http))
+        run(wait_idle(server))
+
+
+async def _idle(url):
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{url}/v1/pcm") as ws:
+            await ws.receive_json(timeout=10)
+            msg = await ws.receive(timeout=10)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and "idle" in msg.extra
+
+
+def test_idle_connections_are_closed(runtime):
+    with serving(runtime, idle_timeout_s=0.5) as server:
+        run(_idle(server.http))
+        run(wait_idle(server))
+
+
+# -- access control --------------------------------------------------------------------------
+
+async def _access(url, port):
+    async with aiohttp.ClientSession() as http:
+        assert (await http.get(f"{url}/healthz")).status == 200  # no key needed
+        for route in ("/", "/static/app.js", "/v1/pcm", "/v1/realtime"):
+            assert (await http.get(f"{url}{route}")).status == 401, route
+            assert (await http.get(f"{url}{route}?key=wrong")).status == 401, route
+            assert (await http.get(f"{url}{route}", headers={"Authorization": "Bearer wrong"})).status == 401
+        assert (await http.get(f"{url}/?key=s3cret")).status == 200
+        assert (await http.get(f"{url}/static/app.js", headers={"Authorization": "Bearer s3cret"})).status == 200
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(f"{url}/v1/realtime")
+        assert refused.value.status == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        async with http.ws_connect(f"{url}/v1/realtime", headers=auth) as ws:
+            assert (await ws.receive_json(timeout=10))["type"] == "session.created"
+        async with http.ws_connect(f"{url}/v1/pcm?key=s3cret", origin=f"http://127.0.0.1:{port}") as ws:
+            assert (await ws.receive_json(timeout=10))["event"] == "Ready"  # same origin
+        async with http.ws_connect(f"{url}/v1/pcm?key=s3cret", origin="https://app.example") as ws:
+            assert (await ws.receive_json(timeout=10))["event"] == "Ready"  # allow-listed
+        for origin in ("https://evil.example", "http://127.0.0.1:1", "null"):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(f"{url}/v1/pcm?key=s3cret", origin=origin)
+            assert refused.value.status == 403, origin
+        # static files: only plain files directly inside the static folder
+        assert (await (await http.get(f"{url}/static/app.js?key=s3cret")).text()) == "js"
+        for path in ("/static/../secret.txt", "/static/%2e%2e/secret.txt", "/static/%2e%2e%2fsecret.txt",
+                     "/static/..%2fsecret.txt", "/static/%2Fetc%2Fpasswd", "/static//etc/passwd",
+                     "/static/link.txt", "/static/.hidden", "/static/missing.js", "/static/sub",
+                     "/static/%00"):
+            response = await http.get(f"{url}{path}", headers=auth)
+            assert response.status == 404, path
+            assert "top secret" not in await response.text()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)  # raw paths no client normalises
+        for raw in ("/static/../secret.txt", "/static/..%2Fsecret.txt", "/../secret.txt"):
+            writer.write(f"GET {raw}?key=s3cret HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0].split(b":")[1])
+            body = await reader.readexactly(length)
+            assert b" 404 " in head.split(b"\r\n")[0] and b"top secret" not in body, raw
+        writer.close()
+
+
+def test_api_key_origin_and_static_files(runtime, tmp_path):
+    static = tmp_path / "static"
+    static.mkdir()
+    (static / "index.html").write_text("<html></html>")
+    (static / "app.js").write_text("js")
+    (static / ".hidden").write_text("top secret")
+    (static / "sub").mkdir()
+    (tmp_path / "secret.txt").write_text("top secret")
+    (static / "link.txt").symlink_to(tmp_path / "secret.txt")
+    with serving(runtime, api_key="s3cret", allowed_origins=["https://app.example"], static_dir=static) as server:
+        run(_access(server.http, server.port))
+        run(wait_idle(server))
+
+
+def test_only_loopback_binds_without_a_key():
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert is_loopback(host)
+        check_bind(host, None)
+    for host in ("0.0.0.0", "::", "192.168.1.5", "example.com", ""):
+        assert not is_loopback(host)
+        with pytest.raises(listenloop.Error, match="API key"):
+            check_bind(host, None)
+        check_bind(host, "key")
+
+
+def test_serve_command_line(monkeypatch):
+    from listenloop import cli
+
+    args = cli._parser().parse_args(["serve", "--host", "0.0.0.0", "--port", "9000", "--max-sessions", "3",
+                                     "--api-key-env", "LL_KEY", "--allow-origin", "https://a.example",
+                                     "--allow-origin", "https://b.example"])
+    assert (args.host, args.port, args.max_sessions, args.api_key_env) == ("0.0.0.0", 9000, 3, "LL_KEY")
+    assert args.allow_origin == ["https://a.example", "https://b.example"]
+    monkeypatch.delenv("LL_KEY", raising=False)
+    assert cli.main(["serve", "--host", "0.0.0.0", "--api-key-env", "LL_KEY"]) == 1  # no key: refuses, binds nothing
+    assert cli.main(["serve", "--host", "0.0.0.0"]) == 1
