@@ -72,10 +72,10 @@ class Model:
     def _open_sessions(self, profile: Profile) -> None:
         import onnxruntime as ort
 
-        names, options = provider_arguments(profile)
         opts = session_options(profile)
         sessions = []
-        for path in (self.package.encoder_path, self.package.decoder_path):
+        for graph, path in (("encoder", self.package.encoder_path), ("decoder", self.package.decoder_path)):
+            names, options = provider_arguments(profile, graph)
             try:
                 sessions.append(ort.InferenceSession(str(path), sess_options=opts, providers=names, provider_options=options))
             except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types

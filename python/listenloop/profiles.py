@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +26,9 @@ _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
 CONTEXT = Bounds(1, MAX_POSITIONS, integer=True)
 
 
+GRAPHS = ("encoder", "decoder")
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -33,10 +37,17 @@ class Profile:
     kv_cache_device: str = "cpu"  # "cpu" or "cuda"
     max_context: int | None = None
     description: str = ""
+    # Per-graph provider lists that replace `providers` for that graph, e.g. TensorRT for the
+    # encoder's fixed shapes while the decoder, whose shapes change every step, runs on CUDA.
+    graph_providers: dict = field(default_factory=dict)
 
     @property
     def primary(self) -> str:
-        return self.providers[0][0]
+        """The decoder's first provider: the one that decides where the KV cache lives."""
+        return self.providers_for("decoder")[0][0]
+
+    def providers_for(self, graph: str) -> tuple:
+        return self.graph_providers.get(graph, self.providers)
 
 
 def profiles_dir() -> Path:
@@ -149,15 +160,15 @@ def _option_value(value, field: str):
     raise _Invalid(field, f"must be a string, a boolean or a number, got {show(value)}")
 
 
-def _providers(data) -> tuple:
+def _providers(data, prefix: str = "") -> tuple:
     if "providers" not in data:
-        raise _Invalid("providers", "missing")
+        raise _Invalid(f"{prefix}providers", "missing")
     raw = data["providers"]
     if not isinstance(raw, list) or not raw:
-        raise _Invalid("providers", f"must be a non-empty list of [name, options] pairs, got {show(raw)}")
+        raise _Invalid(f"{prefix}providers", f"must be a non-empty list of [name, options] pairs, got {show(raw)}")
     providers, seen = [], set()
     for i, entry in enumerate(raw):
-        field = f"providers[{i}]"
+        field = f"{prefix}providers[{i}]"
         if not isinstance(entry, list) or len(entry) != 2:
             raise _Invalid(field, f"must be a [name, options] pair, got {show(entry)}")
         name, options = entry
@@ -172,6 +183,9 @@ def _providers(data) -> tuple:
             where = f"{field}[1].{key}"
             if key == "device_id":
                 _number(value, where, DEVICE_ID)
+            elif key in ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"):
+                if not isinstance(value, str) or not _SHAPES.fullmatch(value):
+                    raise _Invalid(where, f"must be shapes like \"mel:1x128x40\", got {show(value)}")
             elif key == "trt_engine_cache_path":
                 if not isinstance(value, str) or not value.strip() or "\x00" in value:
                     raise _Invalid(where, f"must be a folder path, got {show(value)}")
@@ -179,6 +193,23 @@ def _providers(data) -> tuple:
                 _option_value(value, where)
         providers.append((name, dict(options)))
     return tuple(providers)
+
+
+_SHAPES = re.compile(r"[A-Za-z_][\w.]*:\d+(x\d+)*(,[A-Za-z_][\w.]*:\d+(x\d+)*)*")
+
+
+def _graphs(data) -> dict:
+    graphs = data.get("graphs", {})
+    if not isinstance(graphs, dict):
+        raise _Invalid("graphs", f"must be an object with encoder and/or decoder, got {show(graphs)}")
+    out = {}
+    for graph, settings in graphs.items():
+        if graph not in GRAPHS:
+            raise _Invalid(f"graphs.{graph}", f"unknown graph (known: {', '.join(GRAPHS)})")
+        if not isinstance(settings, dict) or set(settings) != {"providers"}:
+            raise _Invalid(f"graphs.{graph}", f"must be an object with only \"providers\", got {show(settings)}")
+        out[graph] = _providers(settings, f"graphs.{graph}.")
+    return out
 
 
 def _session(data) -> dict:
@@ -226,7 +257,7 @@ def _parse_profile(data, stem: str) -> Profile:
         if problem:
             raise _Invalid("max_context", f"{problem} (or null)")
     return Profile(name=name, providers=providers, session=session, kv_cache_device=device,
-                   max_context=max_context, description=description)
+                   max_context=max_context, description=description, graph_providers=_graphs(data))
 
 
 def load_profile(name_or_path) -> Profile:
@@ -259,7 +290,7 @@ def load_profile(name_or_path) -> Profile:
 
 
 def cpu_fallback(profile: Profile) -> Profile:
-    return replace(profile, providers=((CPU, {}),), kv_cache_device="cpu")
+    return replace(profile, providers=((CPU, {}),), kv_cache_device="cpu", graph_providers={})
 
 
 def resolve_providers(profile: Profile) -> Profile:
@@ -267,14 +298,20 @@ def resolve_providers(profile: Profile) -> Profile:
     import onnxruntime as ort
 
     available = set(ort.get_available_providers())
-    kept = tuple((name, opts) for name, opts in profile.providers if name in available)
-    if not any(name == CPU for name, _ in kept):
-        kept = kept + ((CPU, {}),)
-    missing = [name for name, _ in profile.providers if name not in available]
-    if missing:
-        log.warning("profile %r asked for %s, which this onnxruntime does not provide (available: %s); running on %s",
-                    profile.name, ", ".join(missing), ", ".join(sorted(available)), kept[0][0])
-    resolved = replace(profile, providers=kept)
+
+    def keep(providers: tuple, what: str) -> tuple:
+        kept = tuple((name, opts) for name, opts in providers if name in available)
+        if not any(name == CPU for name, _ in kept):
+            kept = kept + ((CPU, {}),)
+        missing = [name for name, _ in providers if name not in available]
+        if missing:
+            log.warning("profile %r asked for %s%s, which this onnxruntime does not provide (available: %s); "
+                        "running on %s", profile.name, ", ".join(missing), what, ", ".join(sorted(available)),
+                        kept[0][0])
+        return kept
+
+    resolved = replace(profile, providers=keep(profile.providers, ""),
+                       graph_providers={g: keep(p, f" for the {g}") for g, p in profile.graph_providers.items()})
     if resolved.primary == CPU:
         resolved = replace(resolved, kv_cache_device="cpu")
     return resolved
@@ -297,10 +334,11 @@ def session_options(profile: Profile):
     return opts
 
 
-def provider_arguments(profile: Profile) -> tuple[list, list]:
-    """(providers, provider_options) as InferenceSession wants them, with paths expanded."""
+def provider_arguments(profile: Profile, graph: str = "decoder") -> tuple[list, list]:
+    """(providers, provider_options) of one graph as InferenceSession wants them, with paths
+    expanded."""
     names, options = [], []
-    for name, opts in profile.providers:
+    for name, opts in profile.providers_for(graph):
         opts = {k: (os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v) for k, v in opts.items()}
         if "trt_engine_cache_path" in opts:
             os.makedirs(opts["trt_engine_cache_path"], exist_ok=True)
