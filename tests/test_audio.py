@@ -14,7 +14,7 @@ import soxr
 from test_runtime_fixtures import runtime_package  # noqa: F401
 
 from listenloop.audio import (AudioWarning, StreamResampler, check_sample_rate, condition_pcm, read_audio,
-                              read_audio_blocks, to_float32_mono)
+                              read_audio_blocks)
 from listenloop.errors import AudioFormatError
 from listenloop.protocol import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 
@@ -85,21 +85,21 @@ def test_missing_file(tmp_path):
 
 def test_int_pcm_scaling_and_downmix():
     stereo = np.array([[16384, -16384], [32767, 32767], [-32768, -32768]], np.int16)
-    mono, bad = to_float32_mono(stereo)
-    np.testing.assert_allclose(mono, [0.0, 32767 / 32768, -1.0])
-    assert bad == 0
-    assert to_float32_mono(np.array([128, 255, 0], np.uint8))[0].tolist() == [0.0, 127 / 128, -1.0]
-    assert to_float32_mono(np.array([2**30], np.int32))[0][0] == pytest.approx(0.5)
+    pcm = condition_pcm(stereo)
+    np.testing.assert_allclose(pcm.samples, [0.0, 32767 / 32768, -1.0])
+    assert pcm.nonfinite == 0
+    assert condition_pcm(np.array([128, 255, 0], np.uint8)).samples.tolist() == [0.0, 127 / 128, -1.0]
+    assert condition_pcm(np.array([2**30], np.int32)).samples[0] == pytest.approx(0.5)
 
 
 def test_non_finite_samples_are_counted():
-    mono, bad = to_float32_mono(np.array([0.1, np.nan, np.inf, -np.inf], np.float64))
-    assert bad == 3 and mono.tolist() == pytest.approx([0.1, 0, 0, 0])
+    pcm = condition_pcm(np.array([0.1, np.nan, np.inf, -np.inf], np.float64))
+    assert pcm.nonfinite == 3 and pcm.samples.tolist() == pytest.approx([0.1, 0, 0, 0])
 
 
 def test_channels_first_is_rejected():
     with pytest.raises(AudioFormatError, match="channels, n"):
-        to_float32_mono(np.zeros((2, 16000), np.float32))
+        condition_pcm(np.zeros((2, 16000), np.float32))
 
 
 def test_stream_resampler_matches_one_shot():

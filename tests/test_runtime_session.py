@@ -12,7 +12,7 @@ from test_runtime_engine import ScriptedSampler
 from test_runtime_fixtures import TOKENS, build_tiny_package, runtime_package  # noqa: F401
 
 import listenloop
-from listenloop.audio import to_float32_mono
+from listenloop.audio import condition_pcm
 from listenloop.errors import AudioFormatError, DeviceError, Error, SessionClosedError
 from listenloop.protocol import CHUNK_SAMPLES
 
@@ -47,7 +47,7 @@ def _kinds(events, kind):
 
 def test_any_rate_channels_and_block_size_gives_the_same_decisions(roomy_package):
     stereo = (_signal(4.3, 44100, channels=2) * 32767).astype(np.int16)
-    reference, _ = to_float32_mono(stereo)
+    reference = condition_pcm(stereo).samples
     reference = soxr.resample(reference, 44100, 16000)
     sampler_script = [T["NORMAL"], ord("y"), T["TEXT_END"]]
 

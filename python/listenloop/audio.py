@@ -67,23 +67,6 @@ def _downmix(pcm) -> tuple[np.ndarray, np.ndarray]:
     return mono, arr
 
 
-def to_float32_mono(pcm) -> tuple[np.ndarray, int]:
-    """PCM of any supported dtype, 1-D or [n, channels] -> (float32 mono, count of NaN/Inf zeroed).
-
-    Supported: float16/32/64, int8/16/32 (scaled to [-1, 1)), uint8 (offset binary, 128 = 0).
-    Channels are averaged. Non-finite samples are replaced by 0 and counted. Samples outside
-    [-1, 1] are left as they are: `condition_pcm` is the session's form, which clips them.
-    """
-    mono, _ = _downmix(pcm)
-    with np.errstate(over="ignore"):
-        mono = mono.astype(np.float32, copy=False)
-    bad = ~np.isfinite(mono)
-    n_bad = int(bad.sum())
-    if n_bad:
-        mono = np.where(bad, np.float32(0.0), mono)
-    return np.ascontiguousarray(mono, dtype=np.float32), n_bad
-
-
 @dataclass(frozen=True)
 class ConditionedPCM:
     """What the front end made of one block of PCM (docs/PROTOCOL.md, "Front end")."""
