@@ -103,7 +103,7 @@ class PackageListener:
         from listenloop.sampling import SamplingConfig
 
         self.stream = self.model.stream(sampling=SamplingConfig(temperature=0.0), speak_bias=speak_bias)
-        self.speak_bias = self.stream.speak_bias
+        self.speak_bias = self.stream.policy.speak_bias
         self.reset()
 
     def reset(self) -> None:

@@ -44,7 +44,7 @@ class Engine:
 
     @property
     def speak_bias(self) -> float:
-        return self.stream.speak_bias
+        return self.stream.policy.speak_bias
 
     @property
     def kv_cache(self):

@@ -196,9 +196,6 @@ class DecoderStream:
         self.model = model
         self.policy = policy if policy is not None else Policy.build(model.sampling_defaults, **options)
         self.sampler = self.policy.new_sampler()
-        self.speak_bias = self.policy.speak_bias
-        self.speak_threshold = self.policy.speak_threshold
-        self.max_reply_tokens = self.policy.max_reply_tokens
 
         self.capacity = model.capacity
         self.tokens = model.tokens
@@ -207,7 +204,7 @@ class DecoderStream:
         self._decision_ids = (self._silence_id, self._speak_id)
         self._prefix = model.prefix_ids
         self.context = ContextPolicy(self.capacity, len(self._prefix),
-                                     reply_reserve(self.capacity, self.max_reply_tokens), self.policy.history_chunks)
+                                     reply_reserve(self.capacity, self.policy.max_reply_tokens), self.policy.history_chunks)
         self._audio_shape = (VECTORS_PER_CHUNK, model.hidden)
         self._table = model.embeddings
         self._allocate()
@@ -366,11 +363,12 @@ class DecoderStream:
 
     def _decision(self, row: np.ndarray) -> tuple[bool, float]:
         silence = row.item(self._silence_id)  # a Python float, without a NumPy scalar in between
-        speak = row.item(self._speak_id) + self.speak_bias
+        policy = self.policy
+        speak = row.item(self._speak_id) + policy.speak_bias
         margin = speak - silence
         p_speak = 1.0 / (1.0 + math.exp(-margin)) if margin > -700 else 0.0  # softmax over the two
-        if self.speak_threshold is not None:
-            return p_speak >= self.speak_threshold, p_speak
+        if policy.speak_threshold is not None:
+            return p_speak >= policy.speak_threshold, p_speak
         return self.sampler.decide(silence, speak), p_speak
 
     # -- listening -----------------------------------------------------------------------
@@ -407,7 +405,7 @@ class DecoderStream:
             loud = level > min(self._levels) + LEVEL_MARGIN
         if spoke:
             self._speaking, self._previous = True, None
-            self._reply_left = self.max_reply_tokens
+            self._reply_left = self.policy.max_reply_tokens
             self._history_count = self._quiet_run = 0  # answered audio is never re-fed
         else:
             self._previous = self._silence_id
