@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from listenloop.protocol import CHUNK_SAMPLES, SAMPLE_RATE
+
 ROOT = Path(__file__).resolve().parent.parent
 FRAME_S = 0.1
 
@@ -33,8 +35,8 @@ def _program(seconds: float) -> np.ndarray:
 
     parts = [sf.read(p, dtype="float32")[0] for p in sorted((ROOT / "examples").glob("*.wav"))]
     one = np.concatenate(parts)
-    reps = int(np.ceil(seconds * 16000 / len(one)))
-    return np.concatenate([one] * reps)[: int(seconds * 16000)]
+    reps = int(np.ceil(seconds * SAMPLE_RATE / len(one)))
+    return np.concatenate([one] * reps)[: int(seconds * SAMPLE_RATE)]
 
 
 def _free_port() -> int:
@@ -46,7 +48,7 @@ def _free_port() -> int:
 async def _client(url: str, audio: np.ndarray, start_at: float) -> dict:
     import aiohttp
 
-    frame = int(FRAME_S * 16000)
+    frame = int(FRAME_S * SAMPLE_RATE)
     sent_at = {}  # samples sent so far -> monotonic time of that frame
     ttfr, dropped, events_dropped, replies = [], 0, 0, 0
     pending_chunk = None
@@ -62,7 +64,7 @@ async def _client(url: str, audio: np.ndarray, start_at: float) -> dict:
                 if kind == "ReplyStarted":
                     pending_chunk = event["chunk"]
                 elif kind == "TextDelta" and pending_chunk is not None:
-                    done = (pending_chunk + 1) * 6400
+                    done = (pending_chunk + 1) * CHUNK_SAMPLES
                     sent = min((t for n, t in sent_at.items() if n >= done), default=None)
                     if sent is not None:
                         ttfr.append(1000 * (time.monotonic() - sent))
@@ -89,7 +91,7 @@ async def _client(url: str, audio: np.ndarray, start_at: float) -> dict:
 
 
 async def _run(port: int, n: int, audio: np.ndarray) -> list:
-    url = f"http://127.0.0.1:{port}/v1/pcm?rate=16000&format=f32"
+    url = f"http://127.0.0.1:{port}/v1/pcm?rate={SAMPLE_RATE}&format=f32"
     start = time.monotonic() + 0.5
     # clients start 0.1 s apart, as real users would not all begin on the same frame
     return await asyncio.gather(*[_client(url, audio, start + 0.1 * (i % 4) / 4) for i in range(n)])

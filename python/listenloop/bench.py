@@ -58,15 +58,15 @@ ALWAYS_SPEAK = 50.0  # speak_bias that makes any model choose TEXT_BEGIN (p_spea
 SESSION_COUNTS = (1, 4, 16)
 
 
-def _default_recording() -> Path:
-    """examples/kitchen.wav of the source tree this module runs from, else of the current folder."""
+def examples_dir() -> Path:
+    """examples/ of the source tree this module runs from, else of the current folder."""
     for root in (Path(__file__).resolve().parents[2], Path.cwd()):
         if (root / "examples" / "kitchen.wav").is_file():
-            return root / "examples" / "kitchen.wav"
-    return Path(__file__).resolve().parents[2] / "examples" / "kitchen.wav"
+            return root / "examples"
+    return Path(__file__).resolve().parents[2] / "examples"
 
 
-DEFAULT_RECORDING = _default_recording()
+DEFAULT_RECORDING = examples_dir() / "kitchen.wav"
 
 
 # --- statistics and environment -------------------------------------------------------------
@@ -95,6 +95,12 @@ def peak_rss_mb() -> float:
 
 
 def rss_mb() -> float:
+    """Resident set size of this process now, MiB (Linux /proc, else psutil, else NaN)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        pass
     try:
         import psutil
 

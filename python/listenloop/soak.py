@@ -12,36 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 
+from .bench import examples_dir, rss_mb
 from .protocol import CHUNK_SAMPLES, SAMPLE_RATE
 
 PROGRAM_SECONDS = 600  # one repetition of the program
 FILLERS = ("silence", "pink noise", "hum")
 BLOCK_SECONDS = 1.0  # the session is fed in 1 s pieces
-
-
-def rss_mb() -> float:
-    """Resident set size of this process now (Linux /proc, else resource's peak)."""
-    try:
-        with open(f"/proc/{os.getpid()}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _examples_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent.parent / "examples", Path.cwd() / "examples"):
-        if (candidate / "expected_events.json").is_file():
-            return candidate
-    raise FileNotFoundError("the soak run needs the example recordings (examples/ of the source tree)")
 
 
 def _filler(kind: str, seconds: float, rng: np.random.Generator) -> np.ndarray:
@@ -67,7 +47,9 @@ class Program:
     def build(cls, seed: int = 0) -> "Program":
         import soundfile as sf
 
-        root = _examples_dir()
+        root = examples_dir()
+        if not (root / "expected_events.json").is_file():
+            raise FileNotFoundError("the soak run needs the example recordings (examples/ of the source tree)")
         expected = json.loads((root / "expected_events.json").read_text())
         rng = np.random.default_rng(seed)
         recordings = [(name, sf.read(root / name, dtype="float32")[0],
@@ -125,7 +107,7 @@ def soak(hours: float, package=None, profile: str = "cpu", *, report_every_hours
             for name, audio, expected in program.segments:
                 first_chunk = fed // CHUNK_SAMPLES
                 for start in range(0, len(audio), block):
-                    piece = audio[start:start + block]
+                    piece = audio[start:min(start + block, start + total - fed)]  # never past `hours`
                     session.accept_waveform(piece)
                     fed += len(piece)
                     take(session.drain())
@@ -134,8 +116,11 @@ def soak(hours: float, package=None, profile: str = "cpu", *, report_every_hours
                         rows.append(row(session.stats()))
                         if progress:
                             progress(rows[-1])
-                if expected is not None:
-                    windows.append((name, first_chunk, (fed - 1) // CHUNK_SAMPLES, expected))
+                    if fed >= total:
+                        break
+                else:  # only recordings heard to the end are scored
+                    if expected is not None:
+                        windows.append((name, first_chunk, (fed - 1) // CHUNK_SAMPLES, expected))
                 if fed >= total:
                     break
         session.finish()
