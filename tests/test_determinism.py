@@ -25,12 +25,13 @@ TIMING_FIELDS = {"wall_time", "step_ms", "real_time_factor", "listen_queue_depth
 
 
 def signature(events) -> list:
-    """What must not change between runs: every event less its wall time; of Stats, only
-    what is not a timing (Stats and AudioDropped stream_time count what was fed so far)."""
+    """What must not change between runs: every event (or its `to_dict()` form, as a server
+    sends it) less its wall time; of Stats, only what is not a timing (Stats and AudioDropped
+    stream_time count what was fed so far)."""
     out = []
     for event in events:
-        data = event.to_dict()
-        for key in TIMING_FIELDS if event.kind in ("Stats", "AudioDropped") else ("wall_time",):
+        data = dict(event) if isinstance(event, dict) else event.to_dict()
+        for key in TIMING_FIELDS if data["event"] in ("Stats", "AudioDropped") else ("wall_time",):
             data.pop(key, None)
         out.append(data)
     return out
