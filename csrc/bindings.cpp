@@ -51,13 +51,14 @@ std::chrono::nanoseconds to_timeout(std::optional<double> seconds) {
   return std::chrono::nanoseconds(static_cast<int64_t>(*seconds * 1e9));
 }
 
-// A 1-D C-contiguous float32 array, checked without conversion (the ring never copies twice).
-void check_pcm(const py::array& a, const char* what, bool writable) {
+// A C-contiguous float32 array (1-D when `one_d`), checked without conversion: the ring never
+// copies twice, and in-place work on a converted copy would be lost.
+void check_float32(const py::array& a, const char* what, bool writable, bool one_d = true) {
   if (!a.dtype().is(py::dtype::of<float>())) {
     raise_error("AudioFormatError", std::string(what) + " needs float32 samples, got dtype " +
                                         py::str(a.dtype()).cast<std::string>());
   }
-  if (a.ndim() != 1) {
+  if (one_d && a.ndim() != 1) {
     raise_error("AudioFormatError", std::string(what) + " needs a 1-D array, got " + std::to_string(a.ndim()) + " dimensions");
   }
   if (!(a.flags() & py::array::c_style)) {
@@ -127,16 +128,9 @@ py::list pop_chunks(ChunkQueue& q, size_t max_items, std::optional<double> timeo
   return out;
 }
 
-// In place, any shape; no conversion, since a converted copy would be normalised instead.
+// In place, any shape.
 void normalize_log_mel(py::array& mel, float peak) {
-  if (!mel.dtype().is(py::dtype::of<float>())) {
-    raise_error("AudioFormatError", "normalize_log_mel needs a float32 array, got dtype " +
-                                        py::str(mel.dtype()).cast<std::string>());
-  }
-  if (!(mel.flags() & py::array::c_style)) {
-    raise_error("AudioFormatError", "normalize_log_mel needs a C-contiguous array (use numpy.ascontiguousarray)");
-  }
-  if (!mel.writeable()) raise_error("AudioFormatError", "normalize_log_mel needs a writable array");
+  check_float32(mel, "normalize_log_mel", true, false);
   normalise_log_mel(static_cast<float*>(mel.mutable_data()), static_cast<size_t>(mel.size()), peak);
 }
 
@@ -179,14 +173,14 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "write",
           [](RingBuffer& r, const py::array& samples) {
-            check_pcm(samples, "RingBuffer.write", false);
+            check_float32(samples, "RingBuffer.write", false);
             return r.write(static_cast<const float*>(samples.data()), static_cast<size_t>(samples.size()));
           },
           py::arg("samples"))
       .def(
           "read",
           [](RingBuffer& r, py::array& out) {
-            check_pcm(out, "RingBuffer.read", true);
+            check_float32(out, "RingBuffer.read", true);
             return r.read(static_cast<float*>(out.mutable_data()), static_cast<size_t>(out.size()));
           },
           py::arg("out"))
