@@ -75,8 +75,8 @@ class Printer:
     Notices (dropped audio or events, faults, verbose context resets, warnings) go to stderr,
     but never into the middle of a reply line: while a reply is being printed they are held
     and printed once its line ends. Clipped input is summed over the run and reported as one
-    warning line by `summary()`. Context resets are routine (about every 15 s with the demo
-    model): shown with --verbose."""
+    warning line by `summary()`. Context resets are routine (with the demo
+    model's 768 tokens, every few seconds of quiet audio): shown with --verbose."""
 
     def __init__(self, as_json: bool, verbose: bool = False, source: str | None = None):
         self.as_json = as_json
