@@ -398,7 +398,9 @@ async def _never_reads(url, other_url):
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(f"{url}/v1/pcm?format=s16")
         ws._conn.transport.pause_reading()  # this client reads nothing from now on
-        deadline = asyncio.get_running_loop().time() + 20
+        # filling the loopback socket buffers with 1-byte frames takes ~16 s on an idle 2-core
+        # machine; the margin is for a loaded one
+        deadline = asyncio.get_running_loop().time() + 60
         stalled = False
         while not stalled and asyncio.get_running_loop().time() < deadline:
             try:  # each bad frame makes the server send an Error event, until the socket is full
@@ -421,7 +423,7 @@ async def _never_reads(url, other_url):
 
 def test_a_client_that_never_reads_is_disconnected(runtime):
     with serving(runtime, send_timeout_s=1.0) as server:
-        errors, last, code = run(_never_reads(server.http, server.http))
+        errors, last, code = run(_never_reads(server.http, server.http), timeout=120)
         assert errors > 0
         # the server gave up on it: a close frame if it still fit in the socket, else it dropped the connection
         assert (code == 1008 and "not reading" in last.extra) or code == 1006, (last, code)
