@@ -1,13 +1,29 @@
 """The decoder as an explicit PyTorch module, and its ONNX export (docs/DESIGN.md decoder contract).
 
-Why not transformers' Qwen2 module or optimum's exporter: the runtime needs (a) a position-major
-KV layout `[1, P, KVH, D]` whose new rows the graph writes straight into a bound cache buffer
-(zero copy), (b) logits only for the rows in `logits_index` (a [T, 151936] logits tensor per
-prefill would dominate memory traffic), and (c) positions rounded through float16 inside the
-graph (docs/PROTOCOL.md, "Listening step"). Stock exporters give a head-major cache
-`[1, KVH, P, D]`, all-row logits and integer positions. The math here is exactly HF Qwen2's:
-RMSNorm, rotate-half RoPE with θ_i = base^(-2i/D), grouped-query attention, SiLU-gated MLP.
-`tests/test_export_graphs.py` checks it against `transformers.Qwen2ForCausalLM`.
+Why not onnxruntime-genai's model builder, transformers' Qwen2 module or optimum's exporter:
+the runtime needs (a) logits only for the rows in `logits_index` (a [T, 151936] logits tensor
+per step would dominate memory traffic), (b) positions rounded through float16 inside the graph
+(docs/PROTOCOL.md, "Listening step"), (c) a KV cache the graph writes in place on CPU as well as
+on GPUs, and (d) a bounded-memory export of real-size weights (the builder loads the whole
+model). The builder's structure is what the `gqa` attention below adopts: one
+`com.microsoft.GroupQueryAttention` node per layer over a fixed-capacity cache that past and
+present share. The math is exactly HF Qwen2's: RMSNorm, rotate-half RoPE with
+θ_i = base^(-2i/D), grouped-query attention, SiLU-gated MLP. `tests/test_export_graphs.py`
+checks both attention kinds against `transformers.Qwen2ForCausalLM`.
+
+Two attention kinds (manifest `decoder.attention`; docs/DESIGN.md lists both contracts):
+
+- `grouped` (the default, best on CPUs): standard ONNX ops over a position-major cache
+  `[1, P, KVH, D]` that the runtime binds as a prefix of its buffer. The G = NH/KVH query heads
+  that share a KV head are stacked into one [G*T, D] matrix, so each KV head is read once per
+  step by one matrix product (ORT folds the cache's transposes into the MatMul: no copy), and
+  the softmax is split between the cached and the new keys so the cache is never concatenated.
+  On a 2-core VM, 36 layers at the real dimensions, 13 new tokens, 4,000 cached: 129 ms,
+  against 341 ms for ORT's CPU GroupQueryAttention kernel (which multiplies each query head
+  separately) and about 416 ms for the plain graph that expanded K and V to every head.
+- `gqa` (GPUs): GroupQueryAttention over a head-major buffer `[B, KVH, C, D]` bound as both
+  past and present, with per-row lengths (`seqlens_k`). Every step binds the same addresses
+  and shapes, which is what CUDA graphs need, and rows of different lengths share one call.
 """
 from __future__ import annotations
 
@@ -16,6 +32,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from listenloop.package import ATTENTIONS
 
 OPSET = 17
 
@@ -59,8 +77,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, state: dict, prefix: str, cfg: dict):
+    def __init__(self, state: dict, prefix: str, cfg: dict, attention: str = "grouped"):
         super().__init__()
+        self.attention = attention
         self.n_head, self.n_kv, self.head_dim = cfg["n_head"], cfg["n_query_groups"], cfg["head_size"]
         eps = float(cfg["norm_eps"])
         get = state.__getitem__
@@ -74,70 +93,151 @@ class DecoderLayer(nn.Module):
         self.up_proj = _linear(get(prefix + "mlp.up_proj.weight"))
         self.down_proj = _linear(get(prefix + "mlp.down_proj.weight"))
 
-    def forward(self, x, cos, sin, mask, past_key, past_value):
-        T = x.shape[1]
+    def forward(self, x, cos, sin, causal, cache):
+        B, T = x.shape[0], x.shape[1]
         h = self.input_layernorm(x)
-        q = self.q_proj(h).view(1, T, self.n_head, self.head_dim)
-        k = self.k_proj(h).view(1, T, self.n_kv, self.head_dim)
-        v = self.v_proj(h).view(1, T, self.n_kv, self.head_dim)
-        # cos/sin: [1, T, 1, D], broadcast over heads (position-major layout throughout).
+        q = self.q_proj(h).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(h).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(h).view(B, T, self.n_kv, self.head_dim)
+        # cos/sin: [B, T, 1, D], broadcast over heads.
         q = q * cos + _rotate_half(q) * sin
-        new_key = k * cos + _rotate_half(k) * sin
-        new_value = v
-        keys = torch.cat([past_key, new_key], dim=1).transpose(1, 2)  # [1, KVH, P+T, D]
-        values = torch.cat([past_value, new_value], dim=1).transpose(1, 2)
-        groups = self.n_head // self.n_kv
-        keys = keys.repeat_interleave(groups, dim=1)
-        values = values.repeat_interleave(groups, dim=1)
-        scores = torch.matmul(q.transpose(1, 2), keys.transpose(2, 3)) * (self.head_dim ** -0.5)
-        probs = torch.softmax(scores.float() + mask, dim=-1).to(values.dtype)
-        attn = torch.matmul(probs, values).transpose(1, 2).reshape(1, T, self.n_head * self.head_dim)
+        k = k * cos + _rotate_half(k) * sin
+        if self.attention == "gqa":
+            attn, *written = GroupQueryAttention.apply(
+                q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1), *cache, self.n_head, self.n_kv)
+        else:
+            attn = grouped_attention(q, k, v, *cache, causal, self.head_dim ** -0.5)
+            written = [k, v]
         x = x + self.o_proj(attn)
         h = self.post_attention_layernorm(x)
         x = x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
-        return x, new_key, new_value
+        return x, written
+
+
+def _row_max(scores: torch.Tensor) -> torch.Tensor:
+    """Max over the last axis, -inf over an empty one (the first step has no cache; ONNX's
+    ReduceMax already gives -inf there, torch's amax refuses)."""
+    if torch.jit.is_tracing() or scores.shape[-1] > 0:
+        return scores.amax(-1, keepdim=True)
+    return scores.new_full((*scores.shape[:-1], 1), float("-inf"))
+
+
+def grouped_attention(q, new_key, new_value, past_key, past_value, causal, scale: float):
+    """Attention for one row (B = 1): q [1,T,NH,D], new_key/new_value [1,T,KVH,D], past_*
+    [1,P,KVH,D] (position-major), causal [G*T, T] (0 or -inf) -> [1, T, NH*D].
+
+    Query head n uses KV head n // G (HF's repeat_interleave order), so q is regrouped to
+    [KVH, G*T, D]: one product per KV head instead of G. softmax(s) over [past | new] is
+    exp(s - m) / sum with m the max over both parts, computed part by part (no concat)."""
+    T, NH, D = q.shape[1], q.shape[2], q.shape[3]
+    n_kv = new_key.shape[2]
+    groups = NH // n_kv
+    qg = (q[0] * scale).reshape(T, n_kv, groups, D).permute(1, 2, 0, 3).reshape(n_kv, groups * T, D)
+    s_past = torch.matmul(qg, past_key[0].permute(1, 2, 0))  # [KVH, G*T, P]
+    s_new = torch.matmul(qg, new_key[0].permute(1, 2, 0)) + causal  # [KVH, G*T, T]
+    m = torch.maximum(_row_max(s_past), _row_max(s_new))
+    e_past, e_new = torch.exp(s_past - m), torch.exp(s_new - m)
+    total = e_past.sum(-1, keepdim=True) + e_new.sum(-1, keepdim=True)
+    out = (torch.matmul(e_past, past_value[0].permute(1, 0, 2)) + torch.matmul(e_new, new_value[0].permute(1, 0, 2))) / total
+    return out.reshape(n_kv, groups, T, D).permute(2, 0, 1, 3).reshape(1, T, NH * D)
+
+
+class GroupQueryAttention(torch.autograd.Function):
+    """com.microsoft.GroupQueryAttention (no rotary inside: RoPE is applied before, with the
+    float16-rounded positions) over caches [B, KVH, C, D] shared by past and present. Row b's
+    T new tokens sit at positions seqlens_k[b]+1-T .. seqlens_k[b]. The eager forward computes
+    the same for tracing and tests; the export writes the contrib node."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total_length, num_heads, kv_heads):
+        B, T, _ = query.shape
+        D = past_key.shape[-1]
+        groups = num_heads // kv_heads
+        present_key, present_value = past_key.clone(), past_value.clone()
+        out = query.new_zeros(B, T, num_heads * D)
+        for b in range(B):
+            end = int(seqlens_k[b]) + 1
+            start = end - T
+            present_key[b, :, start:end] = key[b].view(T, kv_heads, D).transpose(0, 1)
+            present_value[b, :, start:end] = value[b].view(T, kv_heads, D).transpose(0, 1)
+            keys = present_key[b, :, :end].repeat_interleave(groups, 0)  # [NH, end, D]
+            values = present_value[b, :, :end].repeat_interleave(groups, 0)
+            q = query[b].view(T, num_heads, D).transpose(0, 1)  # [NH, T, D]
+            scores = torch.matmul(q, keys.transpose(1, 2)) * D ** -0.5
+            allowed = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            out[b] = torch.matmul(torch.softmax(scores, -1), values).transpose(0, 1).reshape(T, num_heads * D)
+        return out, present_key, present_value
+
+    @staticmethod
+    def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_length, num_heads, kv_heads):
+        out, present_key, present_value = g.op(
+            "com.microsoft::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k, total_length,
+            num_heads_i=num_heads, kv_num_heads_i=kv_heads, outputs=3)
+        out.setType(query.type())  # torch.onnx cannot infer a contrib op's output types
+        present_key.setType(past_key.type())
+        present_value.setType(past_value.type())
+        return out, present_key, present_value
 
 
 class ExportDecoder(nn.Module):
-    """inputs_embeds [1,T,H], position_ids [1,T], logits_index [K], past_key/value.{i} [1,P,KVH,D]
-    -> logits [K,V] float32, new_key/value.{i} [1,T,KVH,D]."""
+    """grouped: inputs_embeds [1,T,H], position_ids [1,T], logits_index [K],
+    past_key/value.{i} [1,P,KVH,D] -> logits [K,V] float32, new_key/value.{i} [1,T,KVH,D].
+    gqa: inputs_embeds [B,T,H], position_ids [B,T], logits_index [K] (rows of the flattened
+    [B*T]), seqlens_k [B] int32, total_sequence_length int32, past_key/value.{i} [B,KVH,C,D]
+    -> logits [K,V], present_key/value.{i} (the same buffers)."""
 
-    def __init__(self, lm_state: dict, cfg: dict):
+    def __init__(self, lm_state: dict, cfg: dict, attention: str = "grouped"):
         super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        self.attention = attention
         self.num_layers = cfg["n_layer"]
-        self.layers = nn.ModuleList(DecoderLayer(lm_state, f"model.layers.{i}.", cfg) for i in range(cfg["n_layer"]))
+        self.groups = cfg["n_head"] // cfg["n_query_groups"]
+        self.layers = nn.ModuleList(DecoderLayer(lm_state, f"model.layers.{i}.", cfg, attention)
+                                    for i in range(cfg["n_layer"]))
         self.norm = RMSNorm(lm_state["model.norm.weight"], float(cfg["norm_eps"]))
         self.lm_head = _linear(lm_state["lm_head.weight"])
         self.register_buffer("inv_freq", rope_inv_freq(cfg["head_size"], float(cfg["rope_base"])), persistent=False)
 
-    def forward(self, inputs_embeds, position_ids, logits_index, *past):
-        T = inputs_embeds.shape[1]
-        P = past[0].shape[1]
-        angles = round_positions(position_ids)[..., None] * self.inv_freq  # [1, T, D/2]
+    def forward(self, inputs_embeds, position_ids, logits_index, *rest):
+        B, T, H = inputs_embeds.shape
+        angles = round_positions(position_ids)[..., None] * self.inv_freq  # [B, T, D/2]
         angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]
         cos, sin = angles.cos().to(inputs_embeds.dtype), angles.sin().to(inputs_embeds.dtype)
-        # Causal over P cached + T new: new token t sees keys 0..P+t.
-        key_index = torch.arange(P + T, device=inputs_embeds.device)
-        query_index = torch.arange(T, device=inputs_embeds.device) + P
-        mask = torch.where(key_index[None, :] <= query_index[:, None], 0.0, float("-inf"))
+        if self.attention == "gqa":
+            lengths, past = rest[:2], rest[2:]
+            causal = None
+        else:
+            lengths, past = (), rest
+            # new token t sees new tokens 0..t; rows are [group, t] (grouped_attention)
+            index = torch.arange(T, device=inputs_embeds.device)
+            causal = torch.where(index[None, :] <= index[:, None], 0.0, float("-inf")).repeat(self.groups, 1)
         x = inputs_embeds
-        new = []
+        written = []
         for i, layer in enumerate(self.layers):
-            x, new_key, new_value = layer(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
-            new += [new_key, new_value]
-        rows = x.index_select(1, logits_index)  # only the requested rows reach lm_head
+            x, kv = layer(x, cos, sin, causal, (past[2 * i], past[2 * i + 1], *lengths))
+            written += kv
+        rows = x.reshape(1, B * T, H).index_select(1, logits_index)  # only the requested rows reach lm_head
         # 3-D input makes lm_head a MatMul (not a Gemm), which the weight quantizers handle.
         logits = self.lm_head(self.norm(rows))[0].float()
-        return (logits, *new)
+        return (logits, *written)
 
 
-def io_names(num_layers: int) -> tuple[list, list]:
+def io_names(num_layers: int, attention: str = "grouped") -> tuple[list, list]:
     inputs = ["inputs_embeds", "position_ids", "logits_index"]
+    if attention == "gqa":
+        inputs += ["seqlens_k", "total_sequence_length"]
+    written = "present" if attention == "gqa" else "new"
     outputs = ["logits"]
     for i in range(num_layers):
         inputs += [f"past_key.{i}", f"past_value.{i}"]
-        outputs += [f"new_key.{i}", f"new_value.{i}"]
+        outputs += [f"{written}_key.{i}", f"{written}_value.{i}"]
     return inputs, outputs
+
+
+def fixed_input_count(num_layers: int, attention: str) -> int:
+    return len(io_names(num_layers, attention)[0])
 
 
 def export_decoder(module: ExportDecoder, path: Path, cfg: dict) -> Path:
@@ -152,20 +252,33 @@ def export_decoder(module: ExportDecoder, path: Path, cfg: dict) -> Path:
 def _trace_to_onnx(module: ExportDecoder, path: Path, cfg: dict, export_params: bool = True) -> None:
     n_kv, d, h = cfg["n_query_groups"], cfg["head_size"], cfg["n_embd"]
     T, P = 3, 5
-    past = []
-    for _ in range(module.num_layers):
-        past += [torch.zeros(1, P, n_kv, d), torch.zeros(1, P, n_kv, d)]
-    args = (torch.zeros(1, T, h), torch.arange(P, P + T)[None], torch.tensor([T - 1]), *past)
-    inputs, outputs = io_names(module.num_layers)
+    attention = module.attention
+    if attention == "gqa":  # a buffer of capacity C holding P cached rows
+        C = P + T + 2
+        cache = [torch.zeros(1, n_kv, C, d) for _ in range(2 * module.num_layers)]
+        lengths = (torch.tensor([P + T - 1], dtype=torch.int32), torch.tensor(P + T, dtype=torch.int32))
+    else:
+        cache = [torch.zeros(1, P, n_kv, d) for _ in range(2 * module.num_layers)]
+        lengths = ()
+    args = (torch.zeros(1, T, h), torch.arange(P, P + T)[None], torch.tensor([T - 1]), *lengths, *cache)
+    inputs, outputs = io_names(module.num_layers, attention)
     dynamic = {"inputs_embeds": {1: "T"}, "position_ids": {1: "T"}, "logits_index": {0: "K"}, "logits": {0: "K"}}
-    for name in inputs[3:]:
-        dynamic[name] = {1: "P"}
-    for name in outputs[1:]:
-        dynamic[name] = {1: "T"}
+    if attention == "gqa":
+        for name in ("inputs_embeds", "position_ids"):
+            dynamic[name] = {0: "B", 1: "T"}
+        dynamic["seqlens_k"] = {0: "B"}
+        for name in inputs[5:] + outputs[1:]:
+            dynamic[name] = {0: "B", 2: "C"}
+    else:
+        for name in inputs[3:]:
+            dynamic[name] = {1: "P"}
+        for name in outputs[1:]:
+            dynamic[name] = {1: "T"}
     with torch.no_grad(), weights_hidden_from_shape_inference(module, hide=not export_params):
         torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
                           dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, do_constant_folding=True,
-                          export_params=export_params)
+                          export_params=export_params,
+                          custom_opsets={"com.microsoft": 1} if attention == "gqa" else None)
 
 
 @contextlib.contextmanager
@@ -225,14 +338,14 @@ def linear_as_matmul(module: nn.Module) -> set:
     return {f"{name}.weight" for name, sub in module.named_modules() if isinstance(sub, _MatMulLinear)}
 
 
-def skeleton_decoder(shapes: dict, cfg: dict) -> tuple[ExportDecoder, dict]:
+def skeleton_decoder(shapes: dict, cfg: dict, attention: str = "grouped") -> tuple[ExportDecoder, dict]:
     """The export module with placeholder weights, and ONNX parameter name -> (checkpoint key,
     transposed). `shapes`: HF Qwen2 name -> shape (the embedding table is not needed)."""
     state, keys = {}, {}
     for index, (key, shape) in enumerate(shapes.items()):
         state[key] = _placeholder(tuple(shape), index)
         keys[state[key].data_ptr()] = key
-    module = ExportDecoder(state, cfg)
+    module = ExportDecoder(state, cfg, attention)
     transposed = linear_as_matmul(module)  # placeholders stay 4-byte broadcasts: same data_ptr
     sources = {}
     for name, param in module.named_parameters():
@@ -243,7 +356,7 @@ def skeleton_decoder(shapes: dict, cfg: dict) -> tuple[ExportDecoder, dict]:
     return module, sources
 
 
-def export_decoder_streamed(weights, path: Path, cfg: dict) -> Path:
+def export_decoder_streamed(weights, path: Path, cfg: dict, attention: str = "grouped") -> Path:
     """The graph `export_decoder` writes, with the weights streamed from `weights` one tensor at a
     time into `<name>.data` (see external.py), so peak memory is about the graph proto plus the
     largest weight, whatever the model size.
@@ -256,7 +369,7 @@ def export_decoder_streamed(weights, path: Path, cfg: dict) -> Path:
 
     shape_of = weights.shape if hasattr(weights, "shape") else (lambda k: tuple(weights[k].shape))
     keys = [k for k in weights.keys() if k != "model.embed_tokens.weight"]
-    module, sources = skeleton_decoder({k: shape_of(k) for k in keys}, cfg)
+    module, sources = skeleton_decoder({k: shape_of(k) for k in keys}, cfg, attention)
     path = Path(path)
     _trace_to_onnx(module, path, cfg, export_params=False)
     del module
@@ -267,5 +380,6 @@ def export_decoder_streamed(weights, path: Path, cfg: dict) -> Path:
             return (tensor.t() if transposed else tensor).contiguous().numpy()
         return read
 
-    attach_initializers(path, 3 + 2 * cfg["n_layer"], {name: fetch(*src) for name, src in sources.items()})
+    attach_initializers(path, fixed_input_count(cfg["n_layer"], attention),
+                        {name: fetch(*src) for name, src in sources.items()})
     return path

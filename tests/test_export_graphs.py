@@ -131,3 +131,71 @@ def test_positions_above_2048_are_rounded_through_float16(checkpoint, decoder_se
     np.testing.assert_array_equal(key_at(2051), key_at(2052))
     np.testing.assert_array_equal(key_at(4097), key_at(4096))
     assert np.abs(key_at(2050) - key_at(2048)).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def gqa_session(checkpoint, tmp_path_factory):
+    path = tmp_path_factory.mktemp("graphs") / "decoder_gqa.onnx"
+    cfg = checkpoint.llm_config
+    export_decoder(ExportDecoder(checkpoint.lm_state, cfg, attention="gqa"), path, cfg)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _run_gqa(session, cfg, cache, embeds, positions, rows, lengths):
+    """One call with every layer's [B, KVH, C, D] buffer bound as both past and present."""
+    binding = session.io_binding()
+    binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, np.float32))
+    binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, np.int64))
+    binding.bind_cpu_input("logits_index", np.asarray(rows, np.int64))
+    binding.bind_cpu_input("seqlens_k", np.asarray(lengths, np.int32) - 1)
+    binding.bind_cpu_input("total_sequence_length", np.array(max(lengths), np.int32))
+    binding.bind_output("logits")
+    for i in range(cfg["n_layer"]):
+        for j, kind in enumerate(("key", "value")):
+            buf = cache[2 * i + j]
+            binding.bind_input(f"past_{kind}.{i}", "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+            binding.bind_output(f"present_{kind}.{i}", "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+    session.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()[0]
+
+
+def test_gqa_decoder_on_one_shared_buffer_matches_qwen2(checkpoint, hf_decoder, gqa_session):
+    """The same protocol steps as above, through GroupQueryAttention writing into the buffer."""
+    cfg = checkpoint.llm_config
+    ids = torch.tensor([[6, 8, 1, 1, 40, 41, 42, 0, 16, 5, 5, 3, 4, 16, 3]])
+    with torch.no_grad():
+        embeds = hf_decoder.get_input_embeddings()(ids)
+        embeds[0, 9:11] += torch.randn(2, cfg["n_embd"], generator=torch.Generator().manual_seed(1))
+        full = hf_decoder(inputs_embeds=embeds, position_ids=rounded_positions(0, ids.shape[1])).logits[0].numpy()
+    cache = [np.zeros((1, cfg["n_query_groups"], 24, cfg["head_size"]), np.float32) for _ in range(2 * cfg["n_layer"])]
+    addresses = [b.ctypes.data for b in cache]
+    for start, stop, rows in ((0, 8, [0, 3, 7]), (8, 9, [0]), (9, 10, [0]), (10, 11, [0]), (11, 15, [1, 3])):
+        logits = _run_gqa(gqa_session, cfg, cache, embeds[:, start:stop].numpy(), np.arange(start, stop)[None], rows, [stop])
+        np.testing.assert_allclose(logits, full[[start + r for r in rows]], atol=1e-4)
+    assert [b.ctypes.data for b in cache] == addresses
+    assert not any(b[:, :, 15:].any() for b in cache)  # nothing written past the last row
+
+
+def test_gqa_rows_of_different_lengths_share_one_call(checkpoint, gqa_session):
+    """Batching streams' reply tokens: a [2, 1] call with lengths 4 and 9 gives each row what it
+    gets alone. (ORT's GroupQueryAttention takes B > 1 only for one-token steps once a cache
+    exists, so listening steps, 13 tokens, stay one row per call.)"""
+    cfg = checkpoint.llm_config
+    n_kv, d, h, layers = cfg["n_query_groups"], cfg["head_size"], cfg["n_embd"], cfg["n_layer"]
+    rng = np.random.default_rng(3)
+    C, T = 20, 1
+    history = [rng.normal(size=(1, n, h)).astype(np.float32) for n in (3, 8)]
+    step = rng.normal(size=(2, T, h)).astype(np.float32)
+    alone, caches = [], []
+    for b, past in enumerate(history):
+        cache = [np.zeros((1, n_kv, C, d), np.float32) for _ in range(2 * layers)]
+        P = past.shape[1]
+        _run_gqa(gqa_session, cfg, cache, past, np.arange(P)[None], [P - 1], [P])
+        caches.append([c.copy() for c in cache])
+        alone.append(_run_gqa(gqa_session, cfg, cache, step[b:b + 1], np.arange(P, P + T)[None], [T - 1], [P + T]))
+    batch = [np.concatenate([caches[0][j], caches[1][j]]) for j in range(2 * layers)]
+    lengths = [3 + T, 8 + T]
+    positions = np.stack([np.arange(3, 3 + T), np.arange(8, 8 + T)])
+    both = _run_gqa(gqa_session, cfg, batch, step, positions, [T - 1, 2 * T - 1], lengths)
+    np.testing.assert_allclose(both[0], alone[0][0], atol=1e-5)
+    np.testing.assert_allclose(both[1], alone[1][0], atol=1e-5)
