@@ -6,6 +6,7 @@ import sys
 import time
 
 from listenloop.errors import Error
+from listenloop.package import ATTENTIONS
 from listenloop.protocol import PRECISIONS
 
 
@@ -17,6 +18,9 @@ def build_parser(prog: str = "python -m listenloop.export") -> argparse.Argument
     parser.add_argument("--encoder-precision", choices=PRECISIONS, help="override for the encoder graph")
     parser.add_argument("--decoder-precision", choices=PRECISIONS, help="override for the decoder graph")
     parser.add_argument("--max-context", type=int, default=4096, help="KV cache capacity recorded in the manifest")
+    parser.add_argument("--attention", choices=ATTENTIONS, default="grouped",
+                        help="decoder attention: grouped (CPUs; default) or gqa (GroupQueryAttention, GPUs: "
+                             "fixed step shapes for CUDA graphs)")
     parser.add_argument("--verify", action="store_true", help="run the parity report against PyTorch; fail if off")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     return parser
@@ -30,7 +34,7 @@ def main(argv=None, prog: str = "python -m listenloop.export") -> int:
         start = time.perf_counter()
         out = export_package(args.checkpoint_dir, args.out_dir, precision=args.precision,
                              encoder_precision=args.encoder_precision, decoder_precision=args.decoder_precision,
-                             max_context=args.max_context, force=args.force)
+                             max_context=args.max_context, force=args.force, attention=args.attention)
         print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
         if args.verify:
             from .parity import parity_report

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from listenloop.errors import CheckpointError, ExportError
-from listenloop.package import AUDIO, FORMAT, FORMAT_VERSION
+from listenloop.package import ATTENTIONS, AUDIO, FORMAT, FORMAT_VERSION
 from listenloop.protocol import EMOTION_NAMES, FRAMES_PER_CHUNK, MAX_REPLY_TOKENS, N_MELS, PREFIX_HEAD, TOKEN_NAMES
 
 from . import quantize
@@ -96,16 +96,16 @@ def _scale(chunk_encoder) -> float:
         return float(chunk_encoder(torch.zeros(1, N_MELS, FRAMES_PER_CHUNK)).abs().max())
 
 
-def _export_decoder(checkpoint, work: Path, out: Path, precision: str) -> None:
+def _export_decoder(checkpoint, work: Path, out: Path, precision: str, attention: str) -> None:
     """Streamed (decoder_graph.export_decoder_streamed, quantize.convert): the weights pass
     through memory one at a time, so a real-size export fits in a few GB."""
     from .decoder_graph import export_decoder_streamed
 
     cfg = checkpoint.llm_config
     if precision == "fp32":  # the fp32 graph is the package's graph: write it in place
-        _finish_in_place(export_decoder_streamed(checkpoint.lm_state, out / "decoder.onnx", cfg))
+        _finish_in_place(export_decoder_streamed(checkpoint.lm_state, out / "decoder.onnx", cfg, attention))
         return
-    fp32 = export_decoder_streamed(checkpoint.lm_state, work / "decoder.fp32.onnx", cfg)
+    fp32 = export_decoder_streamed(checkpoint.lm_state, work / "decoder.fp32.onnx", cfg, attention)
     keep = ["logits"]  # fp16 decoders: float16 embeddings and KV, float32 logits (contract)
     quantize.convert(fp32, out / "decoder.onnx", precision, keep_float32_io=keep)
 
@@ -122,7 +122,8 @@ def _write_embeddings(lm_state, path: Path, dtype) -> None:
     del array, table
 
 
-def _manifest(checkpoint, out: Path, enc_precision: str, dec_precision: str, max_context: int, name: str) -> dict:
+def _manifest(checkpoint, out: Path, enc_precision: str, dec_precision: str, max_context: int, name: str,
+              attention: str) -> dict:
     from tokenizers import Tokenizer
 
     cfg = checkpoint.llm_config
@@ -143,7 +144,8 @@ def _manifest(checkpoint, out: Path, enc_precision: str, dec_precision: str, max
                     "num_kv_heads": cfg["n_query_groups"], "head_dim": cfg["head_size"],
                     "vocab_size": cfg["padded_vocab_size"], "rope_theta": float(cfg["rope_base"]),
                     "rms_norm_eps": float(cfg["norm_eps"]), "rope_position_rounding": "float16",
-                    "max_context": int(max_context), "quantization": quantize.quantization_record(dec_precision)},
+                    "max_context": int(max_context), "attention": attention,
+                    "quantization": quantize.quantization_record(dec_precision)},
         "embeddings": {"file": "embeddings.npy", "dtype": io_dtype, "shape": [cfg["padded_vocab_size"], cfg["n_embd"]]},
         "tokenizer": {"file": "tokenizer.json"},
         "tokens": tokens,
@@ -155,7 +157,8 @@ def _manifest(checkpoint, out: Path, enc_precision: str, dec_precision: str, max
     }
 
 
-def _build(checkpoint_dir: Path, tmp: Path, enc_precision: str, dec_precision: str, max_context: int) -> None:
+def _build(checkpoint_dir: Path, tmp: Path, enc_precision: str, dec_precision: str, max_context: int,
+           attention: str) -> None:
     from .checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_dir, lazy=True)
@@ -164,12 +167,12 @@ def _build(checkpoint_dir: Path, tmp: Path, enc_precision: str, dec_precision: s
     _export_encoder(checkpoint, work, tmp, enc_precision)
     shutil.rmtree(work)  # the fp32 encoder is done with: free its disk before the decoder's
     work.mkdir()
-    _export_decoder(checkpoint, work, tmp, dec_precision)
+    _export_decoder(checkpoint, work, tmp, dec_precision, attention)
     shutil.rmtree(work)
     io_dtype = np.float16 if dec_precision == "fp16" else np.float32
     _write_embeddings(checkpoint.lm_state, tmp / "embeddings.npy", io_dtype)
     shutil.copyfile(checkpoint.tokenizer_path, tmp / "tokenizer.json")
-    manifest = _manifest(checkpoint, tmp, enc_precision, dec_precision, max_context, checkpoint.name)
+    manifest = _manifest(checkpoint, tmp, enc_precision, dec_precision, max_context, checkpoint.name, attention)
     _write_manifest(tmp, manifest)
 
 
@@ -178,10 +181,14 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
 
 
 def export_package(checkpoint_dir, out_dir, precision: str = "fp32", encoder_precision: str | None = None,
-                   decoder_precision: str | None = None, max_context: int = 4096, force: bool = False) -> Path:
-    """Export the checkpoint at `checkpoint_dir` to a model package folder `out_dir`."""
+                   decoder_precision: str | None = None, max_context: int = 4096, force: bool = False,
+                   attention: str = "grouped") -> Path:
+    """Export the checkpoint at `checkpoint_dir` to a model package folder `out_dir`. `attention`:
+    the decoder graph's attention, "grouped" (CPUs) or "gqa" (GPUs), see decoder_graph.py."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir).expanduser().absolute()
     enc_precision, dec_precision = _resolve_precisions(precision, encoder_precision, decoder_precision)
+    if attention not in ATTENTIONS:
+        raise ExportError(f"attention {attention!r}: must be one of {', '.join(ATTENTIONS)}")
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir}: already exists (pass --force to replace it)")
     if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
@@ -194,7 +201,7 @@ def export_package(checkpoint_dir, out_dir, precision: str = "fp32", encoder_pre
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     try:
-        _build(checkpoint_dir, tmp, enc_precision, dec_precision, max_context)
+        _build(checkpoint_dir, tmp, enc_precision, dec_precision, max_context, attention)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -19,16 +19,19 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_package_at(tiny_checkpoint, tmp_path_factory):
-    """Factory: precision ("fp32", "fp16", "int8", "int4") -> path of the exported package."""
+    """Factory: precision ("fp32", "fp16", "int8", "int4") and attention ("grouped", "gqa") ->
+    path of the exported package."""
     from listenloop.export.package import export_package
 
     cache = {}
     root = tmp_path_factory.mktemp("packages")
 
-    def build(precision: str = "fp32"):
-        if precision not in cache:
-            cache[precision] = export_package(tiny_checkpoint, root / precision, precision=precision)
-        return cache[precision]
+    def build(precision: str = "fp32", attention: str = "grouped"):
+        key = (precision, attention)
+        if key not in cache:
+            cache[key] = export_package(tiny_checkpoint, root / f"{precision}-{attention}", precision=precision,
+                                        attention=attention)
+        return cache[key]
 
     return build
 

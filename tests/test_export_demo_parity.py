@@ -27,10 +27,12 @@ def reference():
     return reference_run(CHECKPOINT, max_reply_tokens=512, audio=audio)
 
 
+@pytest.mark.parametrize("attention", ["grouped", "gqa"])
 @pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
-def test_demo_checkpoint_exports_with_parity(reference, tmp_path, precision):
+def test_demo_checkpoint_exports_with_parity(reference, tmp_path, precision, attention):
     assert len(reference.trace.decisions) >= 60 and len(reference.trace.replies) >= 5
-    package = export_package(CHECKPOINT, tmp_path / precision, precision=precision, max_context=4096)
+    package = export_package(CHECKPOINT, tmp_path / precision, precision=precision, max_context=4096,
+                             attention=attention)
     report = parity_report(CHECKPOINT, package, reference=reference)
     print("\n" + report.table())
     assert report.decision_agreement >= MIN_DECISION_AGREEMENT, report.table()

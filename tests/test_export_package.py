@@ -29,7 +29,8 @@ def test_manifest_is_complete_and_loads(tiny_package, tiny_checkpoint):
 
     pkg = load_package(tiny_package)
     m = pkg.manifest
-    assert m["format"] == "listenloop-model-package" and m["format_version"] == 1
+    assert m["format"] == "listenloop-model-package" and m["format_version"] == 2
+    assert m["decoder"]["attention"] == "grouped" and pkg.attention == "grouped"
     assert m["decoder"]["precision"] == "fp32" and m["decoder"]["io_dtype"] == "float32"
     assert m["decoder"]["quantization"] is None and m["decoder"]["rope_position_rounding"] == "float16"
     assert (m["decoder"]["num_layers"], m["decoder"]["num_kv_heads"], m["decoder"]["head_dim"]) == (2, 2, 16)

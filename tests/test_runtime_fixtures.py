@@ -150,7 +150,7 @@ def build_tiny_package(out: Path, seed: int = 0, max_context: int = 512, io_dtyp
     prompt_ids = list(SYSTEM_PROMPT.encode("utf-8"))
     precision = "fp32" if io_dtype == np.float32 else "fp16"
     manifest = {
-        "format": "listenloop-model-package", "format_version": 1, "name": "runtime-test-tiny",
+        "format": "listenloop-model-package", "format_version": 2, "name": "runtime-test-tiny",
         "created_by": "tests/test_runtime_fixtures.py",
         "audio": {"sample_rate": 16000, "chunk_samples": 6400, "n_fft": 400, "hop_length": 160, "n_mels": 128,
                   "frames_per_chunk": 40, "vectors_per_chunk": 10, "mel_scale": "slaney", "mel_norm": "slaney",
@@ -159,7 +159,8 @@ def build_tiny_package(out: Path, seed: int = 0, max_context: int = 512, io_dtyp
         "decoder": {"file": "decoder.onnx", "precision": precision, "io_dtype": np.dtype(io_dtype).name,
                     "hidden_size": H, "num_layers": LAYERS, "num_heads": KVH, "num_kv_heads": KVH, "head_dim": D,
                     "vocab_size": VOCAB, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-                    "rope_position_rounding": "float16", "max_context": max_context, "quantization": None},
+                    "rope_position_rounding": "float16", "max_context": max_context, "attention": "grouped",
+                    "quantization": None},
         "embeddings": {"file": "embeddings.npy", "dtype": np.dtype(io_dtype).name, "shape": [VOCAB, H]},
         "tokenizer": {"file": "tokenizer.json"},
         "tokens": dict(TOKENS), "emotions": dict(EMOTIONS),

@@ -61,8 +61,23 @@ def test_corrupt_json(pkg):
     assert "manifest.json" in message and "not valid JSON" in message
 
 
+def test_format_1_packages_still_load_with_one_warning(pkg, caplog):
+    """Version 1 had no decoder.attention; its graph has the grouped contract."""
+    def downgrade(m):
+        m["format_version"] = 1
+        del m["decoder"]["attention"]
+    _edit_manifest(pkg, downgrade)
+    with caplog.at_level("WARNING", logger="listenloop"):
+        package = load_package(pkg)
+    assert package.attention == "grouped"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "format_version 1" in warnings[0] and "re-export" in warnings[0]
+    _edit_manifest(pkg, lambda m: m["decoder"].__setitem__("attention", "grouped"))
+    assert "format_version 2 field" in _error(pkg)
+
+
 @pytest.mark.parametrize("section,field", [
-    ("", "name"), ("audio", "hop_length"), ("decoder", "num_kv_heads"), ("decoder", "quantization"),
+    ("", "name"), ("decoder", "attention"), ("audio", "hop_length"), ("decoder", "num_kv_heads"), ("decoder", "quantization"),
     ("tokens", "ASSISTANT"), ("prompt", "prefix_ids"), ("sampling", "max_reply_tokens"), ("", "files"),
 ])
 def test_missing_field(pkg, section, field):
@@ -80,7 +95,8 @@ def test_missing_field(pkg, section, field):
     ("tokens", "TEXT_END", VOCAB + 5, "outside the vocabulary"),
     ("decoder", "precision", "int3", "must be one of"),
     ("audio", "sample_rate", 8000, "supports only 16000"),
-    ("", "format_version", 2, "version"),
+    ("", "format_version", 3, "re-export"),
+    ("decoder", "attention", "flash", "must be one of"),
 ])
 def test_wrong_value(pkg, section, field, value, expect):
     _edit_manifest(pkg, lambda m: (m[section] if section else m).__setitem__(field, value))

@@ -34,6 +34,7 @@ class Model:
         self.layers, self.kv_heads, self.head_dim = dec["num_layers"], dec["num_kv_heads"], dec["head_dim"]
         self.hidden, self.vocab = dec["hidden_size"], dec["vocab_size"]
         self.io_dtype = pkg.io_dtype
+        self.attention = pkg.attention
         self.sampling_defaults = dict(pkg.manifest["sampling"])
         self.trained_context = int(dec.get("trained_context", dec["max_context"]))
         if max_context is None:
@@ -98,8 +99,13 @@ class Model:
         dec = self.package.decoder
         io = np.dtype(dec["io_dtype"])
         feeds = {"inputs_embeds": np.zeros((1, STEP, dec["hidden_size"]), io),
-                 "position_ids": np.zeros((1, STEP), np.int64), "logits_index": np.zeros((1,), np.int64)}
-        past = np.zeros((1, 1, dec["num_kv_heads"], dec["head_dim"]), io)
+                 "position_ids": np.arange(STEP, dtype=np.int64)[None] + 1, "logits_index": np.zeros((1,), np.int64)}
+        if self.package.attention == "gqa":  # one cached row and this step's, in a buffer of that size
+            feeds["seqlens_k"] = np.array([STEP], np.int32)
+            feeds["total_sequence_length"] = np.array(STEP + 1, np.int32)
+            past = np.zeros((1, dec["num_kv_heads"], STEP + 1, dec["head_dim"]), io)
+        else:
+            past = np.zeros((1, 1, dec["num_kv_heads"], dec["head_dim"]), io)
         for i in range(dec["num_layers"]):
             feeds[f"past_key.{i}"] = past
             feeds[f"past_value.{i}"] = past
@@ -118,6 +124,15 @@ class Model:
     def kv_bytes(self) -> int:
         """Memory of one stream's KV cache: what each additional stream costs."""
         return 2 * self.layers * self.capacity * self.kv_heads * self.head_dim * self.io_dtype.itemsize
+
+    @property
+    def kv_shape(self) -> tuple:
+        """Shape of one layer's key (or value) buffer: position-major [1, C, KVH, D] for the
+        grouped graph (a step binds its first P rows), head-major [1, KVH, C, D] for gqa (a
+        step binds all of it) (docs/DESIGN.md, "Decoder graph contract")."""
+        if self.attention == "gqa":
+            return (1, self.kv_heads, self.capacity, self.head_dim)
+        return (1, self.capacity, self.kv_heads, self.head_dim)
 
     def encode(self, mel: np.ndarray) -> np.ndarray:
         """[B,128,40] float32 mel -> [B,10,H] float32 audio vectors (chunks are independent)."""

@@ -10,6 +10,7 @@ runtime/PACKAGE_FORMAT.md ("Ranges").
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,13 @@ from .protocol import (CHUNK_SAMPLES, DYNAMIC_RANGE_LOG10, FRAMES_PER_CHUNK, HOP
 from .sampling import REPLY_TOKENS, TEMPERATURE, TOP_P
 
 FORMAT = "listenloop-model-package"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 packages have no decoder.attention; their graph has the `grouped` contract (the same
+# inputs and outputs) with the older, slower attention, and they load with one warning line.
+READABLE_VERSIONS = (1, 2)
+# docs/DESIGN.md, "Decoder graph contract": `grouped` binds a prefix of a position-major cache,
+# `gqa` binds a whole head-major buffer as past and present (GroupQueryAttention).
+ATTENTIONS = ("grouped", "gqa")
 MANIFEST = "manifest.json"
 IO_DTYPES = ("float32", "float16")
 MAX_FILE_NAME = 255
@@ -99,6 +106,11 @@ class ModelPackage:
     @property
     def io_dtype(self) -> np.dtype:
         return np.dtype(self.manifest["decoder"]["io_dtype"])
+
+    @property
+    def attention(self) -> str:
+        """The decoder graph's attention contract: "grouped" or "gqa" (version 1: "grouped")."""
+        return self.manifest["decoder"].get("attention", "grouped")
 
     def embeddings(self) -> np.ndarray:
         """The [V, H] embedding table, memory-mapped read-only."""
@@ -184,8 +196,9 @@ def _validate_header(manifest: dict) -> None:
     if _get(manifest, "format", str, "") != FORMAT:
         raise _fail(MANIFEST, "format", f"must be {FORMAT!r}, got {show(manifest['format'])}")
     version = _get(manifest, "format_version", int, "")
-    if version != FORMAT_VERSION:
-        raise _fail(MANIFEST, "format_version", f"this runtime reads version {FORMAT_VERSION}, got {show(version)}")
+    if version not in READABLE_VERSIONS:
+        raise _fail(MANIFEST, "format_version", f"this runtime reads versions {READABLE_VERSIONS[0]} to "
+                    f"{READABLE_VERSIONS[-1]}, got {show(version)}; re-export the package with `listenloop export`")
     _get(manifest, "name", str, "")
     _get(manifest, "created_by", str, "")
 
@@ -209,6 +222,12 @@ def _validate_decoder(manifest: dict) -> None:
         raise _fail(MANIFEST, "decoder.num_kv_heads", "must divide decoder.num_heads")
     if "trained_context" in dec:
         _get(dec, "trained_context", CONTEXT, "decoder")
+    if manifest["format_version"] >= 2:
+        attention = _get(dec, "attention", str, "decoder")
+        if attention not in ATTENTIONS:
+            raise _fail(MANIFEST, "decoder.attention", f"must be one of {ATTENTIONS}, got {show(attention)}")
+    elif "attention" in dec:
+        raise _fail(MANIFEST, "decoder.attention", "is a format_version 2 field (this manifest says 1)")
     if "quantization" not in dec:
         raise _fail(MANIFEST, "decoder.quantization", "missing (null for fp32/fp16)")
     quant = dec["quantization"]
@@ -363,6 +382,10 @@ def load_package(path) -> ModelPackage:
         _validate_tokenizer(paths["tokenizer"])
     except _Invalid as problem:
         raise problem.at(root) from None
+    if manifest["format_version"] < FORMAT_VERSION:
+        logging.getLogger("listenloop").warning(
+            "%s: format_version %d package: its decoder has the older attention graph, slower at long contexts; "
+            "re-export it with `listenloop export` for format %d", root, manifest["format_version"], FORMAT_VERSION)
     return ModelPackage(
         path=root, manifest=manifest, tokens=tokens, emotions=emotions, prefix_ids=prefix_ids,
         encoder_path=paths["encoder"], decoder_path=paths["decoder"],
@@ -372,7 +395,8 @@ def load_package(path) -> ModelPackage:
 
 # --- graph signatures --------------------------------------------------------------------
 
-_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
+              "int32": "tensor(int32)"}
 
 
 def _expected_decoder_io(package: ModelPackage) -> tuple[dict, dict]:
@@ -380,16 +404,23 @@ def _expected_decoder_io(package: ModelPackage) -> tuple[dict, dict]:
     dec = package.decoder
     io = _ORT_TYPES[dec["io_dtype"]]
     h, kvh, d, v = dec["hidden_size"], dec["num_kv_heads"], dec["head_dim"], dec["vocab_size"]
+    gqa = package.attention == "gqa"
+    batch = None if gqa else 1
     inputs = {
-        "inputs_embeds": (io, [1, None, h]),
-        "position_ids": (_ORT_TYPES["int64"], [1, None]),
+        "inputs_embeds": (io, [batch, None, h]),
+        "position_ids": (_ORT_TYPES["int64"], [batch, None]),
         "logits_index": (_ORT_TYPES["int64"], [None]),
     }
+    if gqa:
+        inputs["seqlens_k"] = (_ORT_TYPES["int32"], [None])
+        inputs["total_sequence_length"] = (_ORT_TYPES["int32"], [])
     outputs = {"logits": (_ORT_TYPES["float32"], [None, v])}
+    cache = [None, kvh, None, d] if gqa else [1, None, kvh, d]
+    written = "present" if gqa else "new"
     for i in range(dec["num_layers"]):
         for kind in ("key", "value"):
-            inputs[f"past_{kind}.{i}"] = (io, [1, None, kvh, d])
-            outputs[f"new_{kind}.{i}"] = (io, [1, None, kvh, d])
+            inputs[f"past_{kind}.{i}"] = (io, cache)
+            outputs[f"{written}_{kind}.{i}"] = (io, cache)
     return inputs, outputs
 
 

@@ -4,9 +4,13 @@
 A stream owns its KV cache, its position, the token to feed back, its recent audio for
 context resets, and its decision policy (speak bias, sampler, reply cap), fixed at creation.
 
-The cache is a `[1, C, KVH, D]` buffer per layer for keys and for values; each decoder call
-binds `past_*` to its first P rows and `new_*` to rows P..P+T of the same buffer, so the graph
-writes new keys in place and nothing is copied or reallocated per step.
+Each layer has one key and one value buffer of the stream's capacity C, which the graph writes
+in place (docs/DESIGN.md, "Decoder graph contract"): nothing is copied or reallocated per step.
+With the `grouped` graph a buffer is position-major `[1, C, KVH, D]` and each call binds
+`past_*` to its first P rows and `new_*` to rows P..P+T. With the `gqa` graph it is head-major
+`[1, KVH, C, D]`, bound whole as both past and present; the listening step and the reply step
+each keep their own binding, so a step only writes positions and `seqlens_k` into staging
+that never moves (fixed shapes and addresses: what CUDA graphs capture).
 
 Every decoder call feeds exactly one chunk (or one reply token), so a stream's numbers never
 depend on what other chunks or streams exist: int8 graphs quantize activations per call, and
@@ -32,7 +36,7 @@ from .sampling import Sampler, SamplingConfig
 
 log = logging.getLogger("listenloop")
 
-_ONNX_FLOAT, _ONNX_INT64, _ONNX_FLOAT16 = 1, 7, 10  # onnx.TensorProto element types
+_ONNX_FLOAT, _ONNX_INT32, _ONNX_INT64, _ONNX_FLOAT16 = 1, 6, 7, 10  # onnx.TensorProto element types
 
 
 class ListenResult:
@@ -77,6 +81,7 @@ class _Binder:
 
     def __init__(self, session):
         self.io = session.io_binding()
+        self.bound_T = None  # the step length this binding's inputs are bound for (gqa graphs)
         self._c_io = getattr(self.io, "_iobinding", None)
         self._c_sess = getattr(session, "_sess", None)
         self._devices = {}
@@ -219,22 +224,28 @@ class DecoderStream:
         self._io_type = _ONNX_FLOAT16 if self.io_dtype == np.float16 else _ONNX_FLOAT
         self._row_bytes = m.kv_heads * m.head_dim * self.io_dtype.itemsize
         self._kv_device = m.profile.kv_cache_device
+        self._shared_cache = m.attention == "gqa"
         if self._kv_device == "cuda":
             import onnxruntime as ort
 
-            self._kv_values = [ort.OrtValue.ortvalue_from_shape_and_type([1, C, m.kv_heads, m.head_dim], self.io_dtype, "cuda", 0)
+            self._kv_values = [ort.OrtValue.ortvalue_from_shape_and_type(list(m.kv_shape), self.io_dtype, "cuda", 0)
                                for _ in range(2 * m.layers)]
             kv_ptrs = [v.data_ptr() for v in self._kv_values]
             self.kv_cache = None
         else:
             raw, self._kv_owner = _allocate_host(m.kv_bytes)
-            self.kv_cache = raw.view(self.io_dtype).reshape(2 * m.layers, 1, C, m.kv_heads, m.head_dim)
+            self.kv_cache = raw.view(self.io_dtype).reshape(2 * m.layers, *m.kv_shape)
             kv_ptrs = [self.kv_cache[j].ctypes.data for j in range(2 * m.layers)]
         emb_raw, self._emb_owner = _allocate_host(C * H * self.io_dtype.itemsize)
         self._embeds = emb_raw.view(self.io_dtype).reshape(C, H)
         self._ids = np.zeros(C, np.int64)
-        # position_ids are always P..P+T-1: each call binds that window of this array
+        # position_ids are always P..P+T-1: the grouped graph binds that window of this array
         self._arange = np.arange(C, dtype=np.int64)
+        self._positions = np.zeros(C, np.int64)  # the gqa graph's positions, written per step
+        self._seqlens = np.zeros(1, np.int32)  # gqa: P + T - 1
+        # gqa: the buffer's length. Rows past seqlens_k are never read, so the capacity can stay
+        # bound, and the value never changes (a CPU input that CUDA graphs cannot update).
+        self._total = np.array(C, np.int32)
         self._logits_index = np.zeros(1, np.int64)
         self._logits = np.zeros((1, m.vocab), np.float32)
         self._row = self._logits[0]
@@ -245,8 +256,12 @@ class DecoderStream:
         self._cpu_dev, self._kv_dev = binder.device("cpu"), binder.device(self._kv_device)
         self._bound_T = None  # the T the staging inputs are bound with
         self._steady_staged = False  # staging holds the [KEEP_SILENCE] + block layout
+        self._kv_ptrs = kv_ptrs
         self._layer_bindings = [(f"past_key.{i}", f"new_key.{i}", f"past_value.{i}", f"new_value.{i}",
                                  kv_ptrs[2 * i], kv_ptrs[2 * i + 1]) for i in range(m.layers)]
+        # gqa: one binding per step kind (the listening step, a reply token), made on first use,
+        # and one for every other length (prompt and re-prefill), rebound when its T changes.
+        self._step_binders = {}
         self._last = (0, 0)  # (P, T) of the last decoder call, for inspection
 
     # -- public state --------------------------------------------------------------------
@@ -285,6 +300,15 @@ class DecoderStream:
 
     def _run(self, T: int) -> None:
         """Run the decoder on the staged T tokens, appending them to the cache at P."""
+        if self._shared_cache:
+            self._run_shared(T)
+        else:
+            self._run_prefix(T)
+        self._last = (self._position, T)
+        self._position += T
+
+    def _run_prefix(self, T: int) -> None:
+        """grouped graph: past = the first P rows of each buffer, new = rows P..P+T."""
         P = self._position
         bind_in, bind_out, cpu, dtype = self._bind_in, self._bind_out, self._cpu_dev, self._io_type
         if self._bound_T != T:  # staging pointers never change; only shapes do
@@ -302,8 +326,40 @@ class DecoderStream:
             bind_in(pv, dev, dtype, past_shape, vp)
             bind_out(nv, dev, dtype, new_shape, vp + offset)
         self._binder.run()
-        self._last = (P, T)
-        self._position = P + T
+
+    def _run_shared(self, T: int) -> None:
+        """gqa graph: every buffer whole as past and present; the new rows go to P..P+T."""
+        P = self._position
+        np.add(self._arange[:T], P, out=self._positions[:T])
+        self._seqlens[0] = P + T - 1
+        self._shared_binder(T).run()
+
+    def _shared_binder(self, T: int) -> "_Binder":
+        kind = T if T in (STEP, 1) else 0
+        binder = self._step_binders.get(kind)
+        if binder is None:
+            binder = self._step_binders[kind] = self._binder if kind == 0 else _Binder(self.model.decoder)
+            binder.bound_T = None
+        if binder.bound_T != T:
+            self._bind_shared(binder, T)
+            binder.bound_T = T
+        return binder
+
+    def _bind_shared(self, binder: "_Binder", T: int) -> None:
+        m, cpu, dtype = self.model, binder.device("cpu"), self._io_type
+        bind_in, bind_out = binder.bind_input, binder.bind_output
+        bind_in("inputs_embeds", cpu, dtype, [1, T, m.hidden], self._embeds.ctypes.data)
+        bind_in("position_ids", cpu, _ONNX_INT64, [1, T], self._positions.ctypes.data)
+        bind_in("logits_index", cpu, _ONNX_INT64, [1], self._logits_index.ctypes.data)
+        bind_in("seqlens_k", cpu, _ONNX_INT32, [1], self._seqlens.ctypes.data)
+        bind_in("total_sequence_length", cpu, _ONNX_INT32, [], self._total.ctypes.data)
+        bind_out("logits", cpu, _ONNX_FLOAT, [1, m.vocab], self._logits.ctypes.data)
+        shape, dev = list(m.kv_shape), binder.device(self._kv_device)
+        for i in range(m.layers):
+            for j, kind in enumerate(("key", "value")):
+                ptr = self._kv_ptrs[2 * i + j]
+                bind_in(f"past_{kind}.{i}", dev, dtype, shape, ptr)
+                bind_out(f"present_{kind}.{i}", dev, dtype, shape, ptr)
 
     def _stage(self, lead, blocks) -> int:
         """Stage `lead` token ids, then one listening block per audio array with KEEP_SILENCE

@@ -1,0 +1,62 @@
+"""The two decoder graphs through the runtime (docs/DESIGN.md, "Decoder graph contract"): the
+grouped graph and the GroupQueryAttention graph give the same events, and the gqa steps keep
+fixed shapes and addresses, bound once per step kind (what CUDA graphs capture)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from listenloop.engine import Engine
+from listenloop.protocol import STEP
+
+pytest.importorskip("torch")
+
+
+def _vectors(n: int, hidden: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 1, (n, 10, hidden)).astype(np.float32)
+
+
+def _run(engine: Engine, chunks: np.ndarray, reply_tokens: int = 6) -> list:
+    """Decisions (p_speak) and reply tokens, chunk by chunk."""
+    out = []
+    for audio in chunks:
+        result = engine.listen(audio)
+        tokens = [step.token for step in engine.speak(reply_tokens)] if result.spoke else []
+        out.append((result.spoke, result.p_speak, result.context_reset is not None, tokens))
+    return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int4"])
+def test_gqa_and_grouped_graphs_give_the_same_events(tiny_package_at, precision):
+    grouped, gqa = (Engine(tiny_package_at(precision, attention), speak_bias=2.0, max_context=302)
+                    for attention in ("grouped", "gqa"))
+    assert grouped.model.attention == "grouped" and gqa.model.attention == "gqa"
+    chunks = _vectors(60, grouped.model.hidden)  # 60 chunks through 302 positions: resets too
+    a, b = _run(grouped, chunks), _run(gqa, chunks)
+    assert sum(row[0] for row in a) >= 3 and sum(row[2] for row in a) >= 2  # replies and resets happened
+    assert [(s, r, t) for s, _, r, t in a] == [(s, r, t) for s, _, r, t in b]
+    tolerance = 2e-3 if precision == "fp16" else 1e-4
+    np.testing.assert_allclose([row[1] for row in a], [row[1] for row in b], atol=tolerance)
+
+
+def test_gqa_steps_bind_once_per_kind_at_fixed_addresses(tiny_package_at, monkeypatch):
+    engine = Engine(tiny_package_at("fp32", "gqa"), speak_bias=2.0, max_context=400)
+    stream = engine.stream
+    binds = []
+    original = stream._bind_shared
+    monkeypatch.setattr(stream, "_bind_shared", lambda binder, T: (binds.append(T), original(binder, T)))
+    staging = [a.ctypes.data for a in (stream._embeds, stream._positions, stream._seqlens, stream._total,
+                                        stream._logits, stream._logits_index)]
+    cache = stream.kv_cache.ctypes.data
+    assert stream.kv_cache.shape[1:] == (1, engine.model.kv_heads, 400, engine.model.head_dim)  # head-major
+    chunks = _vectors(20, engine.model.hidden, seed=1)
+    events = _run(engine, chunks)
+    assert sum(row[0] for row in events) >= 2
+    steady, reply = binds.count(STEP), binds.count(1)
+    assert steady == 1 and reply == 1, binds  # each step kind bound once, then only values change
+    assert all(T > STEP for T in binds if T not in (STEP, 1))  # the prompt and re-prefills: a third binding
+    assert [a.ctypes.data for a in (stream._embeds, stream._positions, stream._seqlens, stream._total,
+                                    stream._logits, stream._logits_index)] == staging
+    assert stream.kv_cache.ctypes.data == cache
+    assert int(stream._total) == 400  # the buffer's length, never rewritten
+    assert int(stream._seqlens[0]) == engine.position - 1
