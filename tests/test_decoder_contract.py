@@ -60,3 +60,40 @@ def test_gqa_steps_bind_once_per_kind_at_fixed_addresses(tiny_package_at, monkey
     assert stream.kv_cache.ctypes.data == cache
     assert int(stream._total) == 400  # the buffer's length, never rewritten
     assert int(stream._seqlens[0]) == engine.position - 1
+
+
+def test_captured_step_kinds_run_from_fixed_device_staging(tiny_package_at):
+    """The CUDA-graph path (inputs and logits in fixed OrtValues, copied around each run, graph
+    ids per step kind), run here with CPU OrtValues: the same events as plain binding."""
+    package = tiny_package_at("fp32", "gqa")
+    plain = Engine(package, speak_bias=2.0, max_context=400)
+    captured = Engine(package, speak_bias=2.0, max_context=400)
+    captured.model.cuda_graphs = True  # what a CUDA profile with enable_cuda_graph sets
+    captured.stream._graph_capture = True
+    chunks = _vectors(24, plain.model.hidden, seed=2)
+    a, b = _run(plain, chunks), _run(captured, chunks)
+    assert sum(row[0] for row in a) >= 2
+    assert [(s, t) for s, _, _, t in a] == [(s, t) for s, _, _, t in b]
+    np.testing.assert_allclose([row[1] for row in a], [row[1] for row in b], atol=1e-6)
+    binders = captured.stream._step_binders
+    assert binders[STEP].staging is not None and binders[1].staging is not None
+    staged = binders[STEP].staging
+    addresses = (staged.embeds.data_ptr(), staged.positions.data_ptr(), staged.logits.data_ptr())
+    _run(captured, chunks[:4])
+    assert (staged.embeds.data_ptr(), staged.positions.data_ptr(), staged.logits.data_ptr()) == addresses
+
+
+def test_cuda_graphs_are_dropped_with_one_warning_for_a_grouped_package(tiny_package_at, caplog):
+    from listenloop.model import Model
+    from listenloop.profiles import Profile
+
+    profile = Profile(name="graphs", providers=(("CUDAExecutionProvider", {"enable_cuda_graph": True}),
+                                                ("CPUExecutionProvider", {})), kv_cache_device="cuda")
+    model = Model.__new__(Model)  # only the option check, no GPU needed
+    model.profile, model.attention = profile, "grouped"
+    with caplog.at_level("WARNING", logger="listenloop"):
+        assert model._cuda_graphs() is False
+    assert "--attention gqa" in caplog.text
+    assert "enable_cuda_graph" not in model.profile.providers_for("decoder")[0][1]
+    model.profile, model.attention = profile, "gqa"
+    assert model._cuda_graphs() is True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import replace
 
 import numpy as np
 
@@ -26,6 +27,8 @@ class Model:
         self.package = package if isinstance(package, ModelPackage) else resolve_package(package)
         pkg, dec = self.package, self.package.decoder
         self.profile = resolve_providers(load_profile(profile))
+        self.attention = pkg.attention
+        self.cuda_graphs = self._cuda_graphs()
         self._create_sessions()
 
         self.tokens = pkg.tokens
@@ -34,7 +37,6 @@ class Model:
         self.layers, self.kv_heads, self.head_dim = dec["num_layers"], dec["num_kv_heads"], dec["head_dim"]
         self.hidden, self.vocab = dec["hidden_size"], dec["vocab_size"]
         self.io_dtype = pkg.io_dtype
-        self.attention = pkg.attention
         self.sampling_defaults = dict(pkg.manifest["sampling"])
         self.trained_context = int(dec.get("trained_context", dec["max_context"]))
         if max_context is None:
@@ -55,6 +57,23 @@ class Model:
 
     # -- set-up --------------------------------------------------------------------------
 
+    def _cuda_graphs(self) -> bool:
+        """Whether decoder steps are captured as CUDA graphs: the profile asks for it in the
+        decoder's CUDA options (`enable_cuda_graph`), which only a gqa graph can serve (fixed
+        shapes per step kind). Otherwise the option is dropped with one warning line."""
+        providers = self.profile.providers_for("decoder")
+        name, options = providers[0]
+        if name != "CUDAExecutionProvider" or not options.get("enable_cuda_graph"):
+            return False
+        if self.attention == "gqa" and self.profile.kv_cache_device == "cuda":
+            return True
+        log.warning("profile %r: CUDA graphs need a package exported with `--attention gqa` and the KV cache on "
+                    "the device; this package's decoder is %r: running without them", self.profile.name, self.attention)
+        kept = ((name, {k: v for k, v in options.items() if k != "enable_cuda_graph"}),) + tuple(providers[1:])
+        graphs = dict(self.profile.graph_providers, decoder=kept)
+        self.profile = replace(self.profile, graph_providers=graphs)
+        return False
+
     def _create_sessions(self) -> None:
         try:
             self._open_sessions(self.profile)
@@ -67,6 +86,7 @@ class Model:
             log.warning("profile %r: %s failed its start-up self-test (%s); running on CPUExecutionProvider",
                         self.profile.name, self.profile.primary, str(exc).splitlines()[0][:200])
             self.profile = cpu_fallback(self.profile)
+            self.cuda_graphs = False
             self._open_sessions(self.profile)
             self._self_test()
 
@@ -109,7 +129,13 @@ class Model:
         for i in range(dec["num_layers"]):
             feeds[f"past_key.{i}"] = past
             feeds[f"past_value.{i}"] = past
-        self.decoder.run(["logits"], feeds)
+        options = None
+        if self.cuda_graphs:  # not a step to capture
+            import onnxruntime as ort
+
+            options = ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", "-1")
+        self.decoder.run(["logits"], feeds, options)
 
     # -- shared read-only services -------------------------------------------------------
 

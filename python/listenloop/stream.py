@@ -37,6 +37,8 @@ from .sampling import Sampler, SamplingConfig
 log = logging.getLogger("listenloop")
 
 _ONNX_FLOAT, _ONNX_INT32, _ONNX_INT64, _ONNX_FLOAT16 = 1, 6, 7, 10  # onnx.TensorProto element types
+# CUDA graph id of each captured step kind (T): the listening step and the reply token.
+_CAPTURED_STEPS = {STEP: 1, 1: 2}
 
 
 class ListenResult:
@@ -79,9 +81,10 @@ class _Binder:
     Falls back to the public API if this onnxruntime lays its wrapper out differently.
     """
 
-    def __init__(self, session):
+    def __init__(self, session, run_options=None):
         self.io = session.io_binding()
         self.bound_T = None  # the step length this binding's inputs are bound for (gqa graphs)
+        self.staging = None  # a _GraphStaging when this step kind is captured as a CUDA graph
         self._c_io = getattr(self.io, "_iobinding", None)
         self._c_sess = getattr(session, "_sess", None)
         self._devices = {}
@@ -100,16 +103,54 @@ class _Binder:
         # device(kind): the same signature on both paths, so the per-step loop has one form.
         if self.fast:
             self.bind_input, self.bind_output = self._c_io.bind_input, self._c_io.bind_output
-            self.run = functools.partial(self._c_sess.run_with_iobinding, self._c_io, None)
+            self.run = functools.partial(self._c_sess.run_with_iobinding, self._c_io, run_options)
         else:
             io = self.io
             self.bind_input = lambda name, device, dtype, shape, ptr: io.bind_input(name, device, 0, dtype, shape, ptr)
             self.bind_output = lambda name, device, dtype, shape, ptr: io.bind_output(name, device, 0, dtype, shape, ptr)
-            self.run = functools.partial(session.run_with_iobinding, io)
+            self.run = functools.partial(session.run_with_iobinding, io, run_options)
 
     def device(self, kind: str):
         """The device argument of bind_input/bind_output for "cpu" or "cuda"."""
         return self._devices[kind] if self.fast else kind
+
+
+class _GraphStaging:
+    """Inputs and logits of one captured step kind in device memory (gqa graphs on CUDA with
+    CUDA graphs): a replayed graph reads and writes fixed device addresses, so the host staging
+    is copied into these buffers before each run and the logits copied back after it."""
+
+    def __init__(self, stream, T: int, device: str):
+        import onnxruntime as ort
+
+        def on_device(array):
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
+
+        self.embeds_host = stream._embeds[:T][None]
+        self.positions_host = stream._positions[:T][None]
+        self.embeds = on_device(self.embeds_host)
+        self.positions = on_device(self.positions_host)
+        self.seqlens = on_device(stream._seqlens)
+        self.logits_index = on_device(np.array([T - 1], np.int64))  # fixed per kind: the last row
+        self.logits = on_device(stream._logits)
+        self._stream = stream
+
+    def bind(self, binder) -> None:
+        io = binder.io
+        io.bind_ortvalue_input("inputs_embeds", self.embeds)
+        io.bind_ortvalue_input("position_ids", self.positions)
+        io.bind_ortvalue_input("logits_index", self.logits_index)
+        io.bind_ortvalue_input("seqlens_k", self.seqlens)
+        io.bind_ortvalue_output("logits", self.logits)
+
+    def before(self) -> None:
+        self.embeds.update_inplace(self.embeds_host)
+        self.positions.update_inplace(self.positions_host)
+        self.seqlens.update_inplace(self._stream._seqlens)
+
+    def after(self) -> None:
+        # OrtValue offers no copy into an existing host array: one [1, V] array per step.
+        self._stream._logits[...] = self.logits.numpy()
 
 
 def _allocate_host(nbytes: int) -> tuple[np.ndarray, object]:
@@ -262,6 +303,7 @@ class DecoderStream:
         # gqa: one binding per step kind (the listening step, a reply token), made on first use,
         # and one for every other length (prompt and re-prefill), rebound when its T changes.
         self._step_binders = {}
+        self._graph_capture = m.cuda_graphs
         self._last = (0, 0)  # (P, T) of the last decoder call, for inspection
 
     # -- public state --------------------------------------------------------------------
@@ -332,14 +374,30 @@ class DecoderStream:
         P = self._position
         np.add(self._arange[:T], P, out=self._positions[:T])
         self._seqlens[0] = P + T - 1
-        self._shared_binder(T).run()
+        binder = self._shared_binder(T)
+        staging = binder.staging
+        if staging is None:
+            binder.run()
+        else:
+            staging.before()
+            binder.run()
+            staging.after()
 
     def _shared_binder(self, T: int) -> "_Binder":
-        kind = T if T in (STEP, 1) else 0
+        """The binding of T's step kind. With CUDA graphs the listening step and the reply token
+        are captured as graphs 1 and 2 (their shapes and addresses never change); other lengths
+        run uncaptured (graph id -1)."""
+        kind = T if T in _CAPTURED_STEPS else 0
         binder = self._step_binders.get(kind)
         if binder is None:
-            binder = self._step_binders[kind] = self._binder if kind == 0 else _Binder(self.model.decoder)
-            binder.bound_T = None
+            options = None
+            if self._graph_capture:
+                import onnxruntime as ort
+
+                options = ort.RunOptions()
+                options.add_run_config_entry("gpu_graph_id", str(_CAPTURED_STEPS.get(kind, -1)))
+            binder = self._step_binders[kind] = _Binder(self.model.decoder, options)
+            binder.staging = _GraphStaging(self, T, self._kv_device) if self._graph_capture and kind else None
         if binder.bound_T != T:
             self._bind_shared(binder, T)
             binder.bound_T = T
@@ -354,6 +412,8 @@ class DecoderStream:
         bind_in("seqlens_k", cpu, _ONNX_INT32, [1], self._seqlens.ctypes.data)
         bind_in("total_sequence_length", cpu, _ONNX_INT32, [], self._total.ctypes.data)
         bind_out("logits", cpu, _ONNX_FLOAT, [1, m.vocab], self._logits.ctypes.data)
+        if binder.staging is not None:  # device staging replaces the host bindings above
+            binder.staging.bind(binder)
         shape, dev = list(m.kv_shape), binder.device(self._kv_device)
         for i in range(m.layers):
             for j, kind in enumerate(("key", "value")):
