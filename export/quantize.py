@@ -23,8 +23,9 @@ from .external import ExternalDataWriter, is_external, read_array, save_graph, t
 LARGE_MODEL_BYTES = 1_800_000_000
 INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4  # int8 activations in the CPU MatMulNBits kernel
-# Ops whose float16 versions lose too much (statistics over a row, exponentials).
-FP16_OP_BLOCK_LIST = ["Pow", "ReduceMean", "Sqrt", "Reciprocal", "Softmax", "Cos", "Sin", "Range",
+# Ops whose float16 versions lose too much (statistics and sums over a row, e.g. the softmax
+# denominator over thousands of cached keys, exponentials).
+FP16_OP_BLOCK_LIST = ["Pow", "ReduceMean", "ReduceSum", "Sqrt", "Reciprocal", "Softmax", "Cos", "Sin", "Range",
                       "LayerNormalization", "Erf"]
 
 
