@@ -155,6 +155,8 @@ class GroupQueryAttention(torch.autograd.Function):
         groups = num_heads // kv_heads
         present_key, present_value = past_key.clone(), past_value.clone()
         out = query.new_zeros(B, T, num_heads * D)
+        if torch.jit.is_tracing():  # the export writes the contrib node: only shapes matter here
+            return out, present_key, present_value
         for b in range(B):
             end = int(seqlens_k[b]) + 1
             start = end - T

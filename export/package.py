@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from listenloop.errors import CheckpointError, ExportError
-from listenloop.package import ATTENTIONS, AUDIO, FORMAT, FORMAT_VERSION
+from listenloop.package import ATTENTIONS, AUDIO, FORMAT, FORMAT_VERSION, IO_DTYPES_OF
 from listenloop.protocol import EMOTION_NAMES, FRAMES_PER_CHUNK, MAX_REPLY_TOKENS, N_MELS, PREFIX_HEAD, TOKEN_NAMES
 
 from . import quantize
@@ -96,7 +96,7 @@ def _scale(chunk_encoder) -> float:
         return float(chunk_encoder(torch.zeros(1, N_MELS, FRAMES_PER_CHUNK)).abs().max())
 
 
-def _export_decoder(checkpoint, work: Path, out: Path, precision: str, attention: str) -> None:
+def _export_decoder(checkpoint, work: Path, out: Path, precision: str, attention: str, io_dtype: str) -> None:
     """Streamed (decoder_graph.export_decoder_streamed, quantize.convert): the weights pass
     through memory one at a time, so a real-size export fits in a few GB."""
     from .decoder_graph import export_decoder_streamed
@@ -106,7 +106,13 @@ def _export_decoder(checkpoint, work: Path, out: Path, precision: str, attention
         _finish_in_place(export_decoder_streamed(checkpoint.lm_state, out / "decoder.onnx", cfg, attention))
         return
     fp32 = export_decoder_streamed(checkpoint.lm_state, work / "decoder.fp32.onnx", cfg, attention)
-    keep = ["logits"]  # fp16 decoders: float16 embeddings and KV, float32 logits (contract)
+    keep = ["logits"]  # float16 decoders: float16 embeddings and KV, float32 logits (contract)
+    if precision == "int4" and io_dtype == "float16":  # float16 activations first, then 4-bit weights
+        fp16 = work / "decoder.fp16.onnx"
+        quantize.convert(fp32, fp16, "fp16", keep_float32_io=keep)
+        fp32.unlink()
+        Path(f"{fp32}.data").unlink(missing_ok=True)
+        fp32 = fp16
     quantize.convert(fp32, out / "decoder.onnx", precision, keep_float32_io=keep)
 
 
@@ -123,12 +129,11 @@ def _write_embeddings(lm_state, path: Path, dtype) -> None:
 
 
 def _manifest(checkpoint, out: Path, enc_precision: str, dec_precision: str, max_context: int, name: str,
-              attention: str) -> dict:
+              attention: str, io_dtype: str) -> dict:
     from tokenizers import Tokenizer
 
     cfg = checkpoint.llm_config
     tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_path))
-    io_dtype = "float16" if dec_precision == "fp16" else "float32"
     tokens = {n: int(checkpoint.tokens[n]) for n in TOKEN_NAMES}
     files = {}
     for path in sorted(out.iterdir()):
@@ -158,7 +163,7 @@ def _manifest(checkpoint, out: Path, enc_precision: str, dec_precision: str, max
 
 
 def _build(checkpoint_dir: Path, tmp: Path, enc_precision: str, dec_precision: str, max_context: int,
-           attention: str) -> None:
+           attention: str, io_dtype: str) -> None:
     from .checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_dir, lazy=True)
@@ -167,12 +172,12 @@ def _build(checkpoint_dir: Path, tmp: Path, enc_precision: str, dec_precision: s
     _export_encoder(checkpoint, work, tmp, enc_precision)
     shutil.rmtree(work)  # the fp32 encoder is done with: free its disk before the decoder's
     work.mkdir()
-    _export_decoder(checkpoint, work, tmp, dec_precision, attention)
+    _export_decoder(checkpoint, work, tmp, dec_precision, attention, io_dtype)
     shutil.rmtree(work)
-    io_dtype = np.float16 if dec_precision == "fp16" else np.float32
-    _write_embeddings(checkpoint.lm_state, tmp / "embeddings.npy", io_dtype)
+    _write_embeddings(checkpoint.lm_state, tmp / "embeddings.npy", np.dtype(io_dtype))
     shutil.copyfile(checkpoint.tokenizer_path, tmp / "tokenizer.json")
-    manifest = _manifest(checkpoint, tmp, enc_precision, dec_precision, max_context, checkpoint.name, attention)
+    manifest = _manifest(checkpoint, tmp, enc_precision, dec_precision, max_context, checkpoint.name, attention,
+                         io_dtype)
     _write_manifest(tmp, manifest)
 
 
@@ -182,13 +187,19 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
 
 def export_package(checkpoint_dir, out_dir, precision: str = "fp32", encoder_precision: str | None = None,
                    decoder_precision: str | None = None, max_context: int = 4096, force: bool = False,
-                   attention: str = "grouped") -> Path:
+                   attention: str = "grouped", kv_dtype: str | None = None) -> Path:
     """Export the checkpoint at `checkpoint_dir` to a model package folder `out_dir`. `attention`:
-    the decoder graph's attention, "grouped" (CPUs) or "gqa" (GPUs), see decoder_graph.py."""
+    the decoder graph's attention, "grouped" (CPUs) or "gqa" (GPUs), see decoder_graph.py.
+    `kv_dtype`: the decoder's KV cache, embeddings and activations, "float32" or "float16"
+    (default: float16 for fp16, else float32; int4 takes either: float16 is what GPU kernels
+    such as CUDA's GroupQueryAttention run)."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir).expanduser().absolute()
     enc_precision, dec_precision = _resolve_precisions(precision, encoder_precision, decoder_precision)
     if attention not in ATTENTIONS:
         raise ExportError(f"attention {attention!r}: must be one of {', '.join(ATTENTIONS)}")
+    io_dtype = kv_dtype or IO_DTYPES_OF[dec_precision][0]
+    if io_dtype not in IO_DTYPES_OF[dec_precision]:
+        raise ExportError(f"kv_dtype {io_dtype}: a {dec_precision} decoder takes {' or '.join(IO_DTYPES_OF[dec_precision])}")
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir}: already exists (pass --force to replace it)")
     if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
@@ -201,7 +212,7 @@ def export_package(checkpoint_dir, out_dir, precision: str = "fp32", encoder_pre
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     try:
-        _build(checkpoint_dir, tmp, enc_precision, dec_precision, max_context, attention)
+        _build(checkpoint_dir, tmp, enc_precision, dec_precision, max_context, attention, io_dtype)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

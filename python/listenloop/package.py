@@ -35,6 +35,9 @@ READABLE_VERSIONS = (1, 2)
 ATTENTIONS = ("grouped", "gqa")
 MANIFEST = "manifest.json"
 IO_DTYPES = ("float32", "float16")
+# The decoder's activation, embedding and KV dtype by precision: int8 quantizes float32
+# activations per call; int4 (MatMulNBits) also takes float16 ones, what GPUs want.
+IO_DTYPES_OF = {"fp32": ("float32",), "fp16": ("float16",), "int8": ("float32",), "int4": ("float32", "float16")}
 MAX_FILE_NAME = 255
 
 # Ranges of the manifest's numbers (runtime/PACKAGE_FORMAT.md, "Ranges").
@@ -216,7 +219,7 @@ def _validate_decoder(manifest: dict) -> None:
         raise _fail(MANIFEST, "decoder.precision", f"must be one of {PRECISIONS}, got {show(dec['precision'])}")
     if dec["io_dtype"] not in IO_DTYPES:
         raise _fail(MANIFEST, "decoder.io_dtype", f"must be one of {IO_DTYPES}, got {show(dec['io_dtype'])}")
-    if (dec["io_dtype"] == "float16") != (dec["precision"] == "fp16"):
+    if dec["io_dtype"] not in IO_DTYPES_OF[dec["precision"]]:
         raise _fail(MANIFEST, "decoder.io_dtype", f"{dec['io_dtype']} does not go with precision {dec['precision']}")
     if dec["num_heads"] % dec["num_kv_heads"]:
         raise _fail(MANIFEST, "decoder.num_kv_heads", "must divide decoder.num_heads")
