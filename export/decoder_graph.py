@@ -132,13 +132,20 @@ def grouped_attention(q, new_key, new_value, past_key, past_value, causal, scale
     T, NH, D = q.shape[1], q.shape[2], q.shape[3]
     n_kv = new_key.shape[2]
     groups = NH // n_kv
-    qg = (q[0] * scale).reshape(T, n_kv, groups, D).permute(1, 2, 0, 3).reshape(n_kv, groups * T, D)
-    s_past = torch.matmul(qg, past_key[0].permute(1, 2, 0))  # [KVH, G*T, P]
-    s_new = torch.matmul(qg, new_key[0].permute(1, 2, 0)) + causal  # [KVH, G*T, T]
+    # Rows as [P, KVH, D] by a Reshape to a constant shape, which ONNX Runtime runs in place
+    # (`[0]` traces to a Gather, which copies the cache, and squeeze(0) to an If); the
+    # permutes then fold into the MatMuls.
+    def rows(x):
+        return x.reshape(-1, n_kv, D)
+
+    qg = (q * scale).reshape(T, n_kv, groups, D).permute(1, 2, 0, 3).reshape(n_kv, groups * T, D)
+    s_past = torch.matmul(qg, rows(past_key).permute(1, 2, 0))  # [KVH, G*T, P]
+    s_new = torch.matmul(qg, rows(new_key).permute(1, 2, 0)) + causal  # [KVH, G*T, T]
     m = torch.maximum(_row_max(s_past), _row_max(s_new))
     e_past, e_new = torch.exp(s_past - m), torch.exp(s_new - m)
     total = e_past.sum(-1, keepdim=True) + e_new.sum(-1, keepdim=True)
-    out = (torch.matmul(e_past, past_value[0].permute(1, 0, 2)) + torch.matmul(e_new, new_value[0].permute(1, 0, 2))) / total
+    out = (torch.matmul(e_past, rows(past_value).permute(1, 0, 2))
+           + torch.matmul(e_new, rows(new_value).permute(1, 0, 2))) / total
     return out.reshape(n_kv, groups, T, D).permute(2, 0, 1, 3).reshape(1, T, NH * D)
 
 
