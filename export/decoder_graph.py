@@ -76,29 +76,52 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+# Projections that read the same input are one product in the graph: q, k and v (as
+# onnxruntime-genai's builder fuses them) and the MLP's gate and up. One larger product uses the
+# cores better than three small ones (k and v have 256 outputs), and a quantized graph quantizes
+# the shared input once. Per-column (int8) and per-block-of-a-column (int4) weight quantization
+# is unchanged by stacking columns. Fused name -> its parts, in output order.
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def _fused_linear(state: dict, prefix: str, fused: str) -> nn.Linear:
+    """The fused projection: from `state` when it carries the fused tensors (the streamed
+    export's placeholders), else the parts concatenated (a copy: small models and tests)."""
+    if prefix + fused + ".weight" in state:
+        return _linear(state[prefix + fused + ".weight"], state.get(prefix + fused + ".bias"))
+    parts = [prefix + part for part in FUSED[fused]]
+    weights = [state[part + ".weight"] for part in parts]
+    biases = [state.get(part + ".bias") for part in parts]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)])
+    return _linear(torch.cat(weights), bias)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, state: dict, prefix: str, cfg: dict, attention: str = "grouped"):
         super().__init__()
         self.attention = attention
         self.n_head, self.n_kv, self.head_dim = cfg["n_head"], cfg["n_query_groups"], cfg["head_size"]
+        self.intermediate = cfg["intermediate_size"]
         eps = float(cfg["norm_eps"])
         get = state.__getitem__
         self.input_layernorm = RMSNorm(get(prefix + "input_layernorm.weight"), eps)
-        self.q_proj = _linear(get(prefix + "self_attn.q_proj.weight"), state.get(prefix + "self_attn.q_proj.bias"))
-        self.k_proj = _linear(get(prefix + "self_attn.k_proj.weight"), state.get(prefix + "self_attn.k_proj.bias"))
-        self.v_proj = _linear(get(prefix + "self_attn.v_proj.weight"), state.get(prefix + "self_attn.v_proj.bias"))
+        self.qkv_proj = _fused_linear(state, prefix, "self_attn.qkv_proj")
         self.o_proj = _linear(get(prefix + "self_attn.o_proj.weight"))
         self.post_attention_layernorm = RMSNorm(get(prefix + "post_attention_layernorm.weight"), eps)
-        self.gate_proj = _linear(get(prefix + "mlp.gate_proj.weight"))
-        self.up_proj = _linear(get(prefix + "mlp.up_proj.weight"))
+        self.gate_up_proj = _fused_linear(state, prefix, "mlp.gate_up_proj")
         self.down_proj = _linear(get(prefix + "mlp.down_proj.weight"))
 
     def forward(self, x, cos, sin, causal, cache):
         B, T = x.shape[0], x.shape[1]
         h = self.input_layernorm(x)
-        q = self.q_proj(h).view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(h).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(h).view(B, T, self.n_kv, self.head_dim)
+        D = self.head_dim
+        q, k, v = self.qkv_proj(h).split([self.n_head * D, self.n_kv * D, self.n_kv * D], dim=-1)
+        q = q.reshape(B, T, self.n_head, D)
+        k = k.reshape(B, T, self.n_kv, D)
+        v = v.reshape(B, T, self.n_kv, D)
         # cos/sin: [B, T, 1, D], broadcast over heads.
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -110,7 +133,8 @@ class DecoderLayer(nn.Module):
             written = [k, v]
         x = x + self.o_proj(attn)
         h = self.post_attention_layernorm(x)
-        x = x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+        gate, up = self.gate_up_proj(h).split([self.intermediate, self.intermediate], dim=-1)
+        x = x + self.down_proj(nn.functional.silu(gate) * up)
         return x, written
 
 
@@ -348,12 +372,23 @@ def linear_as_matmul(module: nn.Module) -> set:
 
 
 def skeleton_decoder(shapes: dict, cfg: dict, attention: str = "grouped") -> tuple[ExportDecoder, dict]:
-    """The export module with placeholder weights, and ONNX parameter name -> (checkpoint key,
-    transposed). `shapes`: HF Qwen2 name -> shape (the embedding table is not needed)."""
+    """The export module with placeholder weights, and ONNX parameter name -> (checkpoint key, or
+    the keys a fused projection stacks, transposed). `shapes`: HF Qwen2 name -> shape (the
+    embedding table is not needed)."""
+    shapes = dict(shapes)
+    fused_parts = {}  # fused projection name -> the checkpoint names it stacks
+    for i in range(cfg["n_layer"]):
+        for fused, parts in FUSED.items():
+            for kind in ("weight", "bias"):
+                names = tuple(f"model.layers.{i}.{part}.{kind}" for part in parts)
+                if all(name in shapes for name in names):
+                    fused_parts[f"model.layers.{i}.{fused}.{kind}"] = names
+    for name, parts in fused_parts.items():
+        shapes[name] = (sum(shapes[part][0] for part in parts), *shapes[parts[0]][1:])
     state, keys = {}, {}
     for index, (key, shape) in enumerate(shapes.items()):
         state[key] = _placeholder(tuple(shape), index)
-        keys[state[key].data_ptr()] = key
+        keys[state[key].data_ptr()] = fused_parts.get(key, key)
     module = ExportDecoder(state, cfg, attention)
     transposed = linear_as_matmul(module)  # placeholders stay 4-byte broadcasts: same data_ptr
     sources = {}
@@ -385,7 +420,8 @@ def export_decoder_streamed(weights, path: Path, cfg: dict, attention: str = "gr
 
     def fetch(key, transposed):
         def read():
-            tensor = weights[key].detach().float()
+            parts = key if isinstance(key, tuple) else (key,)  # a fused projection: its parts stacked
+            tensor = torch.cat([weights[part].detach().float() for part in parts])
             return (tensor.t() if transposed else tensor).contiguous().numpy()
         return read
 

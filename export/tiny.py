@@ -127,9 +127,8 @@ class _Stepper:
     def feed(self, embeds: torch.Tensor) -> torch.Tensor:
         T = embeds.shape[0]
         if self.past is None:
-            kv = self.module.layers[0].k_proj.weight.shape[0]
-            d = self.module.layers[0].head_dim
-            self.past = [torch.zeros(1, 0, kv // d, d) for _ in range(2 * self.n_layer)]
+            layer = self.module.layers[0]
+            self.past = [torch.zeros(1, 0, layer.n_kv, layer.head_dim) for _ in range(2 * self.n_layer)]
         out = self.module(embeds[None], torch.arange(self.pos, self.pos + T)[None], torch.tensor([T - 1]), *self.past)
         self.past = [torch.cat([p, n], dim=1) for p, n in zip(self.past, out[1:])]
         self.pos += T
