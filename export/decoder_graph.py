@@ -18,12 +18,14 @@ Two attention kinds (manifest `decoder.attention`; docs/DESIGN.md lists both con
   that share a KV head are stacked into one [G*T, D] matrix, so each KV head is read once per
   step by one matrix product (ORT folds the cache's transposes into the MatMul: no copy), and
   the softmax is split between the cached and the new keys so the cache is never concatenated.
-  On a 2-core VM, 36 layers at the real dimensions, 13 new tokens, 4,000 cached: 129 ms,
-  against 341 ms for ORT's CPU GroupQueryAttention kernel (which multiplies each query head
-  separately) and about 416 ms for the plain graph that expanded K and V to every head.
+  On a 2-core VM, 36 layers at the real dimensions, 13 new tokens, 4,000 cached: 111 ms,
+  against 167 ms for ORT's CPU GroupQueryAttention kernel (which multiplies each query head
+  separately) and 516 ms for the format 1 graph that expanded K and V to every head
+  (bench/attention.py).
 - `gqa` (GPUs): GroupQueryAttention over a head-major buffer `[B, KVH, C, D]` bound as both
   past and present, with per-row lengths (`seqlens_k`). Every step binds the same addresses
-  and shapes, which is what CUDA graphs need, and rows of different lengths share one call.
+  and shapes, which is what CUDA graphs need; one-token steps of rows of different lengths
+  share one call.
 """
 from __future__ import annotations
 
@@ -381,8 +383,11 @@ def skeleton_decoder(shapes: dict, cfg: dict, attention: str = "grouped") -> tup
         for fused, parts in FUSED.items():
             for kind in ("weight", "bias"):
                 names = tuple(f"model.layers.{i}.{part}.{kind}" for part in parts)
-                if all(name in shapes for name in names):
+                present = [name in shapes for name in names]
+                if all(present):
                     fused_parts[f"model.layers.{i}.{fused}.{kind}"] = names
+                elif any(present):
+                    raise RuntimeError(f"layer {i}: {', '.join(parts)} must all have a {kind} or none")
     for name, parts in fused_parts.items():
         shapes[name] = (sum(shapes[part][0] for part in parts), *shapes[parts[0]][1:])
     state, keys = {}, {}
