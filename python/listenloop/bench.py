@@ -49,6 +49,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .errors import Error
+from .profiles import profile_help
 from .protocol import BLOCK, CHUNK_SAMPLES, CHUNK_SECONDS, SAMPLE_RATE, STEP
 from .sampling import Sampler, SamplingConfig
 
@@ -1154,7 +1155,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Measure latency, throughput and memory of a model package on this machine. The output "
                      "starts with the command line of the run, every option spelled out.")
     p.add_argument("package", nargs="?", default=None, help="model package folder (default: the embedded model)")
-    p.add_argument("--profile", default="cpu", help="cpu, cuda, jetson or a profile .json (default: cpu)")
+    p.add_argument("--profile", default="cpu", help=profile_help())
     p.add_argument("--chunks", type=int, default=200, help="chunks of the steady listening run (default 200)")
     p.add_argument("--rounds", type=int, default=30, help="replies timed for TTFR and decode speed (default 30)")
     p.add_argument("--reply-tokens", type=int, default=64, help="length of the scripted replies (default 64)")

@@ -10,6 +10,7 @@ import time
 
 from . import __version__
 from .errors import Error, ExportError
+from .profiles import profile_help
 
 EMOTION_MARKS = {"HAPPY": "😊", "SAD": "😢", "ANGRY": "😠", "SURPRISE": "😲", "NORMAL": "😐", "URGENT": "⚠️"}
 
@@ -22,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def runtime_options(p):
         p.add_argument("--package", metavar="DIR", help="model package folder (default: the embedded model)")
-        p.add_argument("--profile", default="cpu", help="cpu, cuda, jetson or a profile .json (default: cpu)")
+        p.add_argument("--profile", default="cpu", help=profile_help())
         p.add_argument("--json", action="store_true", help="print one JSON event per line")
         p.add_argument("--speak-bias", type=float, default=None, help="added to the TEXT_BEGIN logit")
         p.add_argument("--max-context", type=int, default=None,
@@ -42,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="show the model, profile, providers and build")
     info.add_argument("--package", metavar="DIR", help="model package folder (default: the embedded model)")
-    info.add_argument("--profile", default="cpu", help="cpu, cuda, jetson or a profile .json (default: cpu)")
+    info.add_argument("--profile", default="cpu", help=profile_help())
 
     sub.add_parser("export", help="export a checkpoint to a model package (needs listenloop[export])", add_help=False)
 
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="address to listen on (default: 127.0.0.1; any other address needs --api-key-env)")
     serve.add_argument("--port", type=int, default=8765, help="TCP port (default: 8765)")
     serve.add_argument("--package", metavar="DIR", help="model package folder (default: the embedded model)")
-    serve.add_argument("--profile", default="cpu", help="cpu, cuda, jetson or a profile .json (default: cpu)")
+    serve.add_argument("--profile", default="cpu", help=profile_help())
     serve.add_argument("--max-sessions", type=int, default=8, metavar="N",
                        help="open connections at most, one session each; more are refused (default: 8)")
     serve.add_argument("--api-key-env", metavar="VAR",

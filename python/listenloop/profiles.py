@@ -60,6 +60,11 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in profiles_dir().glob("*.json"))
 
 
+def profile_help() -> str:
+    """The --profile help of every command."""
+    return f"{', '.join(available_profiles())} or a profile .json (default: cpu)"
+
+
 def physical_cores() -> int:
     """Physical cores (not hyper-threads): ORT's intra-op pool scales badly on siblings."""
     try:
@@ -261,7 +266,7 @@ def _parse_profile(data, stem: str) -> Profile:
 
 
 def load_profile(name_or_path) -> Profile:
-    """A profile by name (cpu, cuda, jetson) or from a JSON file path.
+    """A profile by name (one of available_profiles()) or from a JSON file path.
 
     Every field is checked here (runtime/PACKAGE_FORMAT.md, "Device profiles"); a problem is
     one DeviceError line naming the profile file and the field."""
