@@ -97,11 +97,11 @@ class Runtime:
         dec, m = self.package.decoder, self.model
         return {
             "model": self.package.name, "package": str(self.package.path),
-            "precision": dec["precision"], "io_dtype": dec["io_dtype"],
+            "precision": dec["precision"], "io_dtype": dec["io_dtype"], "attention": m.attention,
             "layers": dec["num_layers"], "hidden_size": dec["hidden_size"], "vocab_size": dec["vocab_size"],
             "context_capacity": m.capacity, "trained_context": m.trained_context,
             "kv_cache_bytes_per_session": m.kv_bytes, "profile": m.profile.name,
-            "providers": list(m.providers), "kv_cache_device": m.profile.kv_cache_device,
+            "providers": list(m.providers), "kv_cache_device": m.profile.kv_cache_device, "cuda_graphs": m.cuda_graphs,
             "onnxruntime": ort.__version__, "onnxruntime_providers": ort.get_available_providers(),
             "cuda": "CUDAExecutionProvider" in ort.get_available_providers(), "core_build": core_info,
         }
