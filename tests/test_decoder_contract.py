@@ -97,3 +97,28 @@ def test_cuda_graphs_are_dropped_with_one_warning_for_a_grouped_package(tiny_pac
     assert "enable_cuda_graph" not in model.profile.providers_for("decoder")[0][1]
     model.profile, model.attention = profile, "gqa"
     assert model._cuda_graphs() is True
+
+
+@pytest.mark.parametrize("attention", ["grouped", "gqa"])
+def test_steady_steps_allocate_no_arrays(tiny_package_at, attention):
+    """A listening step writes into buffers made once: no array of the vocabulary's, the staging's
+    or the cache's size is allocated per step (Python heap, NumPy included; ONNX Runtime reuses
+    its own planned buffers). What remains is a few hundred bytes of Python objects."""
+    import tracemalloc
+
+    engine = Engine(tiny_package_at("fp32", attention), speak_bias=-1e4, max_context=4096, quiet_resets=False)
+    chunks = _vectors(10, engine.model.hidden, seed=3)
+    smallest_array = 4 * min(engine.model.vocab, 10 * engine.model.hidden)  # a logits row or a chunk's vectors
+    peaks = []
+    tracemalloc.start()
+    try:
+        for n in range(60):
+            tracemalloc.reset_peak()
+            before, _ = tracemalloc.get_traced_memory()
+            engine.listen(chunks[n % len(chunks)])
+            if n >= 10:  # after the prompt and the steady step's first binding
+                peaks.append(tracemalloc.get_traced_memory()[1] - before)
+    finally:
+        tracemalloc.stop()
+    # Memory over hours is the soak test's (tests/test_soak.py).
+    assert max(peaks) < smallest_array / 2, (max(peaks), smallest_array)
