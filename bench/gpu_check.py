@@ -134,13 +134,11 @@ def environment(work: Path) -> dict:
     import onnxruntime as ort
 
     import listenloop
-    from listenloop.bench import cpu_model
+    from listenloop.bench import cpu_model, total_memory_bytes
     from listenloop.profiles import physical_cores
 
-    try:
-        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-    except (ValueError, OSError, AttributeError):
-        memory_gb = None
+    memory = total_memory_bytes()
+    memory_gb = None if memory is None else memory / 1e9
     return {"time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "gpu": nvidia_smi(),
             "cuda_probe": cuda_probe(), "onnxruntime": ort.__version__, "onnxruntime_path": ort.__file__,
             "providers_available": ort.get_available_providers(), "listenloop": listenloop.__version__,

@@ -481,12 +481,12 @@ def environment() -> dict:
         genai_version = og.__version__
     except ImportError:
         genai_version = None
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    from listenloop.bench import cpu_model, total_memory_bytes
     from listenloop.profiles import physical_cores
 
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    memory = total_memory_bytes()
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
+            "memory_gib": None if memory is None else round(memory / 2**30, 1),
             "onnxruntime": ort.__version__, "onnxruntime_genai": genai_version, "python": platform.python_version(),
             "load_average": os.getloadavg()}
 

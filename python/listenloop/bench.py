@@ -121,6 +121,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def total_memory_bytes() -> int | None:
+    """Physical memory of this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def environment(model) -> dict:
     """Machine, software and package of a run on `model` (a listenloop.model.Model)."""
     import onnxruntime as ort
