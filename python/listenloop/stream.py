@@ -83,7 +83,7 @@ class _Binder:
 
     def __init__(self, session, run_options=None):
         self.io = session.io_binding()
-        self.bound_T = None  # the step length this binding's inputs are bound for (gqa graphs)
+        self.bound_T = None  # the step length this binding's staging inputs are bound for
         self.staging = None  # a _GraphStaging when this step kind is captured as a CUDA graph
         self._c_io = getattr(self.io, "_iobinding", None)
         self._c_sess = getattr(session, "_sess", None)
@@ -295,7 +295,6 @@ class DecoderStream:
         binder = self._binder = _Binder(m.decoder)
         self._bind_in, self._bind_out = binder.bind_input, binder.bind_output
         self._cpu_dev, self._kv_dev = binder.device("cpu"), binder.device(self._kv_device)
-        self._bound_T = None  # the T the staging inputs are bound with
         self._steady_staged = False  # staging holds the [KEEP_SILENCE] + block layout
         self._kv_ptrs = kv_ptrs
         self._layer_bindings = [(f"past_key.{i}", f"new_key.{i}", f"past_value.{i}", f"new_value.{i}",
@@ -353,11 +352,11 @@ class DecoderStream:
         """grouped graph: past = the first P rows of each buffer, new = rows P..P+T."""
         P = self._position
         bind_in, bind_out, cpu, dtype = self._bind_in, self._bind_out, self._cpu_dev, self._io_type
-        if self._bound_T != T:  # staging pointers never change; only shapes do
+        if self._binder.bound_T != T:  # staging pointers never change; only shapes do
             bind_in("inputs_embeds", cpu, dtype, [1, T, self.model.hidden], self._embeds.ctypes.data)
             bind_in("logits_index", cpu, _ONNX_INT64, [1], self._logits_index.ctypes.data)
             bind_out("logits", cpu, _ONNX_FLOAT, [1, self.model.vocab], self._logits.ctypes.data)
-            self._bound_T = T
+            self._binder.bound_T = T
         bind_in("position_ids", cpu, _ONNX_INT64, [1, T], self._arange.ctypes.data + 8 * P)  # int64 P..P+T-1
         m = self.model
         past_shape, new_shape = [1, P, m.kv_heads, m.head_dim], [1, T, m.kv_heads, m.head_dim]
@@ -406,14 +405,15 @@ class DecoderStream:
     def _bind_shared(self, binder: "_Binder", T: int) -> None:
         m, cpu, dtype = self.model, binder.device("cpu"), self._io_type
         bind_in, bind_out = binder.bind_input, binder.bind_output
-        bind_in("inputs_embeds", cpu, dtype, [1, T, m.hidden], self._embeds.ctypes.data)
-        bind_in("position_ids", cpu, _ONNX_INT64, [1, T], self._positions.ctypes.data)
-        bind_in("logits_index", cpu, _ONNX_INT64, [1], self._logits_index.ctypes.data)
-        bind_in("seqlens_k", cpu, _ONNX_INT32, [1], self._seqlens.ctypes.data)
-        bind_in("total_sequence_length", cpu, _ONNX_INT32, [], self._total.ctypes.data)
-        bind_out("logits", cpu, _ONNX_FLOAT, [1, m.vocab], self._logits.ctypes.data)
-        if binder.staging is not None:  # device staging replaces the host bindings above
+        if binder.staging is not None:  # a captured step kind reads and writes device staging
             binder.staging.bind(binder)
+        else:
+            bind_in("inputs_embeds", cpu, dtype, [1, T, m.hidden], self._embeds.ctypes.data)
+            bind_in("position_ids", cpu, _ONNX_INT64, [1, T], self._positions.ctypes.data)
+            bind_in("logits_index", cpu, _ONNX_INT64, [1], self._logits_index.ctypes.data)
+            bind_in("seqlens_k", cpu, _ONNX_INT32, [1], self._seqlens.ctypes.data)
+            bind_out("logits", cpu, _ONNX_FLOAT, [1, m.vocab], self._logits.ctypes.data)
+        bind_in("total_sequence_length", cpu, _ONNX_INT32, [], self._total.ctypes.data)  # a CPU input either way
         shape, dev = list(m.kv_shape), binder.device(self._kv_device)
         for i in range(m.layers):
             for j, kind in enumerate(("key", "value")):
