@@ -43,6 +43,10 @@ LLM_CONFIG_FIELDS = {
     "bias": bool, "attn_bias": bool, "lm_head_bias": bool, "parallel_residual": bool,
     "scale_embeddings": bool,
 }
+# listenloop's own optional field: the longest context (tokens) the model was trained on. The
+# exporter records it in the package manifest (decoder.trained_context); absent, the runtime
+# takes the package's max_context for it.
+TRAINED_CONTEXT = "trained_context"
 # The only architecture variant this exporter implements; anything else is refused.
 SUPPORTED = {"mlp_class_name": "LLaMAMLP", "norm_class_name": "RMSNorm", "rotary_percentage": 1.0,
              "bias": False, "lm_head_bias": False, "parallel_residual": False, "scale_embeddings": False}
@@ -240,6 +244,11 @@ def _read_llm_config(root: Path) -> dict:
         raise _fail(MODEL_CONFIG, "head_size", "must be even for rotate-half RoPE")
     if cfg["padded_vocab_size"] < cfg["vocab_size"]:
         raise _fail(MODEL_CONFIG, "padded_vocab_size", "is smaller than vocab_size")
+    if TRAINED_CONTEXT in cfg:
+        value = cfg[TRAINED_CONTEXT]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= cfg["block_size"]:
+            raise _fail(MODEL_CONFIG, TRAINED_CONTEXT, f"must be a whole number of tokens in 1..block_size "
+                                                       f"({cfg['block_size']}), got {value!r}")
     return cfg
 
 

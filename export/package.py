@@ -18,7 +18,7 @@ from listenloop.package import ATTENTIONS, AUDIO, FORMAT, FORMAT_VERSION, IO_DTY
 from listenloop.protocol import EMOTION_NAMES, FRAMES_PER_CHUNK, MAX_REPLY_TOKENS, N_MELS, PREFIX_HEAD, TOKEN_NAMES
 
 from . import quantize
-from .checkpoint import validate_checkpoint
+from .checkpoint import TRAINED_CONTEXT, validate_checkpoint
 
 VERSION = "0.1.0"
 SAMPLING = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "speak_bias": 0.0, "max_reply_tokens": MAX_REPLY_TOKENS}
@@ -150,7 +150,8 @@ def _manifest(checkpoint, out: Path, enc_precision: str, dec_precision: str, max
                     "vocab_size": cfg["padded_vocab_size"], "rope_theta": float(cfg["rope_base"]),
                     "rms_norm_eps": float(cfg["norm_eps"]), "rope_position_rounding": "float16",
                     "max_context": int(max_context), "attention": attention,
-                    "quantization": quantize.quantization_record(dec_precision)},
+                    "quantization": quantize.quantization_record(dec_precision),
+                    **({"trained_context": int(cfg[TRAINED_CONTEXT])} if TRAINED_CONTEXT in cfg else {})},
         "embeddings": {"file": "embeddings.npy", "dtype": io_dtype, "shape": [cfg["padded_vocab_size"], cfg["n_embd"]]},
         "tokenizer": {"file": "tokenizer.json"},
         "tokens": tokens,

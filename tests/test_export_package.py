@@ -116,6 +116,33 @@ def test_bad_checkpoint_fails_before_any_output(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_trained_context_of_the_checkpoint_reaches_the_manifest(tiny_checkpoint, tmp_path, caplog):
+    import shutil
+
+    import yaml
+
+    from listenloop.errors import CheckpointError
+    from listenloop.model import Model
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    config = ckpt / "model_config.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    cfg["trained_context"] = 300
+    config.write_text(yaml.safe_dump(cfg))
+    out = export_package(ckpt, tmp_path / "pkg", max_context=512)
+    assert load_package(out).manifest["decoder"]["trained_context"] == 300
+    with caplog.at_level("WARNING", logger="listenloop"):
+        model = Model(out)  # the package's 512 tokens are past what the model was trained on: one warning
+    assert model.trained_context == 300 and "trained for" in caplog.text
+
+    cfg["trained_context"] = cfg["block_size"] + 1
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match="model_config.yaml.*trained_context"):
+        export_package(ckpt, tmp_path / "pkg2")
+    assert not (tmp_path / "pkg2").exists()
+
+
 def test_cli_mixed_precisions_and_verify(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "pkg"
     code = export_main([str(tiny_checkpoint), str(out), "--precision", "int8", "--encoder-precision", "fp32",
