@@ -68,7 +68,9 @@ def _log10_mel(padded: np.ndarray, n_frames: int) -> np.ndarray:
     return np.log10(np.maximum(mel, LOG_FLOOR))
 
 
-def _normalise(log_spec: np.ndarray, peak: float) -> np.ndarray:
+def normalise(log_spec: np.ndarray, peak) -> np.ndarray:
+    """Step 5 of "Log-mel": the 80 dB floor below `peak` (a number, or an array that broadcasts
+    against log_spec), then the scaling."""
     return ((np.maximum(log_spec, peak - DYNAMIC_RANGE_LOG10) + 4.0) / 4.0).astype(np.float32)
 
 
@@ -81,7 +83,7 @@ def log_mel(samples: np.ndarray) -> np.ndarray:
     samples = np.asarray(samples, dtype=np.float32)
     n_frames = len(samples) // HOP
     log_spec = _log10_mel(np.pad(samples, HISTORY, mode="reflect"), n_frames)
-    return _normalise(log_spec, float(log_spec.max()))
+    return normalise(log_spec, float(log_spec.max()))
 
 
 class StreamingLogMel:
@@ -101,12 +103,18 @@ class StreamingLogMel:
         self._peak = -np.inf
 
     def __call__(self, chunk: np.ndarray) -> np.ndarray:
+        log_spec = self.log10(chunk)
+        self._peak = max(self._peak, float(log_spec.max()))
+        return normalise(log_spec, self._peak)
+
+    def log10(self, chunk: np.ndarray) -> np.ndarray:
+        """The chunk's log10 mel power before the floor and scaling ([128, 40] float32); moves
+        the left-edge history on, not the peak. Training data keeps this form, so that features
+        can be normalised from any restart of the peak later."""
         chunk = np.asarray(chunk, dtype=np.float32)
         if chunk.shape != (CHUNK_SAMPLES,):
             raise ValueError(f"a chunk has {CHUNK_SAMPLES} samples, got shape {chunk.shape}")
         left = chunk[HISTORY:0:-1] if self._history is None else self._history
         right = chunk[-2 : -HISTORY - 2 : -1]
-        log_spec = _log10_mel(np.concatenate([left, chunk, right]), FRAMES_PER_CHUNK)
-        self._peak = max(self._peak, float(log_spec.max()))
         self._history = chunk[-HISTORY:].copy()
-        return _normalise(log_spec, self._peak)
+        return _log10_mel(np.concatenate([left, chunk, right]), FRAMES_PER_CHUNK)
