@@ -77,6 +77,39 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
         onnx.save_model(model, str(path))
 
 
+def drop_duplicate_casts(model: onnx.ModelProto) -> int:
+    """Remove every Cast node that repeats an earlier one (same input, same `to`, same output
+    name), and the repeated value_info of its output; returns how many nodes went.
+
+    Why: ORT's fp16 converter in some versions (1.30, 1.31) inserts one Cast per consumer when a
+    float16 tensor feeds two ops kept in float32 (e.g. one angle tensor into Cos and Sin), all
+    with one node name and one output name, and ONNX Runtime then refuses to load the graph
+    ("two nodes with same node name"). Every consumer already reads that output name, so the
+    first Cast serves them all."""
+    graph = model.graph
+    seen, repeats = set(), []
+    for index, node in enumerate(graph.node):
+        if node.op_type != "Cast" or len(node.input) != 1 or len(node.output) != 1:
+            continue
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        key = (node.input[0], to, node.output[0])
+        if key in seen:
+            repeats.append(index)
+        seen.add(key)
+    dropped_outputs = {graph.node[i].output[0] for i in repeats}
+    for index in reversed(repeats):
+        del graph.node[index]
+    described, value_repeats = set(), []
+    for index, value in enumerate(graph.value_info):
+        if value.name in dropped_outputs:
+            if value.name in described:
+                value_repeats.append(index)
+            described.add(value.name)
+    for index in reversed(value_repeats):
+        del graph.value_info[index]
+    return len(repeats)
+
+
 def to_fp16(src: Path, dst: Path, keep_float32_io: list) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -86,6 +119,7 @@ def to_fp16(src: Path, dst: Path, keep_float32_io: list) -> None:
     # on the value_info the exporter already wrote.
     converted = convert_float_to_float16(model, keep_io_types=keep_float32_io, op_block_list=FP16_OP_BLOCK_LIST,
                                          node_block_list=blocked_nodes, disable_shape_infer=_is_large(model))
+    drop_duplicate_casts(converted)
     _save(converted, dst)
 
 
@@ -192,6 +226,7 @@ def _fp16_streamed(model: onnx.ModelProto, base: Path, writer: ExternalDataWrite
                                                      disable_shape_infer=False)
     finally:
         float16.make_value_info_from_tensor = original
+    drop_duplicate_casts(converted)
     _copy_initializers(converted.graph.initializer, base, writer, source_types)
     return converted
 

@@ -175,3 +175,97 @@ def test_large_graphs_keep_their_weights_in_one_external_file(eager, fp32_graphs
     feeds = _decoder_feeds(_session(tmp_path / "small.onnx"), eager.llm_config)
     for a, b in zip(_session(tmp_path / "small.onnx").run(None, feeds), _session(tmp_path / "decoder.onnx").run(None, feeds)):
         np.testing.assert_array_equal(b, a)
+
+
+def _cos_plus_sin_graph(cast_copies=1, extra_casts=()):
+    """float16 `angles` -> Cast to float32 (`cast_copies` identical nodes, as ORT 1.30/1.31's fp16
+    converter writes them for two float32-only consumers) -> Cos + Sin -> float32 `y`.
+    `extra_casts`: (to, output name) Casts of `angles` that are graph outputs too."""
+    from onnx import TensorProto, helper
+
+    cast = dict(inputs=["angles"], outputs=["angles_cast_to_fp32"], name="angles_cast_to_fp32_node",
+                to=TensorProto.FLOAT)
+    nodes = [helper.make_node("Cast", **cast) for _ in range(cast_copies)]
+    nodes += [helper.make_node("Cos", ["angles_cast_to_fp32"], ["cos"], name="cos"),
+              helper.make_node("Sin", ["angles_cast_to_fp32"], ["sin"], name="sin"),
+              helper.make_node("Add", ["cos", "sin"], ["y"], name="add")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])]
+    for i, (to, name) in enumerate(extra_casts):
+        nodes.append(helper.make_node("Cast", ["angles"], [name], name=f"extra_cast_{i}", to=to))
+        outputs.append(helper.make_tensor_value_info(name, to, [2, 3]))
+    value_info = [helper.make_tensor_value_info("angles_cast_to_fp32", TensorProto.FLOAT, [2, 3])] * cast_copies
+    inputs = [helper.make_tensor_value_info("angles", TensorProto.FLOAT16, [2, 3])]
+    graph = helper.make_graph(nodes, "cos_plus_sin", inputs, outputs, value_info=value_info)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def _load(model):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_duplicate_casts_of_the_fp16_converter_are_dropped():
+    model = _cos_plus_sin_graph(cast_copies=2)
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)
+    with pytest.raises(Exception, match="same node name"):
+        _load(model)
+
+    assert quantize.drop_duplicate_casts(model) == 1
+    names = [n.name for n in model.graph.node]
+    outputs = [o for n in model.graph.node for o in n.output]
+    assert len(set(names)) == len(names) and len(set(outputs)) == len(outputs)
+    assert [v.name for v in model.graph.value_info] == ["angles_cast_to_fp32"]
+    onnx.checker.check_model(model, full_check=True)
+    angles = np.linspace(-4000, 4000, 6, dtype=np.float16).reshape(2, 3)
+    (y,) = _load(model).run(None, {"angles": angles})
+    wide = angles.astype(np.float32)
+    np.testing.assert_allclose(y, np.cos(wide) + np.sin(wide), rtol=1e-5, atol=1e-5)
+
+
+def test_a_graph_without_duplicate_casts_is_left_unchanged():
+    from onnx import TensorProto
+
+    # Casts of the same input that differ in `to` or in their output name are not duplicates.
+    model = _cos_plus_sin_graph(extra_casts=[(TensorProto.DOUBLE, "angles_f64"), (TensorProto.FLOAT, "angles_f32")])
+    before = model.SerializeToString()
+    assert quantize.drop_duplicate_casts(model) == 0
+    assert model.SerializeToString() == before
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_fp16_conversion_drops_the_casts_an_older_converter_duplicates(eager, fp32_graphs, tmp_path, monkeypatch):
+    """Both conversion paths, under a converter that writes one Cast per consumer (ORT 1.30/1.31)."""
+    from onnxruntime.transformers import float16
+
+    old_src, new_src = fp32_graphs
+    quantize.convert(new_src, tmp_path / "reference.onnx", "fp16", keep_float32_io=["logits"])
+    convert = float16.convert_float_to_float16
+
+    def one_cast_per_consumer(model, **kwargs):
+        converted = convert(model, **kwargs)
+        graph = converted.graph
+        for cast in [n for n in graph.node if n.op_type == "Cast" and n.name.endswith("_cast_to_fp32_node")]:
+            slots = sum(list(n.input).count(cast.output[0]) for n in graph.node)
+            info = [v for v in graph.value_info if v.name == cast.output[0]]
+            for _ in range(slots - 1):
+                graph.node.add().CopyFrom(cast)
+                graph.value_info.extend(info)
+        return converted
+
+    monkeypatch.setattr(float16, "convert_float_to_float16", one_cast_per_consumer)
+    model = onnx.load(str(old_src))
+    duplicated = one_cast_per_consumer(model, keep_io_types=["logits"], op_block_list=quantize.FP16_OP_BLOCK_LIST,
+                                       node_block_list=quantize._rope_nodes(model))
+    names = [n.name for n in duplicated.graph.node]
+    assert len(set(names)) < len(names)  # the emulation really duplicates (Cos/Sin, Concat of the angles)
+
+    quantize.convert_in_memory(old_src, tmp_path / "old.onnx", "fp16", keep_float32_io=["logits"])
+    quantize.convert(new_src, tmp_path / "new.onnx", "fp16", keep_float32_io=["logits"])
+    reference = _session(tmp_path / "reference.onnx")
+    feeds = _decoder_feeds(reference, eager.llm_config)
+    expected = reference.run(None, feeds)
+    for path in (tmp_path / "old.onnx", tmp_path / "new.onnx"):
+        names = [n.name for n in onnx.load(str(path)).graph.node]
+        assert len(set(names)) == len(names), path.name
+        for a, b in zip(expected, _session(path).run(None, feeds)):
+            np.testing.assert_array_equal(b, a)
