@@ -45,7 +45,8 @@ def _model(nodes, inputs, output, initializers=(), contrib=False):
     graph = helper.make_graph(nodes, "attention", inputs, [helper.make_tensor_value_info(output, F32, None)],
                               initializer=list(initializers))
     opsets = [helper.make_opsetid("", 18)] + ([helper.make_opsetid("com.microsoft", 1)] if contrib else [])
-    return helper.make_model(graph, opset_imports=opsets)
+    # An explicit IR version: onnx 1.23 writes IR 14 by default, newer than onnxruntime 1.31 loads.
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10)
 
 
 def _common_inputs():

@@ -98,6 +98,17 @@ def nvidia_smi() -> dict | None:
         return None
 
 
+def probe_model():
+    """The probe's one-node graph (Relu). Its IR version is explicit: onnx 1.23 writes IR 14 by
+    default, newer than onnxruntime 1.31 loads, and a probe that cannot load reports no GPU."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
 def cuda_probe() -> dict:
     """A one-node graph on CUDAExecutionProvider: does CUDA really run (not only listed)?"""
     import onnxruntime as ort
@@ -106,13 +117,8 @@ def cuda_probe() -> dict:
         return {"ran_on": None, "error": f"this onnxruntime has no {CUDA}"}
     try:
         import numpy as np
-        from onnx import TensorProto, helper
 
-        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
-                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        session = ort.InferenceSession(model.SerializeToString(), providers=[CUDA])
+        session = ort.InferenceSession(probe_model().SerializeToString(), providers=[CUDA])
         session.run(None, {"x": np.array([-1, 2], np.float32)})
         return {"ran_on": session.get_providers()[0], "error": None}
     except Exception as exc:  # noqa: BLE001 - any failure means: no usable CUDA

@@ -119,3 +119,17 @@ def test_complete_only_when_every_cell_ran_on_cuda_as_its_profile_asked(tmp_path
     assert check.report["complete"] is False
     assert json.loads((tmp_path / "c.json").read_text())["complete"] is False
     assert module._fit(40, 0.01, 0.1, 3) == 10 and module._fit(40, 1.0, 0.1, 3) == 3 and module._fit(4, 0.0, 1, 3) == 4
+
+
+def test_cuda_probe_model_loads_in_onnxruntime_1_31():
+    """onnx 1.23 writes IR 14 unless told; onnxruntime 1.31 reads at most IR 13, and a probe that
+    cannot load makes a real GPU run report "gpu": false."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    model = load_gpu_check().probe_model()
+    assert model.ir_version == 10 and [(o.domain, o.version) for o in model.opset_import] == [("", 17)]
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=[CPU])
+    np.testing.assert_array_equal(session.run(None, {"x": np.array([-1, 2], np.float32)})[0], [0, 2])
