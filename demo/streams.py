@@ -27,6 +27,12 @@ from .sounds import SOUND_EVENTS
 
 SILENT = -1  # label of a chunk that gets no reply
 _SPLIT_SALT = {"train": 0x5EED, "eval": 0xE7A1}
+_PAIRS_SALT = 0x9A15
+
+# Commands that differ by a word or two, or that short utterances blur: a pair stream speaks two
+# of them in one voice (lights on / off in the same phrasing slot, whose phrasings are parallel).
+CONFUSABLE_COMMANDS = (("lights_on", "lights_off"), ("greeting", "help"), ("volume_up", "lights_on"),
+                       ("volume_up", "lights_off"), ("stop", "help"), ("capabilities", "timer"), ("greeting", "stop"))
 
 
 @dataclass(frozen=True)
@@ -130,9 +136,11 @@ class Item:
         return item_reply(self.kind, self.name)
 
 
-def render_item(rng: np.random.Generator, kind: str, name: str, split: str, text: str | None = None) -> Item:
+def render_item(rng: np.random.Generator, kind: str, name: str, split: str, text: str | None = None,
+                voice: speech.Voice | None = None) -> Item:
     """Render one foreground item. `name` is the event type, the command name, or
-    "distractor"; `text` picks the phrase (else a random one of the split)."""
+    "distractor"; `text` picks the phrase (else a random one of the split), `voice` the
+    speaker (else a random one of the split)."""
     if kind == "event":
         return Item(kind, name, None, SOUND_EVENTS[name](rng))
     if kind == "command":
@@ -144,7 +152,7 @@ def render_item(rng: np.random.Generator, kind: str, name: str, split: str, text
         text = text if text is not None else tasks.pick_distractor(rng, split)
     else:
         raise ValueError(f"unknown item kind {kind!r}")
-    return Item(kind, name, text, speech.render(text, speech.random_voice(rng, split)))
+    return Item(kind, name, text, speech.render(text, voice if voice is not None else speech.random_voice(rng, split)))
 
 
 def vary_tempo(rng: np.random.Generator, item: Item, settings: StreamSettings) -> Item:
@@ -246,3 +254,34 @@ def make_stream(seed: int, split: str = "train") -> Stream:
             placed.append((item, start))
             start += len(item.audio) + seconds(rng.uniform(*settings.gap_s))
     return mix_stream(rng, n_chunks, placed, split, settings, seed=seed)
+
+
+def make_pair_stream(seed: int) -> Stream:
+    """A training stream with confusable items in ONE voice at one tempo: two commands of a
+    CONFUSABLE_COMMANDS pair (the same phrasing slot), a distractor that shares their words
+    (tasks.CONFUSABLE_DISTRACTORS) and sometimes a sound event, in random order. Only the words
+    that differ tell the items apart, and the encoder's pretraining takes all items of such a
+    stream into one batch, so its loss contrasts them directly."""
+    settings = TRAIN_SETTINGS
+    rng = np.random.default_rng([seed, _PAIRS_SALT])
+    voice = speech.random_voice(rng, "train")
+    tempo = float(rng.uniform(*settings.tempo)) if rng.random() < settings.p_tempo else 1.0
+    pair = list(CONFUSABLE_COMMANDS[int(rng.integers(len(CONFUSABLE_COMMANDS)))])
+    slot = int(rng.integers(7))
+    items = []
+    for name in pair:
+        phrases = next(c for c in tasks.COMMANDS if c.name == name).phrases
+        items.append(render_item(rng, "command", name, "train", phrases[slot % len(phrases)], voice))
+    confusable = str(rng.choice(tasks.CONFUSABLE_DISTRACTORS))
+    items.append(render_item(rng, "distractor", "distractor", "train", confusable, voice))
+    if rng.random() < 0.3:
+        items.append(render_item(rng, "event", str(rng.choice(list(SOUND_EVENTS))), "train"))
+    if tempo != 1.0:
+        items = [replace(it, audio=augment.change_tempo(it.audio, tempo)) if it.kind != "event" else it for it in items]
+    order = rng.permutation(len(items))
+    placed, start = [], seconds(rng.uniform(*settings.lead_quiet_s))
+    for k in order:
+        placed.append((items[k], start))
+        start += len(items[k].audio) + seconds(rng.uniform(*settings.gap_s))
+    n_chunks = -(-(placed[-1][1] + len(placed[-1][0].audio) + seconds(settings.min_tail_s)) // CHUNK_SAMPLES)
+    return mix_stream(rng, int(n_chunks), placed, "train", settings, seed=seed)

@@ -214,6 +214,33 @@ EVAL_DISTRACTORS: tuple[str, ...] = (
 )
 
 
+# Training-only speech that shares words with the commands but asks nothing: the model must
+# hear the whole utterance, not spot one word ("turn", "lights", "off", "help", "five minutes").
+# None contains a command phrase (checked below), so no label contradicts a command's.
+CONFUSABLE_DISTRACTORS: tuple[str, ...] = (
+    "I turned off the radio in the car", "the lights in the hall were on all night",
+    "she switched the heating off this morning", "he turned the corner by the church",
+    "the kitchen light is a bit too bright", "we turned up late to the party",
+    "the volume of that box is quite small", "my brother helped me paint the door",
+    "they helped the old man across the road", "the bus stopped at the station",
+    "the rain stopped after lunch", "the music was louder than last year",
+    "it only takes five minutes to walk there", "the timer on the oven is broken",
+    "the train was five minutes early", "the hellos at the door were loud",
+    "good mornings are rare in winter", "she waved at the neighbours",
+    "I can do the shopping on Friday", "what a lovely garden they have",
+    "the lamp in the bedroom needs a new bulb", "you can put the box on the shelf",
+    "the light from the window woke me up", "he turned off the motorway at the exit",
+    "the sound of the sea is very calming", "we switched to a new phone company",
+    "nobody answered the door at the office", "the children stopped playing at six",
+    "the helpful man closes the shop at five", "my sister turned thirty on Sunday",
+    "the volume knob on the radio is loose", "I set the table for dinner",
+    "she started a new course in March", "the oven takes ten minutes to warm up",
+    "they put the lights up for the festival", "he offered to carry the shopping",
+    "the dog barks when someone knocks", "hi fi systems were popular in the eighties",
+    "the hero of the film never stops talking", "we need some helpers in the garden",
+)
+
+
 def distractors(split: str) -> tuple[str, ...]:
     """Every distractor sentence of a split."""
     if split == "train":
@@ -250,5 +277,8 @@ CONTENT_INDEX: dict[str, int] = {name: i for i, name in enumerate(CONTENT_CLASSE
 _spoken = {p for c in COMMANDS for p in c.phrases}
 if set(distractors("train")) & (set(EVAL_DISTRACTORS) | _spoken) or set(EVAL_DISTRACTORS) & _spoken:
     raise RuntimeError("distractor sentences must be held out and never be a command phrase")
+_inside = [(d, p) for d in CONFUSABLE_DISTRACTORS for p in _spoken if f" {p.lower()} " in f" {d.lower()} "]
+if _inside or set(CONFUSABLE_DISTRACTORS) & set(EVAL_DISTRACTORS):
+    raise RuntimeError(f"a confusable distractor contains a command phrase or is held out: {_inside[:3]}")
 if set(EVENT_REPLIES) != set(SOUND_EVENTS):
     raise RuntimeError("every synthesised sound event needs a reply and vice versa")
