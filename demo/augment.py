@@ -60,3 +60,25 @@ def change_tempo(x: np.ndarray, factor: float) -> np.ndarray:
 def clip(x: np.ndarray, drive_db: float) -> np.ndarray:
     """Amplify by drive_db and hard-clip at full scale, as an overdriven input would."""
     return np.clip(x * db_to_amplitude(drive_db), -1.0, 1.0).astype(np.float32)
+
+
+GAIN_JITTER_LOG10 = 0.6  # features are played up to ±6 dB louder or quieter
+
+
+def spec_augment(rng: np.random.Generator, mel: np.ndarray, freq_masks: int = 2, max_bins: int = 12,
+                 time_masks: int = 1, max_frames: int = 6) -> np.ndarray:
+    """SpecAugment on normalised chunk features [N, 128, 40]: per chunk, bands of mel bins and
+    runs of frames set to the chunk's mean. Returns a new array."""
+    out = np.array(mel, np.float32, copy=True)
+    n, bins, frames = out.shape
+    for k in range(n):
+        fill = out[k].mean()
+        for _ in range(freq_masks):
+            width = int(rng.integers(0, max_bins + 1))
+            start = int(rng.integers(0, bins - width + 1))
+            out[k, start : start + width] = fill
+        for _ in range(time_masks):
+            width = int(rng.integers(0, max_frames + 1))
+            start = int(rng.integers(0, frames - width + 1))
+            out[k, :, start : start + width] = fill
+    return out

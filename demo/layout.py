@@ -51,15 +51,21 @@ class Sequence:
     n_chunks: int  # chunks used (a sequence may be cut to fit max_tokens)
 
 
-def build_sequence(protocol: Protocol, labels: np.ndarray, max_tokens: int) -> Sequence:
-    """Token layout for a stream whose chunk k is labelled labels[k] (reply index or < 0)."""
+def build_sequence(protocol: Protocol, labels: np.ndarray, max_tokens: int, history: int = 0) -> Sequence:
+    """Token layout for a stream whose chunk k is labelled labels[k] (reply index or < 0).
+
+    The first `history` chunks are re-prefilled history as after a context reset
+    (docs/PROTOCOL.md, "Context policy"): each block is followed by KEEP_SILENCE, which is input
+    there and never a target."""
     t = protocol.tokens
     ids: list[int] = list(protocol.prefix_ids)
     loss_at: list[int] = []  # positions whose next token is a target
     speak_at: list[int] = []
     pads: list[list[int]] = []
     block_tail = [t["AUDIO_BEGIN"]] + [t["PAD"]] * VECTORS_PER_CHUNK + [t["ASSISTANT"]]
-    for label in labels:
+    for k, label in enumerate(labels):
+        if k < history and label >= 0:
+            raise ValueError(f"history chunk {k} has a reply: a reset re-prefills only chunks heard since the last reply")
         answer = [t["KEEP_SILENCE"]] if label < 0 else list(protocol.reply_ids[int(label)])
         if len(ids) + BLOCK + len(answer) > max_tokens:
             break
@@ -69,10 +75,11 @@ def build_sequence(protocol: Protocol, labels: np.ndarray, max_tokens: int) -> S
         assistant = len(ids) - 1
         if label >= 0:
             speak_at.append(assistant)
-        loss_at += range(assistant, assistant + len(answer))
+        if k >= history:
+            loss_at += range(assistant, assistant + len(answer))
         ids += answer
-    if not pads:
-        raise ValueError(f"max_tokens={max_tokens} leaves no room for a single chunk after the prefix")
+    if len(pads) <= history:
+        raise ValueError(f"max_tokens={max_tokens} leaves no room for a chunk after the prefix and {history} history chunks")
     ids_arr = np.asarray(ids, np.int64)
     targets = np.full(len(ids), -100, np.int64)
     loss_idx = np.asarray(loss_at, np.int64)

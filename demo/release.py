@@ -12,6 +12,7 @@ from listenloop.export.checkpoint import litgpt_state_from_hf_qwen2, save_checkp
 
 from . import vocab
 from .model import DemoModel
+from .train import TRAINED_CONTEXT
 
 CHECKPOINT_NAME = "listenloop-demo"
 
@@ -26,6 +27,7 @@ def litgpt_config(model: DemoModel, vocab_size: int) -> dict:
         "intermediate_size": c.intermediate_size, "mlp_class_name": "LLaMAMLP", "rope_base": 1_000_000.0,
         "rotary_percentage": 1.0, "norm_class_name": "RMSNorm", "norm_eps": c.rms_norm_eps, "bias": False,
         "attn_bias": True, "lm_head_bias": False, "parallel_residual": False, "scale_embeddings": False,
+        "trained_context": TRAINED_CONTEXT,
     }
 
 

@@ -1,6 +1,9 @@
-"""The demo model's synthetic data: reproducible, correctly labelled, sane levels."""
+"""The demo model's synthetic data: reproducible, correctly labelled, sane levels; cached
+features normalised as the runtime normalises them, also after a context reset; phoneme
+targets; feature augmentation."""
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -10,15 +13,19 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # demo/ is a top-level folder, not installed
 
-pytestmark = pytest.mark.skipif(
+from demo import augment, backgrounds, dataset, phonemes, speech, streams, tasks  # noqa: E402
+from demo.sounds import SOUND_EVENTS  # noqa: E402
+from listenloop.features import StreamingLogMel  # noqa: E402
+from listenloop.protocol import LOG_FLOOR  # noqa: E402
+
+# Only rendering speech needs the synthesizers; features, phoneme units and augmentation do not.
+needs_synth = pytest.mark.skipif(
     shutil.which("espeak-ng") is None or shutil.which("flite") is None,
     reason="espeak-ng or flite is not installed (apt-get install espeak-ng flite); "
     "they are needed only to generate the demo model's training data"
 )
-
-from demo import augment, backgrounds, dataset, speech, streams, tasks  # noqa: E402
-from demo.sounds import SOUND_EVENTS  # noqa: E402
-from listenloop.features import StreamingLogMel  # noqa: E402
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                  reason="espeak-ng is not installed (apt-get install espeak-ng)")
 
 CHUNK = streams.CHUNK_SAMPLES
 
@@ -33,6 +40,7 @@ def _same_stream(a: streams.Stream, b: streams.Stream) -> bool:
     return np.array_equal(a.audio, b.audio) and a.segments == b.segments
 
 
+@needs_synth
 def test_a_seed_gives_the_same_stream_every_time():
     first = streams.make_stream(7, "train")  # renders speech into an empty cache
     again = streams.make_stream(7, "train")  # reads it back
@@ -50,6 +58,7 @@ def test_reply_goes_to_the_first_chunk_boundary_at_or_after_the_end():
         streams.reply_chunk(0)
 
 
+@needs_synth
 def test_a_placed_item_is_labelled_on_its_end_chunk_only():
     rng = np.random.default_rng(0)
     item = streams.render_item(rng, "event", "doorbell", "train")
@@ -65,6 +74,7 @@ def test_a_placed_item_is_labelled_on_its_end_chunk_only():
     assert np.sqrt(np.mean(last**2)) > 2 * np.sqrt(np.mean(lead**2))
 
 
+@needs_synth
 def test_content_labels_mark_the_chunks_an_item_covers():
     rng = np.random.default_rng(1)
     item = streams.render_item(rng, "command", "lights_on", "train", text="turn on the lights")
@@ -79,6 +89,7 @@ def test_content_labels_mark_the_chunks_an_item_covers():
     assert np.all(content[covered[-1] + 1:] == tasks.CONTENT_INDEX["background"])
 
 
+@needs_synth
 @pytest.mark.parametrize("split", ["train", "eval"])
 def test_streams_have_documented_length_levels_labels_and_quiet_stretches(split):
     settings = streams.SETTINGS[split]
@@ -123,6 +134,7 @@ def test_every_sound_event_renders_with_sane_levels(name):
     assert len(a) != len(b) or not np.array_equal(a, b), "parameters must be randomised"
 
 
+@needs_synth
 def test_backgrounds_are_finite_at_unit_rms():
     rng = np.random.default_rng(1)
     beds = {name: gen(rng, 16000) for name, gen in backgrounds.NOISE_BACKGROUNDS.items()}
@@ -146,6 +158,7 @@ def test_augmentations_keep_audio_usable():
         augment.resample_artefacts(x, 16000)
 
 
+@needs_synth
 def test_features_are_the_runtime_chunk_features():
     s = streams.make_stream(3, "eval")
     feats = dataset.stream_features(s.audio)
@@ -157,6 +170,9 @@ def test_features_are_the_runtime_chunk_features():
             for j in range(k):
                 mel(s.audio[j * CHUNK:(j + 1) * CHUNK])
         np.testing.assert_array_equal(feats[k], mel(s.audio[k * CHUNK:(k + 1) * CHUNK]))
+    # the cache keeps log10 mel before the peak floor; normalising it from the start gives the same
+    log10 = dataset.stream_log10(s.audio)
+    np.testing.assert_array_equal(dataset.normalised(log10, log10.max(axis=(1, 2))), feats)
 
 
 def test_voices_and_distractors_of_eval_are_held_out():
@@ -195,6 +211,7 @@ def test_tempo_change_shortens_and_raises_the_pitch():
         augment.change_tempo(tone, 3.0)
 
 
+@needs_synth
 def test_training_speech_comes_at_several_tempi_and_eval_speech_never_changes_tempo():
     command = streams.render_item(np.random.default_rng(0), "command", "stop", "train")
     event = streams.render_item(np.random.default_rng(0), "event", "doorbell", "train")
@@ -208,6 +225,7 @@ def test_training_speech_comes_at_several_tempi_and_eval_speech_never_changes_te
     assert rng.random() == np.random.default_rng(5).random()  # nothing drawn: eval streams unchanged
 
 
+@needs_synth
 def test_both_synthesizers_speak_every_split():
     for split, flite_voices in (("train", speech.TRAIN_FLITE_VOICES), ("eval", speech.EVAL_FLITE_VOICES)):
         rng = np.random.default_rng(3)
@@ -219,3 +237,148 @@ def test_both_synthesizers_speak_every_split():
     fast = speech.render("turn off the lights", speech.Voice("slt", "", 200, 50, synth="flite"))
     assert slow.dtype == np.float32 and np.isclose(np.abs(slow).max(), 1.0)
     assert len(slow) > 1.3 * len(fast)  # the speed setting reaches flite
+
+
+def _noise_chunks(levels, seed: int) -> np.ndarray:
+    """White noise, one chunk per RMS level."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([level * rng.standard_normal(CHUNK) for level in levels]).astype(np.float32)
+
+
+def _feature_set(log10s) -> dataset.FeatureSet:
+    """Silent, background-only streams with these log10 mels. float32, unlike the float16 cache,
+    so that comparisons with the runtime's features are exact."""
+    log10 = np.concatenate(log10s)
+    total = len(log10)
+    return dataset.FeatureSet(log10=log10, peaks=log10.max(axis=(1, 2)),
+                              offsets=np.concatenate([[0], np.cumsum([len(x) for x in log10s])]).astype(np.int64),
+                              labels=np.full(total, streams.SILENT, np.int16),
+                              content=np.full(total, tasks.CONTENT_INDEX["background"], np.int16),
+                              items=np.zeros((0, 5), np.int64), texts=[], seeds=np.arange(len(log10s)))
+
+
+def test_a_window_is_normalised_as_the_runtime_after_a_context_reset():
+    """A reset at chunk `restart` restarts the running peak there (docs/PROTOCOL.md, "Log-mel");
+    the re-prefilled chunks before it keep the features they were heard with."""
+    audio = _noise_chunks([0.9, 1e-4, 2e-4, 1e-4, 3e-4, 1e-2, 1e-4], seed=0)
+    other = _noise_chunks([0.1, 0.3], seed=1)  # stream 0, so that stream 1's rows start at an offset
+    fs = _feature_set([dataset.stream_log10(other), dataset.stream_log10(audio)])
+    restart = 3
+    mel = StreamingLogMel()
+    runtime = []
+    for k, chunk in enumerate(audio.reshape(-1, CHUNK)):
+        if k == restart:
+            mel._peak = -np.inf  # only the peak restarts: the left edge's history is still the audio before
+        runtime.append(mel(chunk))
+    runtime = np.stack(runtime)
+    for first, end in ((0, 7), (1, 5), (2, 4), (3, 6), (4, 7)):
+        np.testing.assert_array_equal(fs.window(1, first, end, restart), runtime[first:end], err_msg=f"{first}:{end}")
+    from_start = dataset.stream_features(audio)  # the runtime without a reset
+    np.testing.assert_array_equal(fs.stream(1)[0], from_start)
+    np.testing.assert_array_equal(fs.window(1, 2, 6), from_start[2:6])
+    np.testing.assert_array_equal(fs.stream(0)[0], dataset.stream_features(other))
+    # the restart matters here: the loud first chunk floors the quiet ones until the peak restarts
+    assert not np.array_equal(runtime[restart:], from_start[restart:])
+    np.testing.assert_array_equal(runtime[:restart], from_start[:restart])
+
+
+def test_a_gain_plays_a_window_louder():
+    audio = _noise_chunks([0.05, 1e-3, 0.2, 1e-3, 5e-3], seed=2)
+    log10 = dataset.stream_log10(audio)
+    assert log10.min() > np.log10(LOG_FLOOR)  # no mel power at LOG_FLOOR, which a gain would not move
+    fs = _feature_set([log10])
+    gain = 0.4  # log10 power: 4 dB
+    louder = fs.window(0, 1, 5, restart=2, gain_log10=gain)
+    np.testing.assert_allclose(louder, fs.window(0, 1, 5, restart=2) + gain / 4, atol=1e-6)
+    # what the runtime computes when the same audio comes 4 dB louder
+    heard = _feature_set([dataset.stream_log10(audio * np.float32(10 ** (gain / 2)))])
+    np.testing.assert_allclose(louder, heard.window(0, 1, 5, restart=2), atol=1e-5)
+
+
+def test_feature_sets_are_the_documented_kinds():
+    assert dataset.SETS == ("train", "eval", "pairs")
+    with pytest.raises(ValueError, match="set must be one of"):
+        dataset.build("test", 0, 1)
+
+
+def test_spec_augment_masks_bands_and_frames_with_the_chunk_mean():
+    mel = np.random.default_rng(0).standard_normal((4, 128, 40)).astype(np.float32)
+    before = mel.copy()
+    out = augment.spec_augment(np.random.default_rng(1), mel)
+    np.testing.assert_array_equal(mel, before)  # the input may be a view of cached features
+    assert out.shape == mel.shape and out.dtype == np.float32
+    np.testing.assert_array_equal(out, augment.spec_augment(np.random.default_rng(1), mel))
+    assert not np.array_equal(out, augment.spec_augment(np.random.default_rng(2), mel))
+    assert np.all((out == mel) | (out == mel.mean(axis=(1, 2), keepdims=True)))
+    assert (out != mel).any(axis=(1, 2)).sum() >= 3  # most chunks get a mask (a width may be 0)
+
+
+def test_phoneme_units_drop_stress_and_word_marks():
+    assert phonemes.units("t'3:n '0f D@ l'aIts") == [phonemes.UNIT[c] for c in "t3:n0fD@laIts"]
+    assert phonemes.units("a,b%c=d_e|f") == phonemes.units("abcdef")
+    assert phonemes.BLANK not in phonemes.UNIT.values() and max(phonemes.UNIT.values()) == phonemes.N_UNITS - 1
+
+
+@needs_espeak
+def test_transcriptions_tell_lights_on_from_off():
+    on, off = phonemes.transcribe("turn on the lights"), phonemes.transcribe("turn off the lights")
+    assert phonemes.units(on) and phonemes.units(on) != phonemes.units(off)
+    assert phonemes.transcribe("turn off the lights") == off  # one transcription per text
+
+
+def test_phoneme_targets_are_transcribed_once_and_cached(tmp_path, monkeypatch):
+    spoken = {"turn on": "t'3:n '0n", "turn off": "t'3:n '0f", "hello": "h@l'oU"}
+    calls = []
+
+    def transcribe(text):
+        calls.append(text)
+        return spoken[text]
+
+    monkeypatch.setattr(phonemes, "transcribe", transcribe)
+    cache = tmp_path / "phonemes.json"
+    first = phonemes.targets_for(["turn on", "turn off", "turn on"], cache)
+    assert sorted(calls) == ["turn off", "turn on"]  # each text once
+    assert first == [phonemes.units("t3:n0n"), phonemes.units("t3:n0f"), phonemes.units("t3:n0n")]
+    assert json.loads(cache.read_text()) == {"turn on": spoken["turn on"], "turn off": spoken["turn off"]}
+
+    def no_espeak(text):
+        raise AssertionError(f"{text!r} is cached: espeak-ng must not run again")
+
+    monkeypatch.setattr(phonemes, "transcribe", no_espeak)
+    assert phonemes.targets_for(["turn off", "turn on"], cache) == [first[1], first[0]]
+    monkeypatch.setattr(phonemes, "transcribe", transcribe)
+    calls.clear()
+    assert phonemes.targets_for(["hello", "turn on"], cache)[0] == phonemes.units("h@loU")
+    assert calls == ["hello"]  # only the new text; the cache keeps the old ones
+    assert set(json.loads(cache.read_text())) == {"turn on", "turn off", "hello"}
+
+
+@needs_synth
+def test_a_pair_stream_speaks_two_confusable_commands_and_a_distractor():
+    first = streams.make_pair_stream(0)
+    assert _same_stream(first, streams.make_pair_stream(0))
+    assert not _same_stream(first, streams.make_pair_stream(1))
+    for seed in range(3):
+        s = first if seed == 0 else streams.make_pair_stream(seed)
+        assert s.audio.dtype == np.float32 and len(s.audio) % CHUNK == 0 and np.abs(s.audio).max() <= 1.0
+        commands = [g for g in s.segments if g.kind == "command"]
+        distractors = [g for g in s.segments if g.kind == "distractor"]
+        events = [g for g in s.segments if g.kind == "event"]
+        assert len(commands) == 2 and len(distractors) == 1 and len(events) <= 1
+        assert len(s.segments) == len(commands) + len(distractors) + len(events)
+        names = tuple(g.name for g in commands)
+        assert names in streams.CONFUSABLE_COMMANDS or names[::-1] in streams.CONFUSABLE_COMMANDS
+        phrases = [next(c for c in tasks.COMMANDS if c.name == g.name).phrases for g in commands]
+        assert any(all(g.text == p[slot % len(p)] for g, p in zip(commands, phrases)) for slot in range(7))
+        assert distractors[0].text in tasks.CONFUSABLE_DISTRACTORS and distractors[0].reply is None
+        labels = s.labels()  # exactly the replies of the commands (and of a sound event)
+        expected = {g.reply_chunk: tasks.REPLY_INDEX[g.reply] for g in commands + events}
+        assert {int(k): int(labels[k]) for k in np.flatnonzero(labels != streams.SILENT)} == expected
+    # the cached form: one item per segment, ending with the chunk its reply goes to
+    log10, peaks, labels, content, items = dataset._render((0, "pairs"))
+    assert log10.dtype == np.float16 and len(log10) == first.n_chunks
+    np.testing.assert_array_equal(peaks, dataset.stream_log10(first.audio).max(axis=(1, 2)))
+    np.testing.assert_array_equal(labels, first.labels())
+    assert [(cls, text) for _, _, cls, text in items] == [(tasks.CONTENT_INDEX[g.name], g.text) for g in first.segments]
+    for (a, b, cls, _), g in zip(items, first.segments):
+        assert b - 1 == streams.reply_chunk(g.end) and cls in content[a:b]
