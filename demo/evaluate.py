@@ -38,9 +38,9 @@ class SpokenReply:
 
 def load_model(run: Path) -> tuple[DemoModel, Protocol, object]:
     tokenizer, tokens = vocab.demo_tokenizer(run / "tokenizer")
-    path = run / "model.pt" if (run / "model.pt").exists() else run / "train_state.pt"
+    path = run / "model.pt"  # written by demo/train.py whenever a stage stops
     if not path.exists():
-        raise FileNotFoundError(f"no model.pt or train_state.pt in {run}")
+        raise FileNotFoundError(f"no model.pt in {run}: train the decoder stage first (demo/train.py)")
     state = torch.load(path, map_location="cpu", weights_only=False)
     model = DemoModel(DemoSizes(**state["sizes"]), tokenizer.get_vocab_size())
     model.load_state_dict(state["model"])

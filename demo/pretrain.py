@@ -143,6 +143,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--time-budget-min", type=float, default=0.0, help="stop (and save) after this long; 0: no limit")
+    p.add_argument("--until-step", type=int, default=0,
+                   help="stop (and save) at this step, the schedule still planned for --steps: replays a run that a "
+                        "time budget stopped there; 0: run to --steps")
     p.add_argument("--workers", type=int, default=2, help="processes rendering the feature cache")
     return p.parse_args(argv)
 
@@ -188,7 +191,7 @@ def main(argv=None) -> None:
     log = (args.run / "pretrain_log.jsonl").open("a")
     started = time.perf_counter()
     window: list[dict] = []
-    while step < args.steps:
+    while step < (args.until_step or args.steps):
         if args.time_budget_min and time.perf_counter() - started > 60 * args.time_budget_min:
             print(f"[pretrain] time budget reached at step {step}", flush=True)
             break

@@ -248,6 +248,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--time-budget-min", type=float, default=0.0, help="stop (and save) after this long; 0: no limit")
+    p.add_argument("--until-step", type=int, default=0,
+                   help="stop (and save) at this step, the schedule still planned for --steps: replays a run that a "
+                        "time budget stopped there; 0: run to --steps")
     p.add_argument("--workers", type=int, default=2, help="processes rendering the feature cache")
     return p.parse_args(argv)
 
@@ -317,7 +320,7 @@ def main(argv=None) -> None:
     log = (args.run / f"{args.stage}_log.jsonl").open("a")
     started = time.perf_counter()
     window: list[dict] = []
-    while step < args.steps:
+    while step < (args.until_step or args.steps):
         if args.time_budget_min and time.perf_counter() - started > 60 * args.time_budget_min:
             print(f"[train {args.stage}] time budget reached at step {step}", flush=True)
             break
@@ -356,10 +359,10 @@ def main(argv=None) -> None:
             save(state_path)
     save(state_path)
     log.close()
-    if step >= args.steps:
-        torch.save({"model": model.state_dict(), "sizes": asdict(model.sizes), "stage": args.stage},
-                   args.run / "model.pt")
-        print(f"[train {args.stage}] finished: {args.run / 'model.pt'}", flush=True)
+    # the weights to evaluate and release: this stage's, wherever it stopped
+    torch.save({"model": model.state_dict(), "sizes": asdict(model.sizes), "stage": args.stage, "step": step},
+               args.run / "model.pt")
+    print(f"[train {args.stage}] stopped at step {step}: {args.run / 'model.pt'}", flush=True)
 
 
 if __name__ == "__main__":
