@@ -2,14 +2,12 @@
 voices, seeds and levels) go through the real runtime path (file reading, C++ ring buffer and
 mel, scheduler, ONNX Runtime engine, session threads).
 
-What is asserted per recording:
-- every item that needs a reply gets one on time: its decision falls on a chunk from the
-  item's first chunk to 2 chunks after its labelled reply chunk (demo/evaluate.py's window);
-- a sound event's reply has the right text and emotion;
-- there is no reply outside those windows (distractor speech, noise and music stay silent).
-Which command a spoken command is taken for is not asserted per recording: the demo model gets
-commands right only part of the time on unheard voices, and demo/evaluate.py measures that
-share on 100 held-out streams (README, "The demo model").
+What is asserted per recording: every item that needs a reply gets one on time (its decision
+falls on a chunk from the item's first chunk to 2 chunks after its labelled reply chunk,
+demo/evaluate.py's window), and every reply in that window has the item's text and emotion,
+sound events and spoken commands alike; no other reply comes (distractor speech, noise and
+music stay silent). A long alarm may be alerted twice inside its window: the model answers
+kitchen.wav's 6-second smoke alarm 2 s after it starts and again where it ends.
 """
 from __future__ import annotations
 
@@ -61,10 +59,9 @@ def test_example_gets_its_replies_on_time_and_nothing_else(runtime, name):
     outside = list(replies)
     for first, last, item in reply_windows(EXPECTED[name]):
         on_time = [r for r in replies if first <= r[0] <= last]
-        assert on_time, f"{name}: no reply to {item['name']} in chunks {first}..{last}; got {replies}"
-        if item["kind"] == "event":
-            assert (item["emotion"], item["reply"]) in [(r[1], r[2]) for r in on_time], \
-                f"{name}: {item['name']} answered {on_time}, expected {item['reply']!r}"
+        assert on_time and all((r[1], r[2]) == (item["emotion"], item["reply"]) for r in on_time), \
+            f"{name}: {item['name']} ({item['text'] or 'sound'}) answered {on_time} in chunks {first}..{last}, " \
+            f"expected {item['emotion']} {item['reply']!r}"
         outside = [r for r in outside if r not in on_time]
     assert not outside, f"{name}: replies outside every answer window: {outside}"
 
@@ -75,7 +72,8 @@ def test_readme_demo_command_prints_the_kitchen_replies():
                          capture_output=True, text=True, timeout=300, check=True).stdout
     events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     replies = [e for e in events if e["event"] == "ReplyEnded"]
-    alarm = next(e for e in EXPECTED["kitchen.wav"]["events"] if e["name"] == "smoke_alarm")
-    assert alarm["reply"] in [e["text"] for e in replies]
-    assert len(replies) >= 2  # the alarm, then the spoken command
+    expected = [e["reply"] for e in EXPECTED["kitchen.wav"]["events"] if e["expected"] == "reply"]
+    texts = [e["text"] for e in replies]
+    distinct = [t for k, t in enumerate(texts) if k == 0 or t != texts[k - 1]]  # the alarm may be alerted twice
+    assert distinct == expected  # the smoke alarm, then "turn on the lights"
     assert all(e["stream_time"] <= EXPECTED["kitchen.wav"]["duration_s"] + 0.4 for e in replies)
