@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from . import augment, dataset, phonemes, tasks, vocab
 from .heads import EncoderHeads
 from .model import DemoModel, DemoSizes
-from .train import STAGE_STATE, learning_rate
+from .train import STAGE_STATE, add_run_arguments, learning_rate
 
 BACKGROUND_CHUNKS = 3
 EVENT_CHUNKS = 6  # at most this many chunks of a sound event per window
@@ -137,16 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--content-weight", type=float, default=0.3)
     p.add_argument("--augment-from", type=float, default=0.3, help="share of the steps after which gain jitter and "
                    "SpecAugment are on")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--time-budget-min", type=float, default=0.0, help="stop (and save) after this long; 0: no limit")
-    p.add_argument("--until-step", type=int, default=0,
-                   help="stop (and save) at this step, the schedule still planned for --steps: replays a run that a "
-                        "time budget stopped there; 0: run to --steps")
-    p.add_argument("--workers", type=int, default=2, help="processes rendering the feature cache")
+    add_run_arguments(p)
     return p.parse_args(argv)
 
 

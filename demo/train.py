@@ -217,6 +217,20 @@ def encode_set(model: DemoModel, features: dataset.FeatureSet, path: Path, batch
     return np.load(path, mmap_mode="r")
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Seeding, threads, logging, saving and stopping: the same for every training stage."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--time-budget-min", type=float, default=0.0, help="stop (and save) after this long; 0: no limit")
+    p.add_argument("--until-step", type=int, default=0,
+                   help="stop (and save) at this step, the schedule still planned for --steps: replays a run that a "
+                        "time budget stopped there; 0: run to --steps")
+    p.add_argument("--workers", type=int, default=2, help="processes rendering the feature cache")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=STAGES, required=True)
@@ -242,16 +256,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--p-reply", type=float, default=0.8, help="share of reset windows that end just after a reply")
     p.add_argument("--command-boost", type=float, default=3.0, help="draw streams with a spoken command this much more often")
     p.add_argument("--augment", action="store_true", help="joint stage: gain jitter and SpecAugment on the features")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--time-budget-min", type=float, default=0.0, help="stop (and save) after this long; 0: no limit")
-    p.add_argument("--until-step", type=int, default=0,
-                   help="stop (and save) at this step, the schedule still planned for --steps: replays a run that a "
-                        "time budget stopped there; 0: run to --steps")
-    p.add_argument("--workers", type=int, default=2, help="processes rendering the feature cache")
+    add_run_arguments(p)
     return p.parse_args(argv)
 
 
