@@ -82,3 +82,13 @@ def spec_augment(rng: np.random.Generator, mel: np.ndarray, freq_masks: int = 2,
             start = int(rng.integers(0, frames - width + 1))
             out[k, :, start : start + width] = fill
     return out
+
+
+def training_window(rng: np.random.Generator | None, features, i: int, first: int, end: int, restart: int = 0,
+                    augmenting: bool = False) -> np.ndarray:
+    """`features.window(i, first, end, restart)` (a demo.dataset.FeatureSet) as training sees
+    it: when `augmenting`, played up to ±6 dB louder or quieter, then SpecAugment-masked."""
+    if not augmenting:
+        return features.window(i, first, end, restart)
+    gain = float(rng.uniform(-GAIN_JITTER_LOG10, GAIN_JITTER_LOG10))
+    return spec_augment(rng, features.window(i, first, end, restart, gain))

@@ -106,6 +106,9 @@ class FeatureSet:
         chunks = self.chunks(i)
         return normalised(self.log10[chunks], self.peaks[chunks]), self.labels[chunks]
 
+    def n_chunks(self, i: int) -> int:
+        return int(self.offsets[i + 1] - self.offsets[i])
+
     def stream_labels(self, i: int) -> np.ndarray:
         return self.labels[self.chunks(i)]
 

@@ -56,22 +56,19 @@ class ItemSource:
         stream, first, end, cls, text = (int(v) for v in self.features.items[j])
         if text < 0:  # a sound event: its last chunks tell it apart as well as all of a long alarm
             first = max(first, end - EVENT_CHUNKS)
-        n = int(self.features.offsets[stream + 1] - self.features.offsets[stream])
+        n = self.features.n_chunks(stream)
         lo, hi = max(0, first - 1), min(n, end + 1)
         return self._chunks(stream, lo, hi, rng, augmenting), (first - lo, end - lo), cls, \
             (self.targets[text] if text >= 0 else [])
 
     def background(self, rng: np.random.Generator, augmenting: bool):
         stream = int(rng.integers(len(self.features)))
-        n = int(self.features.offsets[stream + 1] - self.features.offsets[stream])
+        n = self.features.n_chunks(stream)
         lo = int(rng.integers(0, max(1, n - BACKGROUND_CHUNKS)))
         return self._chunks(stream, lo, min(n, lo + BACKGROUND_CHUNKS), rng, augmenting)
 
     def _chunks(self, stream: int, lo: int, hi: int, rng, augmenting: bool):
-        gain = float(rng.uniform(-augment.GAIN_JITTER_LOG10, augment.GAIN_JITTER_LOG10)) if augmenting else 0.0
-        mel = self.features.window(stream, lo, hi, gain_log10=gain)
-        if augmenting:
-            mel = augment.spec_augment(rng, mel)
+        mel = augment.training_window(rng, self.features, stream, lo, hi, augmenting=augmenting)
         content = self.features.content_of(stream)[lo:hi].astype(np.int64)
         return mel, content
 

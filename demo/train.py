@@ -88,7 +88,7 @@ def make_batch(protocol: Protocol, sources: list[Source], picks, max_tokens: int
     new_chunks = int(rng.integers(min_chunks, max_chunks + 1))
     for source_index, i in picks:
         source = sources[source_index]
-        labels = source.features.labels[source.features.chunks(i)]
+        labels = source.features.stream_labels(i)
         first, restart, end = runtime_state(rng, labels, new_chunks, p_start, p_reply)
         seq = build_sequence(protocol, labels[first:end], max_tokens, history=restart - first)
         end = first + seq.n_chunks
@@ -96,9 +96,7 @@ def make_batch(protocol: Protocol, sources: list[Source], picks, max_tokens: int
             rows = source.features.chunks(i)
             audio.append(np.asarray(source.encoded[rows.start + first : rows.start + end], np.float32))
         else:
-            gain = float(rng.uniform(-augment.GAIN_JITTER_LOG10, augment.GAIN_JITTER_LOG10)) if augmenting else 0.0
-            mel = source.features.window(i, first, end, restart, gain)
-            mels.append(augment.spec_augment(rng, mel) if augmenting else mel)
+            mels.append(augment.training_window(rng, source.features, i, first, end, restart, augmenting))
         contents.append(source.features.content_of(i)[first:end].astype(np.int64))
         items += [(first_chunk + a, first_chunk + b, c) for a, b, c in whole_items(contents[-1])]
         first_chunk += seq.n_chunks
