@@ -1,9 +1,12 @@
 """/v1/pcm: binary frames of mono PCM in, one JSON text frame per listenloop event out.
 
-Query: rate (Hz, default 16000), format (f32 | s16, little-endian), key (API key),
-speak_bias (float). The server first sends {"event": "Ready", ...}; a text frame
-{"type": "finish"} ends the input, and the server sends every remaining event up to Finished,
-then closes. Bad input gets {"event": "Error", "message": ...} and the connection goes on.
+Query: rate (Hz, default 16000), format (f32 | s16, little-endian), frames (raw | tagged),
+key (API key), speak_bias (float). With frames=tagged every binary frame starts with a 4-byte
+tag: b"MIC " (microphone) or b"PLAY" (the device's playback, the echo reference, placed right
+after the previous playback on the microphone's clock). The server first sends
+{"event": "Ready", ...}; a text frame {"type": "finish"} ends the input, and the server sends
+every remaining event up to Finished, then closes. Bad input gets
+{"event": "Error", "message": ...} and the connection goes on.
 """
 from __future__ import annotations
 
@@ -20,15 +23,21 @@ from .app import STATE, guard, json_error
 from .connection import Connection, loads_object, quote
 
 FORMATS = {"f32": np.dtype("<f4"), "s16": np.dtype("<i2")}
+# frames=tagged: the tag opens every binary frame. Opt-in, since without it any 4 bytes are
+# valid samples and an old client's microphone frame could be taken for playback.
+FRAMES = ("raw", "tagged")
+MICROPHONE_TAG, PLAYBACK_TAG = b"MIC ", b"PLAY"
+TAG_BYTES = 4
 FINISH_TIMEOUT_S = 300.0
 
 
 class PcmConnection(Connection):
-    def __init__(self, request, state, rate: int, dtype: np.dtype, policy: dict):
+    def __init__(self, request, state, rate: int, dtype: np.dtype, policy: dict, tagged: bool = False):
         super().__init__(request, state)
         self.rate = rate
         self.dtype = dtype
         self.policy = policy
+        self.tagged = tagged
         self._finishing = False
 
     async def on_open(self) -> None:
@@ -42,6 +51,15 @@ class PcmConnection(Connection):
         if self._finishing:
             await self.on_error("input_finished", "input was finished; open a new connection for more audio")
             return
+        accept = self.session.accept_waveform
+        if self.tagged:
+            tag, data = bytes(data[:TAG_BYTES]), data[TAG_BYTES:]
+            if tag == PLAYBACK_TAG:
+                accept = self.session.accept_playback
+            elif tag != MICROPHONE_TAG:
+                await self.on_error("invalid_tag", f"a frame must start with {MICROPHONE_TAG!r} or {PLAYBACK_TAG!r} "
+                                    f"(frames=tagged), got {quote(tag)}")
+                return
         size = self.dtype.itemsize
         if len(data) % size:
             await self.on_error("invalid_audio_length", f"a frame of {len(data)} bytes is not a whole number of "
@@ -50,7 +68,7 @@ class PcmConnection(Connection):
         if not data:
             return
         try:
-            self.session.accept_waveform(np.frombuffer(data, self.dtype), self.rate, block=False)
+            accept(np.frombuffer(data, self.dtype), self.rate, block=False)
         except Error as exc:
             await self.on_error("invalid_audio", str(exc))
 
@@ -81,8 +99,8 @@ class PcmConnection(Connection):
             await self._close(WSCloseCode.OK, "finished")
 
 
-def _query_options(query) -> tuple[int, np.dtype, dict]:
-    """(rate, sample dtype, policy) from the query string; ValueError with the reason."""
+def _query_options(query) -> tuple[int, np.dtype, dict, bool]:
+    """(rate, sample dtype, policy, tagged frames) from the query string; ValueError with the reason."""
     try:
         rate = int(query.get("rate", SAMPLE_RATE))
     except ValueError:
@@ -91,6 +109,9 @@ def _query_options(query) -> tuple[int, np.dtype, dict]:
     fmt = query.get("format", "f32")
     if fmt not in FORMATS:
         raise ValueError(f"format must be f32 or s16, got {quote(fmt)}")
+    frames = query.get("frames", FRAMES[0])
+    if frames not in FRAMES:
+        raise ValueError(f"frames must be raw or tagged, got {quote(frames)}")
     policy = {}
     if "speak_bias" in query:
         try:
@@ -100,17 +121,17 @@ def _query_options(query) -> tuple[int, np.dtype, dict]:
         if not math.isfinite(bias):
             raise ValueError(f"speak_bias must be a finite number, got {quote(query['speak_bias'])}")
         policy["speak_bias"] = bias
-    return rate, FORMATS[fmt], policy
+    return rate, FORMATS[fmt], policy, frames == "tagged"
 
 
 async def pcm_handler(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     try:
-        rate, dtype, policy = _query_options(request.query)
+        rate, dtype, policy, tagged = _query_options(request.query)
     except (ValueError, Error) as exc:
         refusal = guard(request, counts=False)
         return refusal if refusal is not None else json_error(400, str(exc), "invalid_option")
     refusal = guard(request, counts=True)
     if refusal is not None:
         return refusal
-    return await PcmConnection(request, state, rate, dtype, policy).run()
+    return await PcmConnection(request, state, rate, dtype, policy, tagged).run()

@@ -7,6 +7,8 @@ response.content_part.done, response.output_item.done, response.done). Event nam
 shapes follow the GA Realtime API by default, and the beta API (response.text.delta,
 response.text.done, beta session and item shapes) for clients that send
 `OpenAI-Beta: realtime=v1` or ask for it with session.listenloop.beta_event_names.
+One client event is listenloop's own: listenloop.playback.append, the device's playback as the
+echo reference (docs/SERVE.md, "Playback: the echo reference").
 """
 from __future__ import annotations
 
@@ -181,24 +183,32 @@ class RealtimeConnection(Connection):
         await self.emit("session.updated", session=self.session_object())
 
     async def _append(self, message: dict) -> None:
-        audio = message.get("audio")
-        if not isinstance(audio, str):
-            raise BadRequest("missing_required_parameter" if audio is None else "invalid_type",
-                             "input_audio_buffer.append needs 'audio': base64 pcm16", "audio")
-        try:
-            raw = base64.b64decode(audio, validate=True)
-        except (binascii.Error, ValueError):
-            raise BadRequest("invalid_base64", "'audio' is not valid base64", "audio") from None
-        if len(raw) % 2:
-            raise BadRequest("invalid_audio_length", f"{len(raw)} bytes of pcm16 is not a whole number of 2-byte "
-                             "samples", "audio")
-        if not raw:
+        pcm = _pcm16(message)
+        if pcm is None:
             return
         try:
-            self.session.accept_waveform(np.frombuffer(raw, "<i2"), self.rate, block=False)
+            self.session.accept_waveform(pcm, self.rate, block=False)
         except Error as exc:
             raise BadRequest("invalid_audio", str(exc), "audio") from None
         self.audio_fed = True
+
+    async def _playback_append(self, message: dict) -> None:
+        """The device's playback, the echo reference: pcm16 at the input rate, placed on the
+        microphone's clock (Session.accept_playback; `at`: a 16 kHz microphone position)."""
+        at = message.get("at")
+        if at is not None and (isinstance(at, bool) or not isinstance(at, int)):
+            raise BadRequest("invalid_type", f"'at' must be an integer microphone sample position, got {quote(at)}",
+                             "at")
+        if at is not None and at < 0:
+            raise BadRequest("invalid_value", f"'at' must be >= 0, got {at}", "at")
+        pcm = _pcm16(message)
+        if pcm is None:
+            return
+        try:
+            self.session.accept_playback(pcm, self.rate, at=at, block=False)
+        except Error as exc:
+            raise BadRequest("invalid_audio", str(exc), "audio") from None
+        self.audio_fed = True  # a new session (speak_bias) would lose the reference placed so far
 
     async def _clear(self, message: dict) -> None:
         await self.emit("input_audio_buffer.cleared")
@@ -273,6 +283,22 @@ class RealtimeConnection(Connection):
         self.last_item_id = reply.item_id
 
 
+def _pcm16(message: dict) -> np.ndarray | None:
+    """The samples of a message's base64 pcm16 'audio' (None if empty); BadRequest if unusable."""
+    audio = message.get("audio")
+    if not isinstance(audio, str):
+        raise BadRequest("missing_required_parameter" if audio is None else "invalid_type",
+                         f"{message['type']} needs 'audio': base64 pcm16", "audio")
+    try:
+        raw = base64.b64decode(audio, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("invalid_base64", "'audio' is not valid base64", "audio") from None
+    if len(raw) % 2:
+        raise BadRequest("invalid_audio_length", f"{len(raw)} bytes of pcm16 is not a whole number of 2-byte "
+                         "samples", "audio")
+    return np.frombuffer(raw, "<i2") if raw else None
+
+
 def _requested_rate(session: dict) -> int | None:
     """The input rate a session.update asks for (GA audio.input.format or beta
     input_audio_format), None if it does not say; BadRequest if unsupported."""
@@ -316,6 +342,7 @@ HANDLERS = {
     "input_audio_buffer.commit": RealtimeConnection._commit,
     "response.cancel": RealtimeConnection._cancel,
     "response.create": RealtimeConnection._create,
+    "listenloop.playback.append": RealtimeConnection._playback_append,
 }
 KNOWN_UNSUPPORTED = {"conversation.item.create", "conversation.item.delete", "conversation.item.retrieve",
                      "conversation.item.truncate", "output_audio_buffer.clear", "transcription_session.update"}
