@@ -27,10 +27,10 @@ ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:strict_string_checks=1" \
 UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
   ctest --test-dir build/sanitize-address --output-on-failure --timeout 300
 
-echo "== TSan: ring buffer, queues, scheduler"
-configure_and_build thread build/sanitize-thread test_ring_buffer test_bounded_queue test_chunk_scheduler
+echo "== TSan: ring buffer, playback buffer, queues, scheduler"
+configure_and_build thread build/sanitize-thread test_ring_buffer test_bounded_queue test_chunk_scheduler test_playback_buffer
 TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1" \
   ctest --test-dir build/sanitize-thread --output-on-failure --timeout 300 \
-    -R 'test_(ring_buffer|bounded_queue|chunk_scheduler)$'
+    -R 'test_(ring_buffer|bounded_queue|chunk_scheduler|playback_buffer)$'
 
 echo "sanitize: all passed"

@@ -14,10 +14,12 @@
 #include <vector>
 
 #include "chunk_scheduler.h"
+#include "echo_canceller.h"
 #include "log_mel.h"
 #include "mel_kernel.h"
 #include "messages.h"
 #include "pinned_buffer.h"
+#include "playback_buffer.h"
 #include "ring_buffer.h"
 #include "wake_signal.h"
 
@@ -96,11 +98,15 @@ struct PyMelChunk {
   int64_t index, first_sample, arrived_ns, ready_ns;
   int32_t valid_samples;
   float peak;
+  bool playing;
+  float playback_rms, mic_rms, out_rms;
+  int32_t echo_delay;
   py::array_t<float> mel;
 };
 
 PyMelChunk to_python(MelChunk&& c) {
-  PyMelChunk out{c.index, c.first_sample, c.arrived_ns, c.ready_ns, c.valid_samples, c.peak, {}};
+  PyMelChunk out{c.index,   c.first_sample, c.arrived_ns, c.ready_ns, c.valid_samples, c.peak,
+                 c.playing, c.playback_rms, c.mic_rms,    c.out_rms,  c.echo_delay,    {}};
   out.mel = to_numpy(std::move(c.mel), {static_cast<py::ssize_t>(kNMels), static_cast<py::ssize_t>(c.frames)});
   return out;
 }
@@ -155,6 +161,16 @@ py::dict build_info() {
   info["cuda_device_present"] = cuda_runtime_available();
   return info;
 }
+
+// An echo canceller with a playback buffer of its own, for offline use (benchmarks, tests):
+// process() takes the microphone and the reference for the same span.
+struct OfflineEchoCanceller {
+  explicit OfflineEchoCanceller(const EchoSettings& settings)
+      : playback(static_cast<size_t>(settings.max_delay + settings.filter_samples) * 4), canceller(playback, settings) {}
+  PlaybackBuffer playback;
+  EchoCanceller canceller;
+  uint64_t position = 0;
+};
 
 }  // namespace
 
@@ -269,6 +285,11 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("valid_samples", &PyMelChunk::valid_samples)
       .def_readonly("arrived_ns", &PyMelChunk::arrived_ns)
       .def_readonly("ready_ns", &PyMelChunk::ready_ns)
+      .def_readonly("playing", &PyMelChunk::playing)
+      .def_readonly("playback_rms", &PyMelChunk::playback_rms)
+      .def_readonly("mic_rms", &PyMelChunk::mic_rms)
+      .def_readonly("out_rms", &PyMelChunk::out_rms)
+      .def_readonly("echo_delay", &PyMelChunk::echo_delay)
       .def("__repr__", [](const PyMelChunk& c) {
         return "MelChunk(index=" + std::to_string(c.index) + ", first_sample=" + std::to_string(c.first_sample) +
                ", valid_samples=" + std::to_string(c.valid_samples) + ")";
@@ -298,10 +319,76 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("timeout") = py::none());
 
+  // --- playback reference and echo cancellation ---------------------------------------
+  py::class_<PlaybackBuffer>(m, "PlaybackBuffer")
+      .def(py::init<size_t>(), py::arg("capacity"))
+      .def(
+          "write",
+          [](PlaybackBuffer& b, uint64_t at, const py::array& samples) {
+            check_float32(samples, "PlaybackBuffer.write", false);
+            const float* data = static_cast<const float*>(samples.data());
+            const auto n = static_cast<size_t>(samples.size());
+            PlaybackBuffer::WriteResult r;
+            {
+              py::gil_scoped_release release;
+              r = b.write(at, data, n);
+            }
+            py::dict out;
+            out["written"] = r.written;
+            out["late"] = r.late;
+            out["overlap"] = r.overlap;
+            out["ahead"] = r.ahead;
+            return out;
+          },
+          py::arg("at"), py::arg("samples"),
+          "Places float32 samples from microphone position `at` on; says how many were written, "
+          "late (the canceller had passed them), overlapping what was written, or too far ahead.")
+      .def_property_readonly("end_position", &PlaybackBuffer::end_position)
+      .def_property_readonly("read_position", &PlaybackBuffer::read_position)
+      .def_property_readonly("capacity", &PlaybackBuffer::capacity);
+
+  py::class_<EchoSettings>(m, "EchoSettings")
+      .def(py::init<>())
+      .def_readwrite("sample_rate", &EchoSettings::sample_rate)
+      .def_readwrite("frame", &EchoSettings::frame)
+      .def_readwrite("filter_samples", &EchoSettings::filter_samples)
+      .def_readwrite("max_delay", &EchoSettings::max_delay)
+      .def_readwrite("echo_suppress_db", &EchoSettings::echo_suppress_db)
+      .def_readwrite("echo_suppress_active_db", &EchoSettings::echo_suppress_active_db);
+
+  py::class_<OfflineEchoCanceller>(m, "EchoCanceller")
+      .def(py::init<const EchoSettings&>(), py::arg("settings") = EchoSettings())
+      .def(
+          "process",
+          [](OfflineEchoCanceller& c, const py::array& mic, const py::array& ref) {
+            check_float32(mic, "EchoCanceller.process microphone", false);
+            check_float32(ref, "EchoCanceller.process reference", false);
+            if (mic.size() != ref.size()) raise_error("AudioFormatError", "EchoCanceller.process needs equal lengths");
+            const auto frame = static_cast<size_t>(c.canceller.settings().frame);
+            const auto n = static_cast<size_t>(mic.size()) / frame * frame;  // whole frames
+            std::vector<float> out(static_cast<const float*>(mic.data()), static_cast<const float*>(mic.data()) + n);
+            const float* r = static_cast<const float*>(ref.data());
+            {
+              py::gil_scoped_release release;
+              for (size_t offset = 0; offset < n; offset += frame) {
+                c.playback.write(c.position + offset, r + offset, frame);
+                c.canceller.process(c.position + offset, out.data() + offset, frame);
+              }
+              c.position += n;
+            }
+            return to_numpy(std::move(out), {static_cast<py::ssize_t>(n)});
+          },
+          py::arg("mic"), py::arg("ref"),
+          "Cancels the reference's echo from the microphone (float32, same length, whole 10 ms frames "
+          "kept; a trailing partial frame is dropped). Successive calls continue the stream.")
+      .def_property_readonly("delay_samples", [](const OfflineEchoCanceller& c) { return c.canceller.delay_samples(); })
+      .def_property_readonly("delay_changes", [](const OfflineEchoCanceller& c) { return c.canceller.delay_changes(); });
+
   py::class_<ChunkScheduler>(m, "ChunkScheduler")
-      .def(py::init<RingBuffer&, ChunkQueue&, size_t, WakeSignal*>(), py::arg("ring"), py::arg("queue"),
-           py::arg("chunk_samples") = kChunkSamples, py::arg("wake") = py::none(), py::keep_alive<1, 2>(),
-           py::keep_alive<1, 3>(), py::keep_alive<1, 5>())
+      .def(py::init<RingBuffer&, ChunkQueue&, size_t, WakeSignal*, PlaybackBuffer*>(), py::arg("ring"),
+           py::arg("queue"), py::arg("chunk_samples") = kChunkSamples, py::arg("wake") = py::none(),
+           py::arg("playback") = py::none(), py::keep_alive<1, 2>(), py::keep_alive<1, 3>(), py::keep_alive<1, 5>(),
+           py::keep_alive<1, 6>())
       .def("start", &ChunkScheduler::start)
       .def("stop", &ChunkScheduler::stop, py::call_guard<py::gil_scoped_release>())
       .def(

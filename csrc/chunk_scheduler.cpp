@@ -14,13 +14,22 @@ constexpr std::chrono::milliseconds kIdleWait{100};
 
 }  // namespace
 
-ChunkScheduler::ChunkScheduler(RingBuffer& ring, ChunkQueue& queue, size_t chunk_samples, WakeSignal* wake)
+ChunkScheduler::ChunkScheduler(RingBuffer& ring, ChunkQueue& queue, size_t chunk_samples, WakeSignal* wake,
+                               PlaybackBuffer* playback)
     : ring_(ring),
       queue_(queue),
       wake_(wake),
       chunk_samples_(chunk_samples),
       mel_(chunk_samples),
       chunk_buf_(chunk_samples) {
+  if (playback) {
+    EchoSettings settings;
+    if (chunk_samples % static_cast<size_t>(settings.frame) != 0) {
+      throw std::invalid_argument("echo cancellation needs chunks of whole " + std::to_string(settings.frame) +
+                                  "-sample frames, got " + std::to_string(chunk_samples));
+    }
+    canceller_ = std::make_unique<EchoCanceller>(*playback, settings);
+  }
   if (ring.capacity() < chunk_samples) {
     throw std::invalid_argument("the ring (" + std::to_string(ring.capacity()) + " samples) must hold a whole chunk (" +
                                 std::to_string(chunk_samples) + " samples)");
@@ -133,6 +142,16 @@ void ChunkScheduler::emit(size_t valid) {
   chunk_start_ += valid;
   pending_ = 0;
   try {
+    if (canceller_) {
+      // The whole chunk, zero padding of a final partial chunk included: spans stay whole frames.
+      const EchoReport echo = canceller_->process(static_cast<uint64_t>(chunk.first_sample), chunk_buf_.data(),
+                                                  chunk_samples_);
+      chunk.playing = echo.playing;
+      chunk.playback_rms = echo.playback_rms;
+      chunk.mic_rms = echo.mic_rms;
+      chunk.out_rms = echo.out_rms;
+      chunk.echo_delay = echo.delay_samples;
+    }
     chunk.frames = static_cast<int64_t>(mel_.frames());
     chunk.mel.resize(kNMels * mel_.frames());
     chunk.peak = mel_.compute_raw(chunk_buf_.data(), chunk.mel.data());

@@ -4,12 +4,14 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <memory>
 #include <cstdint>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "echo_canceller.h"
 #include "log_mel.h"
 #include "messages.h"
 #include "ring_buffer.h"
@@ -26,11 +28,15 @@ namespace listenloop {
 //
 // With a WakeSignal, every pushed chunk and every completed flush posts it, so one consumer
 // can sleep on a single signal shared by many schedulers.
+//
+// With a PlaybackBuffer, each chunk first goes through an EchoCanceller fed from it (the
+// scheduler owns the canceller: it is the stream's front-end state), and the chunk carries
+// the canceller's report. Positions in the buffer are the ring's sample positions.
 class ChunkScheduler {
  public:
   // `ring`, `queue` and `wake` (optional) must outlive the scheduler.
   ChunkScheduler(RingBuffer& ring, ChunkQueue& queue, size_t chunk_samples = kChunkSamples,
-                 WakeSignal* wake = nullptr);
+                 WakeSignal* wake = nullptr, PlaybackBuffer* playback = nullptr);
   ~ChunkScheduler();
   ChunkScheduler(const ChunkScheduler&) = delete;
   ChunkScheduler& operator=(const ChunkScheduler&) = delete;
@@ -61,6 +67,7 @@ class ChunkScheduler {
   WakeSignal* const wake_;
   const size_t chunk_samples_;
   StreamingMel mel_;
+  std::unique_ptr<EchoCanceller> canceller_;  // with a playback buffer only
   std::vector<float> chunk_buf_;
   size_t pending_ = 0;          // samples in chunk_buf_ (scheduler thread only)
   int64_t next_index_ = 0;      // scheduler thread only

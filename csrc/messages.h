@@ -20,6 +20,12 @@ struct MelChunk {
   int32_t valid_samples = 0; // real samples; the rest of a flushed final chunk is zero padding
   int64_t arrived_ns = -1;   // monotonic ns when the chunk's last sample was written to the ring
   int64_t ready_ns = 0;      // monotonic ns when the mel was computed
+  // The echo canceller's account of the chunk (all zero without a playback reference).
+  bool playing = false;      // the device's playback could echo into this chunk
+  float playback_rms = 0.0f; // RMS of that playback (aligned by the estimated delay)
+  float mic_rms = 0.0f;      // RMS of the microphone before / after cancellation
+  float out_rms = 0.0f;
+  int32_t echo_delay = 0;    // bulk delay in samples the canceller uses
 };
 
 using ChunkQueue = BoundedQueue<MelChunk>;
