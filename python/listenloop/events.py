@@ -29,11 +29,13 @@ class Event:
 
 @dataclass(frozen=True)
 class Decision(Event):
-    """The listening decision for one 0.4 s chunk."""
+    """The listening decision for one 0.4 s chunk. `playback`: the device's own playback could
+    echo into this chunk, so the own-voice policy applied (docs/PROTOCOL.md, "Own voice")."""
 
     chunk: int
     spoke: bool
     p_speak: float
+    playback: bool = False
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,11 @@ SEED = Bounds(0, 2 ** 63 - 1, integer=True)
 # A stream's speak bias: +-50 already decides every chunk (benchmarks force decisions so);
 # the bound keeps the biased logit an ordinary float.
 SPEAK_BIAS = Bounds(-10000.0, 10000.0)
+# Own-voice policy (docs/PROTOCOL.md, "Own voice"): the speak logit's handicap on chunks heard
+# while the device's playback can echo into them. The default is measured in BENCHMARKS.md
+# ("Own voice"): it removes replies to residual echo and keeps barge-in commands answered.
+PLAYBACK_BIAS = -4.0
+PLAYBACK_BIAS_BOUNDS = Bounds(-10000.0, 0.0)
 SPEAK_THRESHOLD = Bounds(0.0, 1.01)  # p_speak >= threshold speaks: 0 always, above 1 never
 REPLY_TOKENS = Bounds(1, MAX_POSITIONS, integer=True)  # a reply never outgrows the context
 

@@ -25,6 +25,7 @@ from .context import chunk_level
 from .errors import Error, SessionClosedError
 from .event_queue import EventQueue
 from .model import Model
+from .playback import BUFFER_SECONDS, PlaybackInput
 from .protocol import CHUNK_SAMPLES, CHUNK_SECONDS, SAMPLE_RATE
 from .scheduler import StreamScheduler
 from .textstream import ReplyText
@@ -111,10 +112,10 @@ class Session:
     """One audio stream through a Runtime. Use as a context manager, or call close(); a
     session that is dropped or still open at interpreter exit is closed for you."""
 
-    OPTIONS = ("ring_seconds", "listen_queue", "event_queue", "stats_every")
+    OPTIONS = ("ring_seconds", "listen_queue", "event_queue", "stats_every", "echo_cancellation")
 
     def __init__(self, runtime: Runtime, stream, *, ring_seconds: float = 8.0, listen_queue: int = 64,
-                 event_queue: int = 65536, stats_every: int = 25):
+                 event_queue: int = 65536, stats_every: int = 25, echo_cancellation: bool = True):
         if listen_queue < 2 or event_queue < 1:
             raise ValueError("listen_queue must be >= 2 and event_queue >= 1")
         if ring_seconds * SAMPLE_RATE < 2 * CHUNK_SAMPLES:
@@ -126,8 +127,14 @@ class Session:
         self._scheduler = runtime._scheduler
         self._ring = core.RingBuffer(int(ring_seconds * SAMPLE_RATE))
         self._listen = core.ChunkQueue(listen_queue)
-        self._chunker = core.ChunkScheduler(self._ring, self._listen, CHUNK_SAMPLES, self._scheduler.wake_signal)
+        # The echo canceller sits in the chunk scheduler (C++); it passes the microphone through
+        # unchanged until accept_playback() first brings sound.
+        reference = core.PlaybackBuffer(int(BUFFER_SECONDS * SAMPLE_RATE)) if echo_cancellation else None
+        self._chunker = core.ChunkScheduler(self._ring, self._listen, CHUNK_SAMPLES, self._scheduler.wake_signal,
+                                            reference)
         self._events = EventQueue(event_queue)
+        self._playback = None if reference is None else PlaybackInput(
+            reference, lambda: int(self._ring.written_total), self._emit, self._stream_time)
         self._stats_every = stats_every
 
         self._resampler: StreamResampler | None = None
@@ -187,6 +194,34 @@ class Session:
             self._flush_resampler()
             self._resampler = StreamResampler(rate)
         self._write(self._resampler(conditioned.samples), block)
+
+    def accept_playback(self, pcm, sample_rate: int = SAMPLE_RATE, *, at: int | None = None,
+                        block: bool = True) -> None:
+        """Feed what the device sends to its speaker, block by block as it plays: the echo
+        reference (docs/PROTOCOL.md, "Playback reference"). It takes what accept_waveform takes,
+        with the same checks and events.
+
+        Each block goes on the microphone's clock right after the previous one; the first block
+        starts at the microphone's current position. A continuous reference (silence included)
+        needs nothing more. A device that pushes playback only while it plays passes
+        `at=session.microphone_position` with the first block of each burst.
+
+        Push each block no later than the microphone audio it plays over: the canceller treats
+        reference not yet pushed as silence, and what comes after it passed is dropped and
+        reported. The reference may run at most 1 s ahead of the microphone: with block=True
+        this waits for the microphone to catch up, otherwise (or if the microphone stands
+        still for 1 s) the excess is dropped and reported, as is a reference that falls more
+        than 1 s behind.
+        """
+        self._check_open()
+        if self._playback is None:
+            raise Error("accept_playback: this session was opened with echo_cancellation=False")
+        self._playback.accept(pcm, sample_rate, at, block)
+
+    @property
+    def microphone_position(self) -> int:
+        """Microphone samples (16 kHz) this session received so far: the playback clock."""
+        return int(self._ring.written_total)
 
     def finish(self, timeout: float | None = None) -> None:
         """End of input: stop the microphone if one captures, flush the last partial chunk and
@@ -343,12 +378,12 @@ class Session:
         started = time.perf_counter()
         stream, index = self.stream, chunk.index
         try:
-            if stream.pending_reset() is not None:
+            if stream.pending_reset(chunk.playing) is not None:
                 self._mel_peak = -math.inf  # the running peak restarts with the context, at this chunk
             self._mel_peak = max(self._mel_peak, chunk.peak)
             mel = chunk.mel
             _core().normalize_log_mel(mel, self._mel_peak)
-            result = stream.listen(self.model.encode(mel[None])[0], chunk_level(mel))
+            result = stream.listen(self.model.encode(mel[None])[0], chunk_level(mel), chunk.playing)
         except Exception as exc:  # noqa: BLE001 - skip the chunk, keep the session
             self._fault(index, exc)
             return
@@ -359,7 +394,7 @@ class Session:
         stream_time = self._handled_until = self._chunk_time(index)
         if result.context_reset:
             self._emit(ev.ContextReset(stream_time, time.monotonic(), index, result.context_reset))
-        self._emit(ev.Decision(stream_time, time.monotonic(), index, result.spoke, result.p_speak))
+        self._emit(ev.Decision(stream_time, time.monotonic(), index, result.spoke, result.p_speak, chunk.playing))
         if result.spoke:
             self._reply = ReplyText(self.model.token_bytes, self.model.tokens, self.model.emotions)
             self._reply_chunk = index

@@ -32,7 +32,7 @@ import numpy as np
 from .context import HISTORY_CHUNKS, LEVEL_FLOOR_CHUNKS, LEVEL_MARGIN, QUIET_P_SPEAK, ContextPolicy, reply_reserve
 from .errors import ProtocolError
 from .protocol import BLOCK, STEP, VECTORS_PER_CHUNK
-from .sampling import Sampler, SamplingConfig
+from .sampling import PLAYBACK_BIAS, Sampler, SamplingConfig
 
 log = logging.getLogger("listenloop")
 
@@ -175,7 +175,13 @@ class Policy:
     - max_reply_tokens: the reply cap (default: the package's), an integer in [1, 32768];
     - history_chunks: chunks a context reset re-prefills, an integer in [1, HISTORY_CHUNKS];
     - quiet_resets: reset at quiet moments before the context is full (True); False resets
-      only when it must, so a comparison with an unbounded reference stays exact while it fits.
+      only when it must, so a comparison with an unbounded reference stays exact while it fits;
+    - playback_bias: added to the TEXT_BEGIN logit, on top of speak_bias, for chunks heard
+      while the device's own playback can echo into them (docs/PROTOCOL.md, "Own voice"): a
+      finite number in [-10000, 0]; 0 treats them like any other chunk. Such chunks are also
+      never re-fed by a context reset;
+    - reset_after_playback: rebuild the context at the first chunk after the device stops
+      playing (True), so what it heard of its own voice does not shape later decisions.
 
     `build` checks every option (booleans are not numbers, NaN and infinities never pass) and
     raises one ConfigError line naming the option; an unknown option name is a TypeError.
@@ -188,14 +194,16 @@ class Policy:
     history_chunks: int = HISTORY_CHUNKS
     quiet_resets: bool = True
     sampler: object = None
+    playback_bias: float = PLAYBACK_BIAS
+    reset_after_playback: bool = True
 
     OPTIONS = ("speak_bias", "sampling", "sampler", "speak_threshold", "max_reply_tokens", "history_chunks",
-               "quiet_resets")
+               "quiet_resets", "playback_bias", "reset_after_playback")
 
     @classmethod
     def build(cls, defaults: dict, **options) -> "Policy":
         from .errors import Bounds, ConfigError, show
-        from .sampling import REPLY_TOKENS, SPEAK_BIAS, SPEAK_THRESHOLD
+        from .sampling import PLAYBACK_BIAS_BOUNDS, REPLY_TOKENS, SPEAK_BIAS, SPEAK_THRESHOLD
 
         unknown = sorted(set(options) - set(cls.OPTIONS))
         if unknown:
@@ -223,12 +231,17 @@ class Policy:
         quiet_resets = given.get("quiet_resets", True)
         if not isinstance(quiet_resets, (bool, np.bool_)):
             raise ConfigError(f"quiet_resets must be True or False, got {show(quiet_resets)}")
+        reset_after_playback = given.get("reset_after_playback", True)
+        if not isinstance(reset_after_playback, (bool, np.bool_)):
+            raise ConfigError(f"reset_after_playback must be True or False, got {show(reset_after_playback)}")
         threshold = number("speak_threshold", SPEAK_THRESHOLD) if "speak_threshold" in given else None
         return cls(speak_bias=number("speak_bias", SPEAK_BIAS, defaults["speak_bias"]), sampling=sampling,
                    max_reply_tokens=number("max_reply_tokens", REPLY_TOKENS, defaults["max_reply_tokens"]),
                    speak_threshold=threshold,
                    history_chunks=number("history_chunks", Bounds(1, HISTORY_CHUNKS, integer=True), HISTORY_CHUNKS),
-                   quiet_resets=bool(quiet_resets), sampler=sampler)
+                   quiet_resets=bool(quiet_resets), sampler=sampler,
+                   playback_bias=number("playback_bias", PLAYBACK_BIAS_BOUNDS, PLAYBACK_BIAS),
+                   reset_after_playback=bool(reset_after_playback))
 
     def new_sampler(self):
         """The stream's own sampler (its random state is per stream)."""
@@ -328,6 +341,7 @@ class DecoderStream:
         self._history_count = 0  # chunks heard since the last reply, up to history_chunks
         self._history_next = 0
         self._quiet_run = 0  # silent, low-p_speak (and not loud) chunks in a row
+        self._heard_playback = False  # the context holds chunks heard while the device played
         self._levels = collections.deque(maxlen=LEVEL_FLOOR_CHUNKS)
         self.reply_truncated = False
 
@@ -465,22 +479,27 @@ class DecoderStream:
         self._history_next = (i + 1) % size
         self._history_count = min(self._history_count + 1, size)
 
-    def pending_reset(self) -> str | None:
-        """Why the next listen() will rebuild the context first, or None. The front end asks
-        so it can restart the mel's running peak at that same chunk."""
+    def pending_reset(self, playing: bool = False) -> str | None:
+        """Why the next listen() (of a chunk heard while the device played, if `playing`) will
+        rebuild the context first, or None. The front end asks so it can restart the mel's
+        running peak at that same chunk."""
         if self._position == 0:
             return None
         if self.context.must_reset(self._position, STEP):
             return f"context full at {self._position} of {self.capacity} tokens"
+        if self._heard_playback and not playing and self.policy.reset_after_playback and not self._speaking:
+            return f"own voice ended at {self._position} of {self.capacity} tokens"
         if (self.policy.quiet_resets and self._previous == self._silence_id
                 and self.context.quiet_reset(self._position, self._quiet_run)):
             return f"quiet moment at {self._position} of {self.capacity} tokens"
         return None
 
-    def _decision(self, row: np.ndarray) -> tuple[bool, float]:
+    def _decision(self, row: np.ndarray, playing: bool) -> tuple[bool, float]:
         silence = row.item(self._silence_id)  # a Python float, without a NumPy scalar in between
         policy = self.policy
         speak = row.item(self._speak_id) + policy.speak_bias
+        if playing:
+            speak += policy.playback_bias  # stronger evidence while its own voice may echo
         margin = speak - silence
         p_speak = 1.0 / (1.0 + math.exp(-margin)) if margin > -700 else 0.0  # softmax over the two
         if policy.speak_threshold is not None:
@@ -489,10 +508,11 @@ class DecoderStream:
 
     # -- listening -----------------------------------------------------------------------
 
-    def listen(self, audio_embeds: np.ndarray, level: float | None = None) -> ListenResult:
+    def listen(self, audio_embeds: np.ndarray, level: float | None = None, playing: bool = False) -> ListenResult:
         """One listening step for one chunk's [10, H] audio vectors: one decoder call.
         `level` (context.chunk_level of the chunk's mel), when given, keeps the context policy
-        from taking a loud chunk for a quiet moment."""
+        from taking a loud chunk for a quiet moment. `playing`: the device's playback could echo
+        into this chunk (the own-voice policy applies)."""
         if type(audio_embeds) is not np.ndarray or audio_embeds.shape != self._audio_shape:
             audio_embeds = np.asarray(audio_embeds)
             if audio_embeds.shape != self._audio_shape:
@@ -500,7 +520,10 @@ class DecoderStream:
                                  f"got {list(audio_embeds.shape)}")
         if self._speaking:
             raise ProtocolError("listen() during a reply: finish the reply first")
-        reason = self.pending_reset()
+        reason = self.pending_reset(playing)
+        if reason is not None:
+            self._heard_playback = False
+        self._heard_playback = self._heard_playback or playing
         if reason is None and self._previous == self._silence_id:
             self._steady_step(audio_embeds)  # the steady state: every 0.4 s for the whole stream
         else:
@@ -514,7 +537,7 @@ class DecoderStream:
                 blocks = [audio_embeds]
             lead = self._prefix if self._previous is None else (self._previous,)
             self._run(self._stage(lead, blocks))
-        spoke, p_speak = self._decision(self._row)
+        spoke, p_speak = self._decision(self._row, playing)
         loud = False
         if level is not None:
             self._levels.append(level)
@@ -525,7 +548,8 @@ class DecoderStream:
             self._history_count = self._quiet_run = 0  # answered audio is never re-fed
         else:
             self._previous = self._silence_id
-            self._remember(audio_embeds)
+            if not playing:  # its own voice is never re-fed after a reset
+                self._remember(audio_embeds)
             self._quiet_run = self._quiet_run + 1 if p_speak < QUIET_P_SPEAK and not loud else 0
         return ListenResult(spoke, p_speak, self._row, self._position, reason, self._decision_ids)
 
