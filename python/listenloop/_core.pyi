@@ -144,9 +144,11 @@ class ChunkScheduler:
     """
 
     def __init__(self, ring: RingBuffer, queue: ChunkQueue, chunk_samples: int = 6400,
-                 wake: WakeSignal | None = None) -> None:
+                 wake: WakeSignal | None = None, playback: PlaybackBuffer | None = None) -> None:
         """wake: posted after every chunk pushed to the queue (not for dropped ones) and
-        after every completed flush(). ValueError if the ring cannot hold a whole chunk."""
+        after every completed flush(). playback: each chunk first goes through an echo
+        canceller fed from it (positions are the ring's). ValueError if the ring cannot hold a
+        whole chunk."""
     def start(self) -> None:
         """Start the thread (no-op while running)."""
     def stop(self) -> None:
