@@ -155,6 +155,7 @@ py::dict build_info() {
   info["sanitize"] = LISTENLOOP_SANITIZE;
   info["fft"] = "pocketfft";
   info["mel_kernel"] = best_frame_kernel();
+  info["echo_canceller"] = kEchoCancellerName;
   const std::string cudart = cuda_runtime_library();
   info["cudart_found"] = !cudart.empty();
   info["cudart_library"] = cudart.empty() ? py::object(py::none()) : py::object(py::str(cudart));

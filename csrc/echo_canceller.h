@@ -13,6 +13,9 @@ struct SpeexPreprocessState_;
 
 namespace listenloop {
 
+// What listenloop._core.build_info() reports as the canceller.
+inline constexpr const char* kEchoCancellerName = "speexdsp-1.2.1-mdf+residual-suppressor, bulk-delay aligned";
+
 // Settings of one canceller; the defaults are the runtime's (docs/DESIGN.md, "Echo cancellation").
 struct EchoSettings {
   int sample_rate = 16000;
