@@ -11,6 +11,9 @@ Groups (compare medians within a group):
   scheduler   end to end per chunk: write 6400 samples to the ring, the scheduler thread
               wakes, cuts the chunk, computes its mel and pushes it, Python pops the MelChunk.
               Subtracting the C++ mel-chunk median leaves the scheduling + hand-over cost.
+  echo-chunk  one 6400-sample chunk through the echo canceller while the device plays
+              (the cost the front end adds per chunk), and with no playback within reach
+              (the pass-through the canceller costs a session that never plays).
 
 NumPy's matrix product uses OpenBLAS threads; on a busy machine their hand-offs dominate
 the tiny per-chunk product. For the single-threaded comparison run with
@@ -20,7 +23,7 @@ import numpy as np
 import pytest
 
 from listenloop import features
-from listenloop._core import ChunkQueue, ChunkScheduler, LogMel, RingBuffer, StreamingMel
+from listenloop._core import ChunkQueue, ChunkScheduler, EchoCanceller, LogMel, RingBuffer, StreamingMel
 
 rng = np.random.default_rng(0)
 CHUNK = (0.3 * rng.standard_normal(6400)).astype(np.float32)
@@ -80,3 +83,14 @@ def test_scheduler_end_to_end_per_chunk(benchmark):
         scheduler.stop()
     assert chunk is not None and chunk.valid_samples == 6400
     assert scheduler.chunks_dropped == 0
+
+
+@pytest.mark.benchmark(group="echo-chunk")
+@pytest.mark.parametrize("playing", [True, False])
+def test_echo_canceller_chunk(benchmark, playing):
+    canceller = EchoCanceller()
+    reference = (0.1 * rng.standard_normal(6400)).astype(np.float32) * playing
+    microphone = (0.5 * np.roll(reference, 800) + 0.01 * CHUNK).astype(np.float32)
+    canceller.process(microphone, reference)  # the delay estimate and filter get going
+    out = benchmark(canceller.process, microphone, reference)
+    assert out.shape == (6400,)
