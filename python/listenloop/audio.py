@@ -527,3 +527,174 @@ class Microphone:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# --- microphone and speaker ----------------------------------------------------------------
+
+DUPLEX_RING_SECONDS = 4.0  # played and captured audio waiting for the worker
+SPEECH_RING_SECONDS = 8.0  # speech queued for the speaker; a longer utterance is topped up as it plays
+_DUPLEX_POLL_S = 0.01
+
+
+class Duplex:
+    """Microphone and speaker on one PortAudio stream, so that both run on one sample clock,
+    feeding a session its microphone audio and, as the echo reference, everything the speaker
+    played (docs/PROTOCOL.md, "Playback reference").
+
+    The callback is the only real-time code: it plays the next block of queued speech (silence
+    when there is none), then writes the block it played and the block it captured into two
+    rings, in that order. It copies between preallocated buffers and never blocks. A worker
+    thread forwards each played block to `session.accept_playback` before the microphone block
+    captured with it goes to `session.accept_waveform`, both at the stream's rate (the session
+    resamples them alike); since silence is played and fed too, the reference is continuous
+    and needs no `at`.
+
+    `play(samples)` queues mono float32 speech at `rate`, replacing what is still playing. The
+    speech ring has one producer (the worker) and one consumer (the callback); to drop queued
+    speech the worker asks and the callback discards, so neither side ever writes the other's
+    end.
+    """
+
+    def __init__(self, session, device=None, output_device=None, block_ms: int = 20):
+        from . import _core
+
+        self._sd = sd = _sounddevice()
+        self.session = session
+        try:
+            info = sd.query_devices(device, kind="input")
+            out_info = sd.query_devices(output_device, kind="output")
+        except Exception as exc:  # noqa: BLE001 - PortAudio reports host problems with several types
+            raise DeviceError(f"no usable audio input and output device: {exc}") from None
+        self.device_name = info["name"]
+        self.output_name = out_info["name"]
+        self.rate = self._choose_rate(device, output_device, info)
+        self._played = _core.RingBuffer(int(self.rate * DUPLEX_RING_SECONDS))
+        self._captured = _core.RingBuffer(int(self.rate * DUPLEX_RING_SECONDS))
+        self._speech = _core.RingBuffer(int(self.rate * SPEECH_RING_SECONDS))
+        self._discard = np.zeros(self._speech.capacity, np.float32)  # the callback drops queued speech into it
+        self._flush_asked = 0  # worker: flushes asked for
+        self._flush_done = 0  # callback: flushes done
+        self._next: np.ndarray | None = None  # speech handed to play(), not yet taken by the worker
+        self._next_lock = threading.Lock()
+        self._utterance = np.zeros(0, np.float32)  # worker: the speech playing, and how much is queued
+        self._queued = 0
+        try:
+            self._stream = sd.Stream(device=(device, output_device), channels=1, samplerate=self.rate,
+                                     dtype="float32", blocksize=int(self.rate * block_ms / 1000),
+                                     callback=self._callback)
+        except Exception as exc:  # noqa: BLE001
+            raise DeviceError(f"cannot open {self.device_name!r} with {self.output_name!r}: {exc}") from None
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="listenloop-duplex", daemon=True)
+
+    def _choose_rate(self, device, output_device, info) -> int:
+        """16 kHz if both sides take it, else the input's native rate if the output takes that."""
+        sd = self._sd
+
+        def both(rate) -> bool:
+            try:
+                sd.check_input_settings(device=device, channels=1, samplerate=rate, dtype="float32")
+                sd.check_output_settings(device=output_device, channels=1, samplerate=rate, dtype="float32")
+            except Exception:  # noqa: BLE001 - PortAudio refuses settings with several types
+                return False
+            return True
+
+        if both(SAMPLE_RATE):
+            return SAMPLE_RATE
+        native = float(info["default_samplerate"])
+        if not (math.isfinite(native) and MIN_SAMPLE_RATE <= round(native) <= MAX_SAMPLE_RATE):
+            raise AudioFormatError(f"audio input {self.device_name!r} runs at {native:g} Hz, outside the "
+                                   f"supported range, {RATE_RANGE}")
+        if not both(round(native)):
+            raise DeviceError(f"audio output {self.output_name!r} cannot run at {SAMPLE_RATE} Hz or at the "
+                              f"input's {native:g} Hz; choose another pair (--device, --output-device)")
+        return int(round(native))
+
+    # -- real-time thread -------------------------------------------------------------------
+
+    def _callback(self, indata, outdata, frames, time_info, status) -> None:
+        out = outdata[:, 0]
+        if self._flush_done != self._flush_asked:
+            asked = self._flush_asked
+            self._speech.read(self._discard)  # the ring holds at most what _discard does
+            self._flush_done = asked
+        outdata.fill(0.0)  # silence where no speech is queued
+        self._speech.read(out)
+        self._played.write(out)  # the reference first: never after the microphone it plays over
+        self._captured.write(indata[:, 0])
+
+    # -- worker -----------------------------------------------------------------------------
+
+    def play(self, samples: np.ndarray) -> None:
+        """Speak mono float32 `samples` at `rate`, replacing what is still playing."""
+        samples = np.ascontiguousarray(samples, dtype=np.float32)
+        with self._next_lock:
+            self._next = samples
+
+    @property
+    def speaking(self) -> bool:
+        """Speech is waiting to be played or playing."""
+        with self._next_lock:
+            return self._next is not None or self._queued < self._utterance.size or self._speech.available() > 0
+
+    def start(self) -> Duplex:
+        self._stream.start()
+        self._worker.start()
+        return self
+
+    def _work(self) -> None:
+        played = np.zeros(self._played.capacity, np.float32)
+        captured = np.zeros(self._captured.capacity, np.float32)
+        self._seen_drops = 0
+        while not self._stop.is_set():
+            self._queue_speech()
+            self._forward(played, captured)
+            self._stop.wait(_DUPLEX_POLL_S)
+        self._forward(played, captured)  # the stream is stopped: what it captured last
+
+    def _queue_speech(self) -> None:
+        with self._next_lock:  # with `speaking`: the handover is never seen half done
+            if self._next is not None:
+                self._utterance, self._queued, self._next = self._next, 0, None
+                self._flush_asked += 1  # the callback drops what is queued of the previous one
+        if self._flush_done != self._flush_asked:
+            return  # anything written now could be dropped by the flush
+        if self._queued < self._utterance.size:
+            self._queued += self._speech.write(self._utterance[self._queued:])
+
+    def _forward(self, played: np.ndarray, captured: np.ndarray) -> None:
+        from .events import AudioDropped
+
+        n = self._captured.available()  # its played block was written before it
+        if n:
+            self._played.read(played[:n])
+            self._captured.read(captured[:n])
+            self.session.accept_playback(played[:n], self.rate, block=False)
+            self.session.accept_waveform(captured[:n], self.rate, block=False)
+        drops = int(self._captured.dropped_samples)  # the played ring drops the same blocks
+        if drops > self._seen_drops:
+            self.session._emit(AudioDropped(self.session._stream_time(), time.monotonic(),
+                                            drops - self._seen_drops, "microphone ring overrun"))
+            self._seen_drops = drops
+
+    @property
+    def active(self) -> bool:
+        return not self._stop.is_set()
+
+    def stop(self) -> None:
+        """Stop the stream and forward what it captured (idempotent)."""
+        if self._stop.is_set():
+            return
+        try:
+            self._stream.stop()
+            self._stream.close()
+        finally:
+            self._stop.set()
+            if self._worker.is_alive():
+                self._worker.join(timeout=5)
+
+    def __enter__(self) -> Duplex:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
