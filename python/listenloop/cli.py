@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
 
     listen = sub.add_parser("listen", help="listen to a microphone until Ctrl-C")
     listen.add_argument("--device", default=None, help="input device index or name (see `listenloop devices`)")
+    listen.add_argument("--speak", action="store_true",
+                        help="speak each reply through espeak-ng; what the speaker plays is cancelled from the "
+                             "microphone (microphone and speaker share one duplex stream)")
+    listen.add_argument("--output-device", default=None, help="with --speak: output device index or name")
+    listen.add_argument("--voice", default=None, help="with --speak: espeak-ng voice, e.g. en-us (espeak-ng --voices)")
     runtime_options(listen)
 
     sub.add_parser("devices", help="list audio input devices")
@@ -225,21 +230,131 @@ def cmd_run(args) -> int:
     return 0
 
 
+ESPEAK = "espeak-ng"
+
+
+class Espeak:
+    """Text to speech through the espeak-ng command (`--stdout` writes a WAV). Opening it
+    renders one word, so that a missing program or an unknown voice fails at once, in one line."""
+
+    def __init__(self, voice: str | None = None):
+        import shutil
+
+        self.program = shutil.which(ESPEAK)
+        if self.program is None:
+            raise Error(f"--speak needs {ESPEAK}, which is not installed (apt install {ESPEAK}; "
+                        f"macOS: brew install {ESPEAK})")
+        self.voice = voice
+        self.render("ready")
+
+    def render(self, text: str):
+        """(mono float32 samples, sample rate) of `text` spoken."""
+        import io
+        import subprocess
+
+        import soundfile as sf
+
+        command = [self.program, "--stdout"] + (["-v", self.voice] if self.voice else [])
+        try:  # the text goes in on stdin: never taken for an option
+            done = subprocess.run(command, input=text.encode("utf-8"), capture_output=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise Error(f"{ESPEAK} failed: {exc}") from None
+        if done.returncode or not done.stdout:
+            detail = (done.stderr.decode("utf-8", "replace").strip().splitlines() or ["no audio"])[0]
+            raise Error(f"{ESPEAK} failed{f' with voice {self.voice!r}' if self.voice else ''}: {detail}")
+        try:
+            pcm, rate = sf.read(io.BytesIO(done.stdout), dtype="float32", always_2d=True)
+        except (RuntimeError, ValueError) as exc:  # soundfile's LibsndfileError is a RuntimeError
+            raise Error(f"{ESPEAK} wrote audio that cannot be read: {exc}") from None
+        return pcm.mean(axis=1, dtype="float32"), int(rate)
+
+
+class Speaker:
+    """Speaks replies off the audio thread: a worker renders the newest text waiting and hands it
+    to the duplex stream, which stops whatever is still playing and plays it."""
+
+    def __init__(self, voice: Espeak, duplex, on_error):
+        import queue
+        import threading
+
+        self.voice, self.duplex, self._on_error = voice, duplex, on_error
+        self._texts: queue.Queue = queue.Queue()
+        self._waiting = 0  # texts said and not yet handed to the stream (or skipped)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="listenloop-speaker", daemon=True)
+        self._thread.start()
+
+    def say(self, text: str) -> None:
+        with self._lock:
+            self._waiting += 1
+        self._texts.put(text)
+
+    @property
+    def idle(self) -> bool:
+        """Every text said so far is playing, played or replaced."""
+        with self._lock:
+            return self._waiting == 0
+
+    def _done(self, texts: int) -> None:
+        with self._lock:
+            self._waiting -= texts
+
+    def _run(self) -> None:
+        from .audio import resample
+
+        while True:
+            text, texts = self._texts.get(), 1
+            while text is not None and not self._texts.empty():  # replies that came meanwhile: the newest
+                text, texts = self._texts.get(), texts + 1
+            if text is None:
+                return
+            try:
+                pcm, rate = self.voice.render(text)
+                self.duplex.play(resample(pcm, rate, self.duplex.rate))
+            except Error as exc:
+                self._on_error(str(exc))
+            finally:
+                self._done(texts)
+
+    def close(self) -> None:
+        self._texts.put(None)
+        self._thread.join(timeout=60)
+
+
+def _device(value):
+    return int(value) if value is not None and str(value).isdigit() else value
+
+
 def cmd_listen(args) -> int:
+    if not args.speak and (args.voice is not None or args.output_device is not None):
+        raise Error("--voice and --output-device need --speak")
+    voice = Espeak(args.voice) if args.speak else None  # before the model loads: fails at once
     runtime = _runtime(args)
     printer = Printer(args.json, args.verbose)
-    device = int(args.device) if args.device is not None and str(args.device).isdigit() else args.device
     with runtime.session() as session:
-        mic = session.listen(device)
-        print(f"listening on {mic.device_name!r} ({mic.rate} Hz); Ctrl-C to stop", file=sys.stderr)
+        speaker = None
+        if args.speak:
+            from .audio import Duplex
+
+            source = Duplex(session, _device(args.device), _device(args.output_device)).start()
+            speaker = Speaker(voice, source, printer.warning)
+            where = f"listening on {source.device_name!r}, speaking on {source.output_name!r}"
+        else:
+            source = session.listen(_device(args.device))
+            where = f"listening on {source.device_name!r}"
+        print(f"{where} ({source.rate} Hz); Ctrl-C to stop", file=sys.stderr)
         try:
             while True:
                 for event in session.events(timeout=0.5):
                     printer(event)
+                    if speaker is not None and event.kind == "ReplyEnded" and event.text.strip():
+                        speaker.say(event.text)
         except KeyboardInterrupt:
             pass
         finally:
-            mic.stop()
+            if speaker is not None:
+                speaker.close()
+            source.stop()
         printer.summary(session.stats())
     return 0
 
