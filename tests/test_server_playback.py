@@ -101,7 +101,7 @@ def _python_api(runtime, blocks, rate, finish: bool):
             return events + list(s.events(timeout=10)), None
         chunks = s.microphone_position // CHUNK_SAMPLES
         while sum(e.kind == "Decision" for e in events) < chunks or _reply_open(events):
-            events.extend(s.events(timeout=30))
+            events.append(next(iter(s.events(timeout=30))))
         return events, chunks
 
 
@@ -281,7 +281,7 @@ async def _bad_pcm_playback(url):
     async with aiohttp.ClientSession() as http:
         async with http.ws_connect(f"{url}/v1/pcm?frames=tagged&format=s16") as ws:
             assert (await ws.receive_json(timeout=10))["event"] == "Ready"
-            for bad, code in ((b"PLAY\x00\x01\x02", "invalid_audio_length"), (b"\x00\x00\x00\x00\x00\x00", "invalid_tag"),
+            for bad, code in ((b"PLAY\x00\x01\x02", "invalid_audio_length"), (b"\x00" * 6, "invalid_tag"),
                               (b"PLA", "invalid_tag"), (b"MIC \x00", "invalid_audio_length")):
                 await ws.send_bytes(bad)
                 reply = await ws.receive_json(timeout=10)
