@@ -21,14 +21,11 @@ ChunkScheduler::ChunkScheduler(RingBuffer& ring, ChunkQueue& queue, size_t chunk
       wake_(wake),
       chunk_samples_(chunk_samples),
       mel_(chunk_samples),
+      playback_(playback),
       chunk_buf_(chunk_samples) {
-  if (playback) {
-    EchoSettings settings;
-    if (chunk_samples % static_cast<size_t>(settings.frame) != 0) {
-      throw std::invalid_argument("echo cancellation needs chunks of whole " + std::to_string(settings.frame) +
-                                  "-sample frames, got " + std::to_string(chunk_samples));
-    }
-    canceller_ = std::make_unique<EchoCanceller>(*playback, settings);
+  if (playback_ && chunk_samples % static_cast<size_t>(EchoSettings().frame) != 0) {
+    throw std::invalid_argument("echo cancellation needs chunks of whole " + std::to_string(EchoSettings().frame) +
+                                "-sample frames, got " + std::to_string(chunk_samples));
   }
   if (ring.capacity() < chunk_samples) {
     throw std::invalid_argument("the ring (" + std::to_string(ring.capacity()) + " samples) must hold a whole chunk (" +
@@ -142,6 +139,11 @@ void ChunkScheduler::emit(size_t valid) {
   chunk_start_ += valid;
   pending_ = 0;
   try {
+    // The canceller is made when the first playback arrives: until then the microphone passes
+    // untouched anyway, and a session that never plays does not pay for its filter.
+    if (!canceller_ && playback_ && playback_->ever_written()) {
+      canceller_ = std::make_unique<EchoCanceller>(*playback_);
+    }
     if (canceller_) {
       // The whole chunk, zero padding of a final partial chunk included: spans stay whole frames.
       const EchoReport echo = canceller_->process(static_cast<uint64_t>(chunk.first_sample), chunk_buf_.data(),

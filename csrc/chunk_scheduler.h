@@ -29,9 +29,10 @@ namespace listenloop {
 // With a WakeSignal, every pushed chunk and every completed flush posts it, so one consumer
 // can sleep on a single signal shared by many schedulers.
 //
-// With a PlaybackBuffer, each chunk first goes through an EchoCanceller fed from it (the
-// scheduler owns the canceller: it is the stream's front-end state), and the chunk carries
-// the canceller's report. Positions in the buffer are the ring's sample positions.
+// With a PlaybackBuffer, once playback has arrived each chunk first goes through an
+// EchoCanceller fed from it (the scheduler owns the canceller: it is the stream's front-end
+// state), and the chunk carries the canceller's report. Positions in the buffer are the ring's
+// sample positions.
 class ChunkScheduler {
  public:
   // `ring`, `queue` and `wake` (optional) must outlive the scheduler.
@@ -67,7 +68,8 @@ class ChunkScheduler {
   WakeSignal* const wake_;
   const size_t chunk_samples_;
   StreamingMel mel_;
-  std::unique_ptr<EchoCanceller> canceller_;  // with a playback buffer only
+  PlaybackBuffer* const playback_;
+  std::unique_ptr<EchoCanceller> canceller_;  // made at the first chunk after playback arrives
   std::vector<float> chunk_buf_;
   size_t pending_ = 0;          // samples in chunk_buf_ (scheduler thread only)
   int64_t next_index_ = 0;      // scheduler thread only

@@ -15,8 +15,7 @@ size_t round_up_pow2(size_t n) {
 
 PlaybackBuffer::PlaybackBuffer(size_t capacity)
     : capacity_(round_up_pow2(std::max<size_t>(capacity, 2))),
-      mask_(capacity_ - 1),
-      data_(std::make_unique<float[]>(capacity_)) {}
+      mask_(capacity_ - 1) {}
 
 PlaybackBuffer::WriteResult PlaybackBuffer::write(uint64_t at, const float* data, size_t n) noexcept {
   WriteResult result;
@@ -46,6 +45,11 @@ PlaybackBuffer::WriteResult PlaybackBuffer::write(uint64_t at, const float* data
     return result;
   }
   if (skip == n) return result;
+  if (!data_) data_.reset(new (std::nothrow) float[capacity_]);  // the consumer reads none before end_ moves
+  if (!data_) {
+    result.ahead = n - skip;  // no memory: counted like a full buffer
+    return result;
+  }
   for (uint64_t p = gap_from; p < first; ++p) data_[p & mask_] = 0.0f;
   const size_t fits = static_cast<size_t>(std::min<uint64_t>(limit - first, n - skip));
   for (size_t i = 0; i < fits; ++i) data_[(first + i) & mask_] = data[skip + i];

@@ -18,7 +18,9 @@ namespace listenloop {
 //   - ahead: positions at or beyond read_position() + capacity (the consumer is that far behind).
 class PlaybackBuffer {
  public:
-  explicit PlaybackBuffer(size_t capacity);  // rounded up to a power of two
+  // `capacity` is rounded up to a power of two; the memory is allocated by the first write, so
+  // a session that never plays costs nothing.
+  explicit PlaybackBuffer(size_t capacity);
   PlaybackBuffer(const PlaybackBuffer&) = delete;
   PlaybackBuffer& operator=(const PlaybackBuffer&) = delete;
 
@@ -47,7 +49,7 @@ class PlaybackBuffer {
  private:
   const size_t capacity_;
   const size_t mask_;
-  std::unique_ptr<float[]> data_;
+  std::unique_ptr<float[]> data_;  // set by the producer's first write, published by end_
   // Producer-owned: one past the last position written (0: nothing yet). Positions in
   // [start_, end_) hold written samples or the zeros of a gap.
   alignas(64) std::atomic<uint64_t> end_{0};

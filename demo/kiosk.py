@@ -40,9 +40,10 @@ def device_speech(text: str) -> np.ndarray:
 
 
 def run(runtime, scene: np.ndarray, room: Room | None, *, cancel: bool = True, seed: int = 0,
-        **policy) -> list[Reply]:
+        opening: str | None = None, **policy) -> list[Reply]:
     """The replies of one session over `scene` (16 kHz float32), speaking them into `room`
-    (None: the device is silent); `cancel` feeds the reference to the session's canceller."""
+    (None: the device is silent); `cancel` feeds the reference to the session's canceller;
+    `opening`: a text the device says as the scene starts (a kiosk's greeting)."""
     scene = np.asarray(scene, np.float32)
     n_chunks = -(-len(scene) // CHUNK_SAMPLES)
     padded = np.zeros(n_chunks * CHUNK_SAMPLES, np.float32)
@@ -50,6 +51,8 @@ def run(runtime, scene: np.ndarray, room: Room | None, *, cancel: bool = True, s
     echo = Echo(room) if room is not None else None
     rng = np.random.default_rng(seed)
     speaking, cursor = np.zeros(0, np.float32), 0
+    if opening is not None and echo is not None:
+        speaking = device_speech(opening)
     replies: list[Reply] = []
     with runtime.session(echo_cancellation=cancel, **policy) as session:
         for k in range(n_chunks):
@@ -124,9 +127,14 @@ class BargeIn:
     deadline_s: float  # its reply counts up to here (streams.py's labelling rule: 2 chunks late)
 
 
-def barge_in_scene(seed: int) -> BargeIn:
+OPENING = "I can listen for alarms, doorbells and simple commands."  # a kiosk's greeting
+OPENING_LEAD_S = 5.0  # scene time before the event when the device greets first
+
+
+def barge_in_scene(seed: int, lead_s: float = 0.0) -> BargeIn:
     """Held-out voices and levels (the evaluation split). The command starts while the
-    reply to the event is playing: its reply chunk is known from the event's labelling."""
+    reply to the event is playing: its reply chunk is known from the event's labelling.
+    `lead_s` more seconds of background come first (time for the device's greeting)."""
     from . import streams, tasks
 
     rng = np.random.default_rng([seed, 0xBA96E])
@@ -134,7 +142,7 @@ def barge_in_scene(seed: int) -> BargeIn:
     event = streams.render_item(rng, "event", str(rng.choice(BARGE_IN_EVENTS)), "eval")
     command_name = str(rng.choice([c.name for c in tasks.COMMANDS]))
     command = streams.render_item(rng, "command", command_name, "eval")
-    event_start = int(rng.uniform(1.5, 3.0) * SAMPLE_RATE)
+    event_start = int((rng.uniform(1.5, 3.0) + lead_s) * SAMPLE_RATE)
     reply_end = (streams.reply_chunk(event_start + len(event.audio)) + 1) * CHUNK_SAMPLES
     command_start = reply_end + int(BARGE_IN_DELAY_S * SAMPLE_RATE)
     n_chunks = -(-(command_start + len(command.audio) + 3 * SAMPLE_RATE) // CHUNK_SAMPLES)

@@ -9,6 +9,8 @@ into events.
 """
 from __future__ import annotations
 
+import collections
+import statistics
 import time
 
 import numpy as np
@@ -19,25 +21,39 @@ from .errors import AudioFormatError
 from .protocol import SAMPLE_RATE
 
 MAX_SKEW_SECONDS = 1.0  # how far the reference may run ahead of or fall behind the microphone
-BUFFER_SECONDS = 4.0  # the PlaybackBuffer: the skew both ways plus a chunk and margin
+BUFFER_MARGIN_SECONDS = 2.0  # the PlaybackBuffer holds the microphone ring, the skew and a chunk beyond it
 _MICROPHONE_STALL_SECONDS = 1.0  # a blocking push gives up if the microphone and canceller stand still this long
 MAX_SKEW_SAMPLES = int(MAX_SKEW_SECONDS * SAMPLE_RATE)
+
+
+def buffer_samples(ring_capacity: int) -> int:
+    """PlaybackBuffer size for a session whose microphone ring holds `ring_capacity` samples:
+    the canceller may lag the microphone by the whole ring, and the reference may lead that."""
+    return ring_capacity + int(BUFFER_MARGIN_SECONDS * SAMPLE_RATE)
 
 
 class PlaybackInput:
     """Places one session's playback blocks on its microphone's clock.
 
-    `microphone_position()` gives the microphone samples the session received so far;
-    `emit(event)` queues an event; `stream_time()` stamps it."""
+    `ring` is the session's microphone ring (its totals are the clock), `events` its event
+    queue, `stream_time()` stamps events. It holds no reference to the session."""
 
-    def __init__(self, buffer, microphone_position, emit, stream_time):
+    def __init__(self, buffer, ring, events, stream_time):
         self.buffer = buffer
-        self._microphone_position = microphone_position
-        self._emit = emit
+        self._ring = ring
+        self._events = events
         self._stream_time = stream_time
         self._resampler: StreamResampler | None = None
         self._next: int | None = None  # where a block pushed with at=None goes
+        self._seen_drops = 0  # microphone samples the ring dropped, as of the last block
+        self._skip = 0  # reference samples still to discard: they played over dropped microphone audio
         self.samples = 0  # playback samples placed on the timeline
+
+    def _microphone_position(self) -> int:
+        return int(self._ring.written_total)
+
+    def _emit(self, event) -> None:
+        self._events.put(event)
 
     def accept(self, pcm, sample_rate, at, block: bool) -> None:
         rate = check_sample_rate(sample_rate)
@@ -67,6 +83,18 @@ class PlaybackInput:
         """`placed`: the caller gave this block's position (it is kept, late or not)."""
         if not samples.size:
             return
+        drops = int(self._ring.dropped_samples)
+        if not placed:  # a continuous reference also played over the microphone audio the ring dropped
+            self._skip += drops - self._seen_drops
+        self._seen_drops = drops
+        if self._skip:
+            skipped = min(self._skip, samples.size)
+            self._skip -= skipped
+            samples = samples[skipped:]
+            self._emit(ev.AudioDropped(self._stream_time(), time.monotonic(), skipped,
+                                       "playback over microphone audio that was dropped"))
+            if not samples.size:
+                return
         microphone = self._microphone_position()
         if self._next is None:
             self._next = microphone  # the first block plays from the microphone's current position
@@ -108,3 +136,24 @@ class PlaybackInput:
             elif time.monotonic() - since > _MICROPHONE_STALL_SECONDS:
                 break
         return current[0]
+
+
+class NearEndDetector:
+    """Whether someone talks over the device's playback in a chunk (docs/PROTOCOL.md, "Own
+    voice"), from the canceller's report: the cancelled output stands well above what it
+    usually is while the device plays (residual echo plus the room's background).
+    Deterministic: it depends only on the chunks' reports."""
+
+    WINDOW = 25  # playing chunks whose output level makes the typical one
+    MIN_CHUNKS = 5  # ... before any judgement
+    MARGIN = 3.0  # about 10 dB above the typical output: a voice, not echo
+
+    def __init__(self):
+        self._levels: collections.deque = collections.deque(maxlen=self.WINDOW)
+
+    def __call__(self, chunk) -> bool:
+        if not chunk.playing:
+            return False
+        typical = statistics.median(self._levels) if len(self._levels) >= self.MIN_CHUNKS else None
+        self._levels.append(chunk.out_rms)
+        return typical is not None and chunk.out_rms > self.MARGIN * typical

@@ -26,6 +26,7 @@ SPEAK_BIAS = Bounds(-10000.0, 10000.0)
 # ("Own voice"): it removes replies to residual echo and keeps barge-in commands answered.
 PLAYBACK_BIAS = -4.0
 PLAYBACK_BIAS_BOUNDS = Bounds(-10000.0, 0.0)
+NEAR_END_SHARE = 0.25  # of playback_bias, on chunks where someone seems to talk over the device
 SPEAK_THRESHOLD = Bounds(0.0, 1.01)  # p_speak >= threshold speaks: 0 always, above 1 never
 REPLY_TOKENS = Bounds(1, MAX_POSITIONS, integer=True)  # a reply never outgrows the context
 

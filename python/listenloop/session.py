@@ -16,6 +16,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from .context import chunk_level
 from .errors import Error, SessionClosedError
 from .event_queue import EventQueue
 from .model import Model
-from .playback import BUFFER_SECONDS, PlaybackInput
+from .playback import NearEndDetector, PlaybackInput, buffer_samples
 from .protocol import CHUNK_SAMPLES, CHUNK_SECONDS, SAMPLE_RATE
 from .scheduler import StreamScheduler
 from .textstream import ReplyText
@@ -129,12 +130,15 @@ class Session:
         self._listen = core.ChunkQueue(listen_queue)
         # The echo canceller sits in the chunk scheduler (C++); it passes the microphone through
         # unchanged until accept_playback() first brings sound.
-        reference = core.PlaybackBuffer(int(BUFFER_SECONDS * SAMPLE_RATE)) if echo_cancellation else None
+        # (the buffer and the canceller allocate their memory only once playback arrives)
+        reference = core.PlaybackBuffer(buffer_samples(self._ring.capacity)) if echo_cancellation else None
         self._chunker = core.ChunkScheduler(self._ring, self._listen, CHUNK_SAMPLES, self._scheduler.wake_signal,
                                             reference)
         self._events = EventQueue(event_queue)
+        self._near_end = NearEndDetector()
+        self_ref = weakref.ref(self)  # the session is freed as soon as it is dropped, no cycle
         self._playback = None if reference is None else PlaybackInput(
-            reference, lambda: int(self._ring.written_total), self._emit, self._stream_time)
+            reference, self._ring, self._events, lambda: self_ref()._stream_time())
         self._stats_every = stats_every
 
         self._resampler: StreamResampler | None = None
@@ -383,7 +387,8 @@ class Session:
             self._mel_peak = max(self._mel_peak, chunk.peak)
             mel = chunk.mel
             _core().normalize_log_mel(mel, self._mel_peak)
-            result = stream.listen(self.model.encode(mel[None])[0], chunk_level(mel), chunk.playing)
+            result = stream.listen(self.model.encode(mel[None])[0], chunk_level(mel), chunk.playing,
+                                   self._near_end(chunk))
         except Exception as exc:  # noqa: BLE001 - skip the chunk, keep the session
             self._fault(index, exc)
             return

@@ -29,10 +29,11 @@ from typing import Iterator
 
 import numpy as np
 
-from .context import HISTORY_CHUNKS, LEVEL_FLOOR_CHUNKS, LEVEL_MARGIN, QUIET_P_SPEAK, ContextPolicy, reply_reserve
+from .context import (HISTORY_CHUNKS, LEVEL_FLOOR_CHUNKS, LEVEL_MARGIN, QUIET_CHUNKS, QUIET_P_SPEAK, ContextPolicy,
+                      reply_reserve)
 from .errors import ProtocolError
 from .protocol import BLOCK, STEP, VECTORS_PER_CHUNK
-from .sampling import PLAYBACK_BIAS, Sampler, SamplingConfig
+from .sampling import NEAR_END_SHARE, PLAYBACK_BIAS, Sampler, SamplingConfig
 
 log = logging.getLogger("listenloop")
 
@@ -180,8 +181,8 @@ class Policy:
       while the device's own playback can echo into them (docs/PROTOCOL.md, "Own voice"): a
       finite number in [-10000, 0]; 0 treats them like any other chunk. Such chunks are also
       never re-fed by a context reset;
-    - reset_after_playback: rebuild the context at the first chunk after the device stops
-      playing (True), so what it heard of its own voice does not shape later decisions.
+    - reset_after_playback: rebuild the context at the first quiet moment after the device
+      stops playing (True), so what it heard of its own voice does not shape later decisions.
 
     `build` checks every option (booleans are not numbers, NaN and infinities never pass) and
     raises one ConfigError line naming the option; an unknown option name is a TypeError.
@@ -342,6 +343,7 @@ class DecoderStream:
         self._history_next = 0
         self._quiet_run = 0  # silent, low-p_speak (and not loud) chunks in a row
         self._heard_playback = False  # the context holds chunks heard while the device played
+        self._heard_voice_over_playback = False  # ... and someone seemed to talk over it
         self._levels = collections.deque(maxlen=LEVEL_FLOOR_CHUNKS)
         self.reply_truncated = False
 
@@ -487,19 +489,24 @@ class DecoderStream:
             return None
         if self.context.must_reset(self._position, STEP):
             return f"context full at {self._position} of {self.capacity} tokens"
-        if self._heard_playback and not playing and self.policy.reset_after_playback and not self._speaking:
-            return f"own voice ended at {self._position} of {self.capacity} tokens"
+        if (self._heard_playback and not playing and self.policy.reset_after_playback and not self._speaking
+                and self._previous == self._silence_id):
+            # Someone talked over the device: keep listening until they are done (a quiet moment)
+            if not self._heard_voice_over_playback:
+                return f"own voice ended at {self._position} of {self.capacity} tokens"
+            if self._quiet_run >= QUIET_CHUNKS:
+                return f"own voice ended, quiet moment at {self._position} of {self.capacity} tokens"
         if (self.policy.quiet_resets and self._previous == self._silence_id
                 and self.context.quiet_reset(self._position, self._quiet_run)):
             return f"quiet moment at {self._position} of {self.capacity} tokens"
         return None
 
-    def _decision(self, row: np.ndarray, playing: bool) -> tuple[bool, float]:
+    def _decision(self, row: np.ndarray, playing: bool, near_end: bool) -> tuple[bool, float]:
         silence = row.item(self._silence_id)  # a Python float, without a NumPy scalar in between
         policy = self.policy
         speak = row.item(self._speak_id) + policy.speak_bias
-        if playing:
-            speak += policy.playback_bias  # stronger evidence while its own voice may echo
+        if playing:  # stronger evidence while its own voice may echo, less when someone talks over it
+            speak += policy.playback_bias * (NEAR_END_SHARE if near_end else 1.0)
         margin = speak - silence
         p_speak = 1.0 / (1.0 + math.exp(-margin)) if margin > -700 else 0.0  # softmax over the two
         if policy.speak_threshold is not None:
@@ -508,11 +515,12 @@ class DecoderStream:
 
     # -- listening -----------------------------------------------------------------------
 
-    def listen(self, audio_embeds: np.ndarray, level: float | None = None, playing: bool = False) -> ListenResult:
+    def listen(self, audio_embeds: np.ndarray, level: float | None = None, playing: bool = False,
+               near_end: bool = False) -> ListenResult:
         """One listening step for one chunk's [10, H] audio vectors: one decoder call.
         `level` (context.chunk_level of the chunk's mel), when given, keeps the context policy
         from taking a loud chunk for a quiet moment. `playing`: the device's playback could echo
-        into this chunk (the own-voice policy applies)."""
+        into this chunk (the own-voice policy applies); `near_end`: someone seems to talk over it."""
         if type(audio_embeds) is not np.ndarray or audio_embeds.shape != self._audio_shape:
             audio_embeds = np.asarray(audio_embeds)
             if audio_embeds.shape != self._audio_shape:
@@ -522,8 +530,9 @@ class DecoderStream:
             raise ProtocolError("listen() during a reply: finish the reply first")
         reason = self.pending_reset(playing)
         if reason is not None:
-            self._heard_playback = False
+            self._heard_playback = self._heard_voice_over_playback = False
         self._heard_playback = self._heard_playback or playing
+        self._heard_voice_over_playback = self._heard_voice_over_playback or (playing and near_end)
         if reason is None and self._previous == self._silence_id:
             self._steady_step(audio_embeds)  # the steady state: every 0.4 s for the whole stream
         else:
@@ -537,7 +546,7 @@ class DecoderStream:
                 blocks = [audio_embeds]
             lead = self._prefix if self._previous is None else (self._previous,)
             self._run(self._stage(lead, blocks))
-        spoke, p_speak = self._decision(self._row, playing)
+        spoke, p_speak = self._decision(self._row, playing, near_end)
         loud = False
         if level is not None:
             self._levels.append(level)
@@ -548,9 +557,10 @@ class DecoderStream:
             self._history_count = self._quiet_run = 0  # answered audio is never re-fed
         else:
             self._previous = self._silence_id
-            if not playing:  # its own voice is never re-fed after a reset
+            if near_end or not playing:  # its own voice is never re-fed after a reset; a voice over it is
                 self._remember(audio_embeds)
-            self._quiet_run = self._quiet_run + 1 if p_speak < QUIET_P_SPEAK and not loud else 0
+            # the device's own voice is no quiet moment, whatever the policy made of p_speak
+            self._quiet_run = self._quiet_run + 1 if p_speak < QUIET_P_SPEAK and not loud and not playing else 0
         return ListenResult(spoke, p_speak, self._row, self._position, reason, self._decision_ids)
 
     # -- replying ------------------------------------------------------------------------
