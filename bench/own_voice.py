@@ -13,7 +13,9 @@ the silent run's replies still given (same text within 2 s).
 
 Barge-in: `--barge-in` scenes where a command is spoken while the device still speaks its
 reply to a sound event (demo/kiosk.py, barge_in_scene), at 0 dB and 50 ms: the share of
-commands answered right, with a silent device and with the default set-up.
+commands answered right, with a silent device and with the set-ups above; once with the event's
+reply the device's first playback ever (a cold canceller), once after the device greeted
+(kiosk.OPENING, 5 s before the event: the canceller has met the room).
 """
 from __future__ import annotations
 
@@ -88,17 +90,22 @@ def main(argv=None) -> int:
     for line in totals["default"]["examples"]:
         print("  default, extra:", line)
 
-    barge = {"silent device": 0, "default": 0, "canceller only": 0}
-    for seed in range(args.barge_in):
-        scene = kiosk.barge_in_scene(seed)
-        room = Room(0.4, 0.0, 0.05, seed=seed)
-        barge["silent device"] += kiosk.answered(scene, kiosk.run(runtime, scene.audio, None))
-        barge["default"] += kiosk.answered(scene, kiosk.run(runtime, scene.audio, room))
-        barge["canceller only"] += kiosk.answered(scene, kiosk.run(runtime, scene.audio, room, playback_bias=0.0))
+    barge = {}
+    for warm in (False, True):
+        lead, opening = (kiosk.OPENING_LEAD_S, kiosk.OPENING) if warm else (0.0, None)
+        counts = {"silent device": 0, **{name: 0 for name in SETUPS}}
+        for seed in range(args.barge_in):
+            scene = kiosk.barge_in_scene(seed, lead)
+            room = Room(0.4, 0.0, 0.05, seed=seed)
+            counts["silent device"] += kiosk.answered(scene, kiosk.run(runtime, scene.audio, None))
+            for setup, options in SETUPS.items():
+                counts[setup] += kiosk.answered(scene, kiosk.run(runtime, scene.audio, room, opening=opening, **options))
+        barge["after a greeting" if warm else "first playback"] = counts
     if args.barge_in:
-        print(f"barge-in, {args.barge_in} commands spoken over the device's reply (0 dB, 50 ms):")
-        for setup, answered in barge.items():
-            print(f"  {setup:<16}{answered:>4}/{args.barge_in} answered right ({100 * answered / args.barge_in:.0f} %)")
+        print(f"barge-in, {args.barge_in} commands spoken over the device's reply (0 dB, 50 ms), answered right:")
+        print(f"{'':<18}" + "".join(f"{name:>16}" for name in counts))
+        for when, counts in barge.items():
+            print(f"{when:<18}" + "".join(f"{n:>9}/{args.barge_in} {100 * n / args.barge_in:>3.0f}%" for n in counts.values()))
     print(f"took {time.time() - started:.0f} s")
     if args.json:
         args.json.write_text(json.dumps({"totals": totals, "barge_in": barge, "scenes": len(scene_list),
