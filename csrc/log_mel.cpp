@@ -6,6 +6,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "mel_kernel.h"
 
@@ -103,14 +104,27 @@ bool cpu_has_avx2() noexcept {
 #endif
 }
 
-std::string best_frame_kernel() {
-  return cpu_has_avx2() && kernels::make_avx2(MelFilterbank()) != nullptr ? "avx2" : "sse2";
+std::vector<std::string> frame_kernels() {
+#if defined(__aarch64__)
+  return {"neon"};  // Advanced SIMD is part of every AArch64 CPU: no run-time check
+#else
+  std::vector<std::string> names{"sse2"};
+  if (cpu_has_avx2() && kernels::make_avx2(MelFilterbank()) != nullptr) names.push_back("avx2");
+  return names;
+#endif
 }
 
+std::string best_frame_kernel() { return frame_kernels().back(); }
+
 std::unique_ptr<FrameKernel> make_frame_kernel(const MelFilterbank& filterbank, const std::string& which) {
-  if (which != "auto" && which != "sse2" && which != "avx2") {
-    throw std::invalid_argument("mel kernel must be auto, sse2 or avx2, got '" + which + "'");
+  if (which != "auto" && which != "sse2" && which != "avx2" && which != "neon") {
+    throw std::invalid_argument("mel kernel must be auto, sse2 or avx2 (x86-64) or neon (arm64), got '" + which + "'");
   }
+#if defined(__aarch64__)
+  if (which != "auto" && which != "neon") throw std::runtime_error("this arm64 build has no " + which + " mel kernel, only neon");
+  return kernels::make_neon(filterbank);
+#else
+  if (which == "neon") throw std::runtime_error("this build has no neon mel kernel (arm64 builds only)");
   if (which == "avx2" || (which == "auto" && cpu_has_avx2())) {
     if (!cpu_has_avx2()) throw std::runtime_error("this CPU has no AVX2+FMA for the avx2 mel kernel");
     std::unique_ptr<FrameKernel> kernel = kernels::make_avx2(filterbank);
@@ -118,6 +132,7 @@ std::unique_ptr<FrameKernel> make_frame_kernel(const MelFilterbank& filterbank, 
     if (which == "avx2") throw std::runtime_error("this build has no avx2 mel kernel");
   }
   return kernels::make_sse2(filterbank);
+#endif
 }
 
 LogMelKernel::LogMelKernel(const std::string& kernel) : kernel_(make_frame_kernel(filterbank_, kernel)) {}

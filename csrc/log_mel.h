@@ -37,7 +37,7 @@ class FrameKernel;
 // power, sparse mel product, log10 of the mel power clamped to [1e-10, FLT_MAX] (a power
 // that overflows float counts as FLT_MAX, so finite samples always give finite features).
 // Owns its FFT plan and scratch.
-// `kernel`: "auto" (widest the CPU runs), "sse2" or "avx2".
+// `kernel`: "auto" (widest the CPU runs), "sse2" or "avx2" (x86-64), "neon" (arm64).
 class LogMelKernel {
  public:
   explicit LogMelKernel(const std::string& kernel = "auto");

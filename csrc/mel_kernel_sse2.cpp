@@ -1,4 +1,5 @@
-// The baseline frame kernel: 4-float vectors (SSE2 on x86-64, NEON on arm64).
+// The baseline frame kernel of x86-64: 4-float vectors (SSE2, part of every x86-64 CPU).
+// Other targets without a kernel of their own (not arm64) get the same 4-lane code under this name.
 #define POCKETFFT_NO_MULTITHREADING
 #include <pocketfft_hdronly.h>
 

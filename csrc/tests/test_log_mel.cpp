@@ -1,5 +1,7 @@
 // LogMel invariants that need no NumPy (parity with features.py is in tests/test_core_mel.py).
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
 #include <stdexcept>
 #include <algorithm>
 #include <limits>
@@ -78,16 +80,22 @@ TEST_CASE(bad_chunk_sizes_are_refused) {
 TEST_CASE(every_kernel_this_cpu_runs_gives_the_same_features) {
   std::vector<float> x(16000);
   for (size_t i = 0; i < x.size(); ++i) x[i] = 0.4f * std::sin(0.031f * static_cast<float>(i)) + 0.01f * std::cos(1.7f * static_cast<float>(i * i % 977));
-  LogMel baseline("sse2");
-  CHECK(std::string(baseline.kernel_name()) == "sse2");
+  const std::vector<std::string> kernels = frame_kernels();
+  CHECK(!kernels.empty());
+  CHECK(kernels.back() == best_frame_kernel());
+  LogMel baseline(kernels.front());
+  CHECK(std::string(baseline.kernel_name()) == kernels.front());
   const std::vector<float> want = baseline.compute(x.data(), x.size());
-  const std::string best = best_frame_kernel();
   LogMel fastest("auto");
-  CHECK(std::string(fastest.kernel_name()) == best);
-  const std::vector<float> got = fastest.compute(x.data(), x.size());
-  float worst = 0.0f;
-  for (size_t i = 0; i < want.size(); ++i) worst = std::max(worst, std::fabs(got[i] - want[i]));
-  CHECK(worst <= 1e-4f);  // the parity budget vs features.py; FFT rounding differs slightly
+  CHECK(std::string(fastest.kernel_name()) == best_frame_kernel());
+  for (const std::string& kernel : kernels) {
+    LogMel mel(kernel);
+    CHECK(std::string(mel.kernel_name()) == kernel);
+    const std::vector<float> got = mel.compute(x.data(), x.size());
+    float worst = 0.0f;
+    for (size_t i = 0; i < want.size(); ++i) worst = std::max(worst, std::fabs(got[i] - want[i]));
+    CHECK(worst <= 1e-4f);  // the parity budget vs features.py; FFT rounding differs slightly
+  }
   bool threw = false;
   try {
     LogMel bad("avx512");
@@ -97,10 +105,73 @@ TEST_CASE(every_kernel_this_cpu_runs_gives_the_same_features) {
   CHECK(threw);
 }
 
+TEST_CASE(every_kernel_matches_a_double_precision_reference) {
+  // Independent of the SIMD width and the FFT: a direct DFT in double of each windowed frame,
+  // the dense filterbank, log10 of the clamped mel power. 37 frames: a partial last vector.
+  constexpr size_t n_frames = 37;
+  std::vector<float> padded((n_frames - 1) * kHop + kNFft);
+  uint32_t seed = 12345;
+  for (size_t i = 0; i < padded.size(); ++i) {
+    seed = seed * 1664525u + 1013904223u;  // white noise keeps every mel band well above the floor
+    const float noise = static_cast<float>(seed >> 8) / 16777216.0f - 0.5f;
+    padded[i] = 0.2f * noise + 0.5f * std::sin(0.07f * static_cast<float>(i));
+  }
+  const double pi = std::acos(-1.0);
+  const std::vector<float> dense = MelFilterbank().dense();
+  std::vector<double> want(kNMels * n_frames);
+  for (size_t f = 0; f < n_frames; ++f) {
+    std::vector<double> power(kNBins);
+    for (size_t k = 0; k < kNBins; ++k) {
+      double re = 0.0, im = 0.0;
+      for (size_t i = 0; i < kNFft; ++i) {
+        const double w = 0.5 - 0.5 * std::cos(2.0 * pi * static_cast<double>(i) / kNFft);
+        const double v = w * padded[f * kHop + i];
+        const double angle = 2.0 * pi * static_cast<double>((k * i) % kNFft) / kNFft;
+        re += v * std::cos(angle);
+        im -= v * std::sin(angle);
+      }
+      power[k] = re * re + im * im;
+    }
+    for (size_t m = 0; m < kNMels; ++m) {
+      double mel = 0.0;
+      for (size_t k = 0; k < kNBins; ++k) mel += dense[m * kNBins + k] * power[k];
+      want[m * n_frames + f] = std::log10(std::max(mel, 1e-10));
+    }
+  }
+  for (const std::string& kernel : frame_kernels()) {
+    LogMelKernel mel(kernel);
+    std::vector<float> got(kNMels * n_frames);
+    const float peak = mel.log10_mel(padded.data(), n_frames, got.data(), n_frames);
+    CHECK_EQ(peak, *std::max_element(got.begin(), got.end()));
+    double worst = 0.0;
+    for (size_t i = 0; i < got.size(); ++i) worst = std::max(worst, std::fabs(got[i] - want[i]));
+    if (!(worst <= 1e-4)) std::fprintf(stderr, "%s kernel: worst |log10 mel - reference| = %g\n", kernel.c_str(), worst);
+    CHECK(worst <= 1e-4);
+  }
+}
+
+TEST_CASE(each_build_has_the_kernels_of_its_instruction_set) {
+#if defined(__aarch64__)
+  CHECK(frame_kernels() == std::vector<std::string>{"neon"});
+  const std::vector<std::string> absent{"sse2", "avx2"};
+#else
+  CHECK(frame_kernels().front() == "sse2");
+  const std::vector<std::string> absent{"neon"};
+#endif
+  for (const std::string& kernel : absent) {  // a known name this build lacks is a runtime_error
+    bool threw = false;
+    try {
+      LogMel mel(kernel);
+    } catch (const std::runtime_error&) {
+      threw = true;
+    }
+    CHECK(threw);
+  }
+}
+
 TEST_CASE(huge_finite_samples_give_finite_features) {
   // 1e18 overflows the float power spectrum; FLT_MAX overflows the FFT itself (inf - inf).
-  std::vector<std::string> kernels{"sse2"};
-  if (best_frame_kernel() == "avx2") kernels.push_back("avx2");
+  const std::vector<std::string> kernels = frame_kernels();
   const float max_log = std::log10(std::numeric_limits<float>::max());
   for (const std::string& kernel : kernels) {
     for (float amplitude : {1e18f, 1e30f, std::numeric_limits<float>::max()}) {
