@@ -6,8 +6,8 @@ from listenloop import AudioFormatError, features
 from listenloop._core import FRAMES_PER_CHUNK, LogMel, StreamingMel, build_info, mel_filterbank, normalize_log_mel
 
 TOL = 1e-4
-# The portable kernel always; the AVX2 one too where this CPU runs it ("auto" picks it).
-KERNELS = ["sse2"] + (["avx2"] if build_info()["mel_kernel"] == "avx2" else [])
+# Every kernel this build and CPU run: neon on arm64; sse2, and avx2 where the CPU has it, on x86-64.
+KERNELS = ["neon"] if build_info()["mel_kernel"] == "neon" else ["sse2"] + (["avx2"] if build_info()["mel_kernel"] == "avx2" else [])
 rng = np.random.default_rng(0)
 t = np.arange(16000 * 2) / 16000
 SIGNALS = {
