@@ -14,17 +14,17 @@ float16), then one cell per precision x profile. Everything already
 in --work is reused. Each step runs in its own process with a time limit, so a hang, a crash or
 the global --deadline costs one cell, never the JSON, which is rewritten after every step.
 
-Per cell, on one Model loaded by bench.measure_startup (medians unless named p50):
+Per cell, on one Model loaded by listenloop.benchmarks.latency.measure_startup (medians unless named p50):
     ttfr_p50_ms               encoder of the triggering chunk + its 13-token listening step +
-                              TEXT_BEGIN -> first reply token, on a DecoderStream (bench.measure_reply)
+                              TEXT_BEGIN -> first reply token, on a DecoderStream (latency.measure_reply)
     ttfr_end_to_end_p50_ms    the same through a real Session fed in real time: last sample of the
-                              triggering chunk written -> first TextDelta event (bench.measure_session)
+                              triggering chunk written -> first TextDelta event (latency.measure_session)
     listening_step_ms         one 0.4 s chunk at the start of the context: C++ mel + encoder +
-                              decoder step (bench.measure_listening); also encoder_ms, decoder_step_ms
-    decoder_step_at_2000_ms   decoder listening step with ~2000 tokens cached (bench.measure_context),
+                              decoder step (latency.measure_listening); also encoder_ms, decoder_step_ms
+    decoder_step_at_2000_ms   decoder listening step with ~2000 tokens cached (latency.measure_context),
                               measured when the cell's time budget allows it
     listening_step_at_2000_ms encoder_ms + decoder_step_at_2000_ms (sum of medians)
-    decode_tokens_per_s       1-token reply decode steps per second (bench.measure_reply)
+    decode_tokens_per_s       1-token reply decode steps per second (latency.measure_reply)
 and what really ran: the providers of both graphs, whether CUDA graphs are on (Model.cuda_graphs),
 the KV cache device, and every warning the runtime logged (a CUDA profile falls back to CPU with
 one). Counts (chunks, reply rounds, steps) are cut to fit --cell-seconds after a warm-up step.
@@ -140,7 +140,7 @@ def environment(work: Path) -> dict:
     import onnxruntime as ort
 
     import listenloop
-    from listenloop.bench import cpu_model, total_memory_bytes
+    from listenloop.benchmarks.machine import cpu_model, total_memory_bytes
     from listenloop.profiles import physical_cores
 
     memory = total_memory_bytes()
@@ -186,7 +186,7 @@ def _fit(wanted: int, each_s: float, seconds: float, least: int) -> int:
 
 def job_cell(spec: dict, result: dict, save) -> None:
     """Load the package on the profile, say what runs, then the figures within spec's budget."""
-    from listenloop import bench
+    from listenloop.benchmarks import inputs, latency, machine
     from listenloop.profiles import load_profile
     from listenloop.protocol import CHUNK_SECONDS
 
@@ -207,7 +207,7 @@ def job_cell(spec: dict, result: dict, save) -> None:
     asked, decoder_options = load_profile(spec["profile"]).providers_for("decoder")[0]
     result["ran"]["cuda_graphs_requested"] = bool(decoder_options.get("enable_cuda_graph"))
     t = phase("load")
-    startup, runtime = bench.measure_startup(spec["package"], spec["profile"])
+    startup, runtime = latency.measure_startup(spec["package"], spec["profile"])
     seconds["load"] = time.perf_counter() - t
     try:
         model = runtime.model
@@ -215,7 +215,7 @@ def job_cell(spec: dict, result: dict, save) -> None:
                              cuda_graphs=bool(model.cuda_graphs), kv_cache_device=model.profile.kv_cache_device,
                              profile=model.profile.name)
         details["startup"] = startup
-        details["environment"] = bench.environment(model)
+        details["environment"] = machine.environment(model)
         if model.providers[0] != asked and not spec["measure_fallback"]:
             # a real-size model on a CPU fallback needs minutes per figure: the warnings say why it fell back
             raise NotMeasured(f"the profile asks for {asked} but the decoder runs on {model.providers[0]} "
@@ -229,9 +229,9 @@ def job_cell(spec: dict, result: dict, save) -> None:
         # Warm-up, untimed in the figures: first runs (allocations, CUDA graph capture of the
         # listening step and of the reply token), and the step costs that size the counts below.
         t = phase("warm-up")
-        mels = bench.chunk_mels(bench.synthetic_audio(CHUNK_SECONDS * max(64, spec["chunks"]), seed=0))
-        warm_listen = bench.measure_listening(model, mels[:3])
-        warm_reply = bench.measure_reply(model, mels, 1, 2)
+        mels = inputs.chunk_mels(inputs.synthetic_audio(CHUNK_SECONDS * max(64, spec["chunks"]), seed=0))
+        warm_listen = latency.measure_listening(model, mels[:3])
+        warm_reply = latency.measure_reply(model, mels, 1, 2)
         step_s = warm_listen["step_ms"]["median"] / 1000
         decoder_s = warm_listen["decoder_step_ms"]["median"] / 1000
         token_s = warm_reply["first_token_ms"]["median"] / 1000
@@ -239,7 +239,7 @@ def job_cell(spec: dict, result: dict, save) -> None:
 
         t = phase("listening")
         chunks = _fit(spec["chunks"], step_s, 0.25 * left(), 3)
-        listening = bench.measure_listening(model, mels[:chunks])
+        listening = latency.measure_listening(model, mels[:chunks])
         listening.pop("samples_ms", None)
         details["listening"] = listening
         figures.update(listening_step_ms=listening["step_ms"]["median"], encoder_ms=listening["encoder_ms"]["median"],
@@ -249,7 +249,7 @@ def job_cell(spec: dict, result: dict, save) -> None:
         t = phase("reply")
         round_s = 3 * step_s + spec["reply_tokens"] * token_s  # prefix step, trigger step, encoder, reply
         rounds = _fit(spec["rounds"], round_s, 0.5 * left(), 3)
-        reply = bench.measure_reply(model, mels, rounds, spec["reply_tokens"])
+        reply = latency.measure_reply(model, mels, rounds, spec["reply_tokens"])
         details["reply"] = reply
         figures.update(ttfr_p50_ms=reply["engine_ttfr_ms"]["median"], first_token_ms=reply["first_token_ms"]["median"],
                        decode_tokens_per_s=reply["tokens_per_s"]["median"])
@@ -263,7 +263,7 @@ def job_cell(spec: dict, result: dict, save) -> None:
             if context_s > left() - (session_s if spec["session_chunks"] else 0):
                 skipped["context"] = f"would take about {context_s:.0f} s, {max(left(), 0):.0f} s of the budget left"
                 return
-            row = bench.measure_context(model, mels, (CONTEXT_TOKENS,), spec["context_steps"])[0]
+            row = latency.measure_context(model, mels, (CONTEXT_TOKENS,), spec["context_steps"])[0]
             details["context"] = row
             if "skipped" in row:
                 skipped["context"] = row["skipped"]
@@ -280,7 +280,7 @@ def job_cell(spec: dict, result: dict, save) -> None:
             elif session_s > left():
                 skipped["session"] = f"would take about {session_s:.0f} s, {max(left(), 0):.0f} s of the budget left"
             else:
-                run = bench.measure_session(runtime, spec["session_chunks"], min(spec["reply_tokens"], 16), 2)
+                run = latency.measure_session(runtime, spec["session_chunks"], min(spec["reply_tokens"], 16), 2)
                 details["session"] = run
                 if run["ttfr_ms"].get("n"):
                     figures["ttfr_end_to_end_p50_ms"] = run["ttfr_ms"]["median"]

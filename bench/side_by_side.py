@@ -481,7 +481,7 @@ def environment() -> dict:
         genai_version = og.__version__
     except ImportError:
         genai_version = None
-    from listenloop.bench import cpu_model, total_memory_bytes
+    from listenloop.benchmarks.machine import cpu_model, total_memory_bytes
     from listenloop.profiles import physical_cores
 
     memory = total_memory_bytes()

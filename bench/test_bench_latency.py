@@ -4,7 +4,7 @@
     pytest bench/test_bench_latency.py --benchmark-only --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
 
 Every test shares one loaded Model per precision and creates the DecoderStreams it needs over
-it, each with its own fixed policy (listenloop.bench.listening_stream, replying_stream).
+it, each with its own fixed policy (listenloop.benchmarks.streams: listening_stream, replying_stream).
 
 Groups (compare medians within a group):
   listen-step      one steady 13-token listening step (DecoderStream.listen) with ~100 tokens cached,
@@ -19,14 +19,14 @@ Groups (compare medians within a group):
   context          one listening step with 2000 tokens cached
   precision        one decoder listening step per decoder precision (fp32 / int8 / int4)
   startup          package load to first decision
-Replies on the random model are scripted (listenloop.bench.ScriptedReplies): text tokens,
+Replies on the random model are scripted (listenloop.benchmarks.streams.ScriptedReplies): text tokens,
 then TEXT_END after a fixed count; the script also says which decisions may speak.
 """
 from __future__ import annotations
 
 import pytest
 
-from listenloop import bench
+from listenloop.benchmarks import inputs, latency, machine, pytorch, streams
 from listenloop.protocol import CHUNK_SAMPLES, CHUNK_SECONDS, STEP
 
 pytest.importorskip("pytest_benchmark")
@@ -58,12 +58,12 @@ def package_at(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(package_at):
-    return bench.load_model(package_at("fp32"))
+    return streams.load_model(package_at("fp32"))
 
 
 @pytest.fixture(scope="module")
 def mels():
-    return bench.chunk_mels(bench.synthetic_audio(16 * CHUNK_SECONDS, seed=0))
+    return inputs.chunk_mels(inputs.synthetic_audio(16 * CHUNK_SECONDS, seed=0))
 
 
 def _median(benchmark):
@@ -82,7 +82,7 @@ def _primed(stream, model, mels, tokens=100):
 
 @pytest.mark.benchmark(group="listen-step")
 def test_decoder_listening_step(benchmark, model, mels):
-    stream = bench.listening_stream(model)
+    stream = streams.listening_stream(model)
     embeds = _primed(stream, model, mels)
 
     def step():
@@ -99,9 +99,9 @@ def test_decoder_listening_step(benchmark, model, mels):
 def test_whole_listening_step(benchmark, model, mels):
     from listenloop import _core
 
-    stream = bench.listening_stream(model)
+    stream = streams.listening_stream(model)
     _primed(stream, model, mels)
-    audio = bench.synthetic_audio(CHUNK_SECONDS, seed=1)
+    audio = inputs.synthetic_audio(CHUNK_SECONDS, seed=1)
     streaming = _core.StreamingMel(CHUNK_SAMPLES)
 
     def step():
@@ -144,7 +144,7 @@ def test_torch_side_by_side(benchmark, checkpoint, model, mels):
     """Same chunks through both: decisions at fp32 must be identical; the ratio goes to extra_info."""
     pytest.importorskip("torch")
     threads = model.decoder.get_session_options().intra_op_num_threads or 1
-    figures = benchmark.pedantic(bench.compare_torch, args=(model, checkpoint, mels, 5, threads), rounds=1, iterations=1)
+    figures = benchmark.pedantic(pytorch.compare_torch, args=(model, checkpoint, mels, 5, threads), rounds=1, iterations=1)
     benchmark.extra_info.update(step_speedup=figures["step_speedup"], ttfr_speedup=figures["ttfr_speedup"],
                                 decision_agreement=figures["decision_agreement"])
     assert figures["decisions_agree"] == figures["decisions"] >= 10
@@ -156,7 +156,7 @@ def test_stream_ttfr(benchmark, model, mels):
 
     Each round: a silent prefix step in setup, then the timed chunk, whose decision the
     stream's script lets speak (every second decision)."""
-    stream = bench.replying_stream(model, 16, speak_every=2)
+    stream = streams.replying_stream(model, 16, speak_every=2)
 
     def setup():
         _primed(stream, model, mels, tokens=1)
@@ -179,9 +179,9 @@ def test_stream_ttfr(benchmark, model, mels):
 @pytest.mark.benchmark(group="ttfr")
 def test_session_ttfr_end_to_end(benchmark, package_at):
     """A Session fed 20 ms blocks in real time for 2 s; every chunk triggers a short reply."""
-    startup, runtime = bench.measure_startup(package_at("fp32"), "cpu")
+    startup, runtime = latency.measure_startup(package_at("fp32"), "cpu")
     with runtime:
-        figures = benchmark.pedantic(bench.measure_session, args=(runtime, 5, 4, 1), rounds=1, iterations=1)
+        figures = benchmark.pedantic(latency.measure_session, args=(runtime, 5, 4, 1), rounds=1, iterations=1)
     benchmark.extra_info.update(ttfr_median_ms=figures["ttfr_ms"]["median"], ttfr_p90_ms=figures["ttfr_ms"]["p90"])
     assert figures["decisions"] >= 5 and figures["replies"] >= 5
     assert figures["ttfr_ms"]["n"] >= 4
@@ -191,7 +191,7 @@ def test_session_ttfr_end_to_end(benchmark, package_at):
 @pytest.mark.benchmark(group="reply")
 def test_reply_token(benchmark, model, mels):
     """One reply token per round; setup starts a new reply (listening step, untimed) when one ended."""
-    stream = bench.replying_stream(model, 16)  # every decision speaks
+    stream = streams.replying_stream(model, 16)  # every decision speaks
     embeds = model.encode(mels)
     state = {"reply": None}
 
@@ -219,7 +219,7 @@ def test_reply_token(benchmark, model, mels):
 @pytest.mark.benchmark(group="catch-up")
 def test_catch_up_after_reply(benchmark, model, mels):
     """The chunks queued during a reply, decided one listening step each (encoder + decoder)."""
-    stream = bench.replying_stream(model, 16, speak_every=CATCH_UP + 1, speak_at=1)  # speaks, then 8 silent
+    stream = streams.replying_stream(model, 16, speak_every=CATCH_UP + 1, speak_at=1)  # speaks, then 8 silent
 
     def setup():
         stream.reset()
@@ -240,7 +240,7 @@ def test_catch_up_after_reply(benchmark, model, mels):
 
 @pytest.mark.benchmark(group="context")
 def test_listening_step_at_2000_tokens(benchmark, model, mels):
-    stream = bench.listening_stream(model)
+    stream = streams.listening_stream(model)
     embeds = model.encode(mels)
 
     def setup():
@@ -258,9 +258,9 @@ def test_listening_step_at_2000_tokens(benchmark, model, mels):
 @pytest.mark.benchmark(group="precision")
 @pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
 def test_decoder_step_by_precision(benchmark, package_at, mels, precision):
-    model = bench.load_model(package_at(precision))
+    model = streams.load_model(package_at(precision))
     assert model.package.decoder["precision"] == precision
-    stream = bench.listening_stream(model)
+    stream = streams.listening_stream(model)
     embeds = _primed(stream, model, mels)
 
     def step():
@@ -274,12 +274,12 @@ def test_decoder_step_by_precision(benchmark, package_at, mels, precision):
 @pytest.mark.benchmark(group="startup")
 def test_startup_to_first_decision(benchmark, package_at):
     package = package_at("fp32")
-    mel = bench.chunk_mels(bench.synthetic_audio(CHUNK_SECONDS))
+    mel = inputs.chunk_mels(inputs.synthetic_audio(CHUNK_SECONDS))
 
     def start():
-        model = bench.load_model(package)
+        model = streams.load_model(package)
         return model.stream().listen(model.encode(mel)[0])
 
     result = benchmark.pedantic(start, rounds=3, iterations=1)
     assert result.position > STEP  # the first step fed the prompt prefix too
-    assert bench.peak_rss_mb() > 0
+    assert machine.peak_rss_mb() > 0

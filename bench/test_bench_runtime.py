@@ -16,7 +16,7 @@ is hundreds of times longer, it is well under 1 %.
 
 sessions: N = 1, 4, 16 sessions open at once on one Runtime of the embedded demo package, each
       fed examples/kitchen.wav in 0.1 s pieces as fast as possible from its own thread
-      (listenloop.bench.measure_sessions): aggregate chunks/s, the per-stream listening step and
+      (listenloop.benchmarks.sessions.measure_sessions): aggregate chunks/s, the per-stream listening step and
       the KV bytes per session go to extra_info; every session must produce exactly the events
       of a single session.
 
@@ -34,7 +34,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from listenloop import bench
+from listenloop.benchmarks.inputs import DEFAULT_RECORDING, load_recording
+from listenloop.benchmarks.report import report_sessions
+from listenloop.benchmarks.sessions import measure_sessions, single_session_signature
+from listenloop.benchmarks.streams import listening_stream, load_model
 from listenloop.package import load_package
 from listenloop.profiles import load_profile, session_options
 
@@ -86,8 +89,8 @@ def _bare_feeds(package) -> dict:
 
 
 def test_listen_step_overhead_vs_bare_onnxruntime(package):
-    model = bench.load_model(package)
-    stream = bench.listening_stream(model)  # never speaks: every call is a listening step
+    model = load_model(package)
+    stream = listening_stream(model)  # never speaks: every call is a listening step
     audio = np.random.default_rng(2).normal(size=(10, package.hidden_size)).astype(np.float32)
     while stream.position < CACHE_TOKENS - 13:  # warm the cache up to about P
         stream.listen(audio)
@@ -128,8 +131,8 @@ def test_listen_step_overhead_vs_bare_onnxruntime(package):
 
 def test_stream_listen_step(benchmark, package):
     """pytest-benchmark record of the steady-state listening step."""
-    model = bench.load_model(package)
-    stream = bench.listening_stream(model)
+    model = load_model(package)
+    stream = listening_stream(model)
     audio = np.random.default_rng(2).normal(size=(10, package.hidden_size)).astype(np.float32)
     stream.listen(audio)
     start = stream.position
@@ -156,28 +159,28 @@ def demo_runtime():
 
 @pytest.fixture(scope="module")
 def recording():
-    if not bench.DEFAULT_RECORDING.is_file():
-        pytest.skip(f"{bench.DEFAULT_RECORDING} is not in this tree")
-    return bench.load_recording()
+    if not DEFAULT_RECORDING.is_file():
+        pytest.skip(f"{DEFAULT_RECORDING} is not in this tree")
+    return load_recording()
 
 
 @pytest.fixture(scope="module")
 def single_session(demo_runtime, recording):
     """The events one session produces on the recording alone."""
-    return bench.single_session_signature(demo_runtime, recording)
+    return single_session_signature(demo_runtime, recording)
 
 
 @pytest.mark.benchmark(group="sessions")
 @pytest.mark.parametrize("sessions", [1, 4, 16])
 def test_sessions_on_one_runtime(benchmark, demo_runtime, recording, single_session, sessions):
     """N sessions at once on one Runtime, each fed the same recording as fast as possible."""
-    figures = benchmark.pedantic(bench.measure_sessions, args=(demo_runtime, (sessions,), recording),
-                                 kwargs={"recording": bench.DEFAULT_RECORDING, "reference": single_session},
+    figures = benchmark.pedantic(measure_sessions, args=(demo_runtime, (sessions,), recording),
+                                 kwargs={"recording": DEFAULT_RECORDING, "reference": single_session},
                                  rounds=1, iterations=1)
     row = figures["runs"][str(sessions)]
     benchmark.extra_info.update(chunks_per_s=row["chunks_per_s"], step_ms_median=row["step_ms"]["median"],
                                 kv_bytes_per_session=row["kv_bytes_per_session"], wall_s=row["wall_s"])
-    print(f"\n{bench.report_sessions(figures)}")
+    print(f"\n{report_sessions(figures)}")
     assert row["chunks"] == sessions * row["chunks_per_session"] > 0
     assert row["dropped_chunks"] == row["dropped_samples"] == 0
     assert row["kv_bytes_per_session"] == demo_runtime.model.kv_bytes

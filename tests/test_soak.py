@@ -3,7 +3,7 @@
 memory stays flat."""
 from __future__ import annotations
 
-from listenloop import soak
+from listenloop.benchmarks import soak
 
 
 def test_thirty_simulated_minutes_lose_nothing_and_keep_memory_flat():

@@ -67,9 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                        help="browser origin allowed besides the server's own, e.g. https://app.example (repeatable)")
 
-    from . import bench
+    from .benchmarks import command as bench_command
 
-    bench.add_arguments(sub.add_parser("bench", help="measure latency, throughput and memory of a model package"))
+    bench_command.add_arguments(sub.add_parser("bench", help="measure latency, throughput and memory of a model package"))
     return parser
 
 
@@ -410,9 +410,9 @@ def cmd_export(argv: list[str]) -> int:
 
 
 def cmd_bench(args) -> int:
-    from . import bench
+    from .benchmarks import command as bench_command
 
-    return bench.main(args)
+    return bench_command.main(args)
 
 
 def cmd_serve(args) -> int:

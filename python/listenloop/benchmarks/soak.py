@@ -16,8 +16,9 @@ import time
 
 import numpy as np
 
-from .bench import examples_dir, rss_mb
-from .protocol import CHUNK_SAMPLES, SAMPLE_RATE
+from ..protocol import CHUNK_SAMPLES, SAMPLE_RATE
+from .inputs import examples_dir
+from .machine import rss_mb
 
 PROGRAM_SECONDS = 600  # one repetition of the program
 FILLERS = ("silence", "pink noise", "hum")
@@ -68,7 +69,7 @@ class Program:
 def soak(hours: float, package=None, profile: str = "cpu", *, report_every_hours: float = 1.0,
          progress=None) -> dict:
     """Stream `hours` simulated hours through one session; a row per `report_every_hours`."""
-    from .session import Runtime
+    from ..session import Runtime
 
     runtime = Runtime(package, profile)
     program = Program.build()
