@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     print("command: python bench/own_voice.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     runtime = listenloop.Runtime()
     started = time.time()
-    totals = {name: {"extra": 0, "kept": 0, "reference": 0, "seconds": 0.0, "examples": []} for name in SETUPS}
+    totals = {name: {"extra": 0, "extra_while_playing": 0, "kept": 0, "reference": 0, "seconds": 0.0, "examples": []}
+              for name in SETUPS}
     scene_list = scenes(args.streams)
     for i, (name, audio) in enumerate(scene_list):
         reference = kiosk.run(runtime, audio, None)
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
                 result = kiosk.compare(reference, kiosk.run(runtime, audio, room, **options))
                 t = totals[setup]
                 t["extra"] += len(result.extra)
+                t["extra_while_playing"] += sum(r.while_playing for r in result.extra)
                 t["kept"] += result.kept
                 t["reference"] += result.reference
                 t["seconds"] += len(audio) / SAMPLE_RATE
@@ -83,12 +85,12 @@ def main(argv=None) -> int:
     scene_minutes = sum(len(a) for _, a in scene_list) / SAMPLE_RATE / 60
     print(f"{len(scene_list)} scenes, {scene_minutes:.1f} min; each run with {len(GAINS_DB) * len(DELAYS_S)} rooms "
           f"({totals['default']['seconds'] / 60:.0f} min per set-up)")
-    print(f"{'set-up':<16}{'extra replies':>14}{'per 10 min':>11}{'kept':>12}")
+    print(f"{'set-up':<16}{'extra replies':>14}{'per 10 min':>11}{'while playing':>14}{'kept':>12}")
     for setup, t in totals.items():
-        print(f"{setup:<16}{t['extra']:>14}{600 * t['extra'] / t['seconds']:>11.2f}"
+        print(f"{setup:<16}{t['extra']:>14}{600 * t['extra'] / t['seconds']:>11.2f}{t['extra_while_playing']:>14}"
               f"{t['kept']:>6}/{t['reference']:<4}{100 * t['kept'] / max(t['reference'], 1):>5.1f} %")
     for line in totals["default"]["examples"]:
-        print("  default, extra:", line)
+        print("  default, extra:", line)  # "while playing": decided while the device's own voice could echo
 
     barge = {}
     for warm in (False, True):

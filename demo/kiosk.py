@@ -26,13 +26,14 @@ DEVICE_VOICE = speech.Voice("en-us", "", 165, 50)  # the device's TTS voice
 DEVICE_RMS = 0.05  # speech level the device plays at, -26 dBFS (before the room's gain)
 NOISE_SNR_DB = 40.0  # microphone self-noise below the echo
 MATCH_SECONDS = 2.0  # a reply "is the same" as one given without a speaker within this time
+ECHO_TAIL_S = 0.55  # how long after the speaker stops its echo may still reach the microphone
 
 
 @dataclass(frozen=True)
 class Reply:
     time_s: float  # end of the chunk it answered
     text: str
-    while_playing: bool  # the device was speaking when it was decided
+    while_playing: bool  # the device's speech (or its echo's tail) reached the chunk it answered
 
 
 def device_speech(text: str) -> np.ndarray:
@@ -51,6 +52,7 @@ def run(runtime, scene: np.ndarray, room: Room | None, *, cancel: bool = True, s
     echo = Echo(room) if room is not None else None
     rng = np.random.default_rng(seed)
     speaking, cursor = np.zeros(0, np.float32), 0
+    sounded_until = -1  # one past the last sample the speaker played sound at
     if opening is not None and echo is not None:
         speaking = device_speech(opening)
     replies: list[Reply] = []
@@ -61,6 +63,8 @@ def run(runtime, scene: np.ndarray, room: Room | None, *, cancel: bool = True, s
                 part = speaking[cursor:cursor + BLOCK]
                 play[: len(part)] = part
                 cursor += len(part)
+                if np.any(play):
+                    sounded_until = start + BLOCK
                 mic = padded[start:start + BLOCK]
                 if echo is not None:
                     heard = echo.push(play)
@@ -68,8 +72,9 @@ def run(runtime, scene: np.ndarray, room: Room | None, *, cancel: bool = True, s
                     if cancel:
                         session.accept_playback(play)
                 session.accept_waveform(np.clip(mic, -1.0, 1.0))
-            text, playing = _decide(session, k)
+            text = _decide(session, k)
             if text is not None:
+                playing = sounded_until > k * CHUNK_SAMPLES - int(ECHO_TAIL_S * SAMPLE_RATE)
                 replies.append(Reply((k + 1) * CHUNK_SAMPLES / SAMPLE_RATE, text, playing))
                 if echo is not None:
                     speaking, cursor = device_speech(text), 0  # interrupts what is still playing
@@ -77,16 +82,16 @@ def run(runtime, scene: np.ndarray, room: Room | None, *, cancel: bool = True, s
     return replies
 
 
-def _decide(session, chunk: int) -> tuple[str | None, bool]:
-    """Waits for `chunk`'s decision (and its reply if it spoke): (reply text or None, playing)."""
+def _decide(session, chunk: int) -> str | None:
+    """Waits for `chunk`'s decision (and its reply if it spoke): the reply text, or None."""
     decision = None
     for event in session.events(timeout=None):
         if isinstance(event, Decision) and event.chunk == chunk:
             decision = event
             if not event.spoke:
-                return None, event.playback
+                return None
         elif isinstance(event, ReplyEnded) and decision is not None:
-            return event.text, decision.playback
+            return event.text
     raise RuntimeError(f"the session ended before chunk {chunk} was decided")
 
 
