@@ -177,9 +177,15 @@ def main(argv=None) -> int:
     summary = {}
     for name, r in results.items():
         erle = r["erle_db"]
+        per_signal = {kind: erle[i::len(signals)] for i, kind in enumerate(signals)}  # rooms x signals, in order
         summary[name] = {
             "rooms": len(rooms), "signals": list(signals),
             "erle_db_median": statistics.median(erle), "erle_db_p10": float(np.percentile(erle, 10)),
+            **{f"erle_db_median_{kind}": statistics.median(values) for kind, values in per_signal.items()},
+            "erle_db_median_speech_no_delay": statistics.median(
+                [e for e, room in zip(per_signal["speech"], rooms) if room.delay_s == 0.0]),
+            "erle_db_median_speech_delayed": statistics.median(
+                [e for e, room in zip(per_signal["speech"], rooms) if room.delay_s > 0.0]),
             "erle_db_min": min(erle),
             "reconvergence_s_median": statistics.median(r["reconvergence_s"]),
             "reconvergence_s_p90": float(np.percentile(r["reconvergence_s"], 90)),
@@ -195,8 +201,13 @@ def main(argv=None) -> int:
               f"{s['reconvergence_s_median']:>11.1f}{s['reconvergence_s_p90']:>6.1f}"
               f"{s['near_end_attenuation_db_median']:>13.1f}{s['near_end_attenuation_db_p90']:>6.1f}"
               f"{s['ms_per_chunk_median']:>9.2f}{100 * s['core_share_median']:>8.2f}")
+    print(f"{'ERLE medians':<14}{'speech':>9}{'music':>7}{'speech, no delay':>18}{'speech, delayed':>17}")
+    for name, s in summary.items():
+        print(f"{name:<14}{s['erle_db_median_speech']:>9.1f}{s['erle_db_median_music']:>7.1f}"
+              f"{s['erle_db_median_speech_no_delay']:>18.1f}{s['erle_db_median_speech_delayed']:>17.1f}")
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "per_room": results}, indent=1))
+        rooms_json = [{"rt60_s": r.rt60_s, "gain_db": r.gain_db, "delay_s": r.delay_s} for r in rooms]
+        args.json.write_text(json.dumps({"summary": summary, "rooms": rooms_json, "per_room": results}, indent=1))
     return 0
 
 
