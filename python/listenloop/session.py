@@ -129,8 +129,8 @@ class Session:
         self._ring = core.RingBuffer(int(ring_seconds * SAMPLE_RATE))
         self._listen = core.ChunkQueue(listen_queue)
         # The echo canceller sits in the chunk scheduler (C++); it passes the microphone through
-        # unchanged until accept_playback() first brings sound.
-        # (the buffer and the canceller allocate their memory only once playback arrives)
+        # unchanged until accept_playback() first brings sound, and it and the buffer take
+        # their memory only then.
         reference = core.PlaybackBuffer(buffer_samples(self._ring.capacity)) if echo_cancellation else None
         self._chunker = core.ChunkScheduler(self._ring, self._listen, CHUNK_SAMPLES, self._scheduler.wake_signal,
                                             reference)

@@ -179,10 +179,12 @@ class Policy:
       only when it must, so a comparison with an unbounded reference stays exact while it fits;
     - playback_bias: added to the TEXT_BEGIN logit, on top of speak_bias, for chunks heard
       while the device's own playback can echo into them (docs/PROTOCOL.md, "Own voice"): a
-      finite number in [-10000, 0]; 0 treats them like any other chunk. Such chunks are also
+      finite number in [-10000, 0]; 0 treats them like any other chunk. A quarter of it
+      applies where someone seems to talk over the device. Such chunks, but for those, are
       never re-fed by a context reset;
-    - reset_after_playback: rebuild the context at the first quiet moment after the device
-      stops playing (True), so what it heard of its own voice does not shape later decisions.
+    - reset_after_playback: rebuild the context when the device stops playing (True): at once,
+      or at the next quiet moment if someone talked over it, so what it heard of its own
+      voice does not shape later decisions.
 
     `build` checks every option (booleans are not numbers, NaN and infinities never pass) and
     raises one ConfigError line naming the option; an unknown option name is a TypeError.
