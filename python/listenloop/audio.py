@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+# At import, not at the first resampled block: soxr's extension aborts the process when a
+# signal's exception reaches it while it initializes, and a stream may be interrupted anytime.
+import soxr
 
 from .errors import AudioFormatError, DeviceError
 from .protocol import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SAMPLE_RATE
@@ -133,8 +136,6 @@ def resample(samples: np.ndarray, sample_rate: int, target: int = SAMPLE_RATE) -
     """One-shot band-limited resampling (soxr HQ); a no-op at the target rate."""
     if sample_rate == target:
         return samples
-    import soxr
-
     return soxr.resample(samples, sample_rate, target).astype(np.float32, copy=False)
 
 
@@ -142,8 +143,6 @@ class StreamResampler:
     """soxr's streaming resampler: block boundaries give the same samples as one-shot."""
 
     def __init__(self, in_rate: int, out_rate: int = SAMPLE_RATE):
-        import soxr
-
         self.in_rate, self.out_rate = in_rate, out_rate
         self._stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32") if in_rate != out_rate else None
 

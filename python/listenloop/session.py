@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import threading
 import time
 
 import numpy as np
@@ -23,7 +22,7 @@ from . import events as ev
 from .audio import StreamResampler, check_sample_rate, condition_pcm
 from .context import chunk_level
 from .errors import Error, SessionClosedError
-from .event_queue import EventQueue
+from .event_queue import EventQueue, Wakeup
 from .model import Model
 from .protocol import CHUNK_SAMPLES, CHUNK_SECONDS, SAMPLE_RATE
 from .scheduler import StreamScheduler
@@ -149,7 +148,7 @@ class Session:
         self._flushed = False
         self._ended = False  # Finished was queued (by the model thread)
         self._closed = False
-        self._progress = threading.Condition()
+        self._progress = Wakeup()  # (not a Condition: an interrupted finish() must not block the model thread)
 
         self._chunker.start()
         self._scheduler.add(self)
@@ -205,13 +204,13 @@ class Session:
             self._flushed = True
             self._scheduler.wake()
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._progress:
-            while not (self._ended or self._events.backlogged):
-                self._raise_fatal()
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise Error(f"finish() timed out with {self._expected_chunks() - self._accounted()} chunks still in flight")
-                self._progress.wait(0.05 if remaining is None else min(0.05, remaining))
+        while not (self._ended or self._events.backlogged or self._closed):  # closed: nothing more comes
+            self._raise_fatal()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise Error(f"finish() timed out with {self._expected_chunks() - self._accounted()} chunks still in flight")
+            self._progress.wait(0.05 if remaining is None else min(0.05, remaining),
+                                lambda: self._ended or self._events.backlogged or self._closed or self._fatal is not None)
         self._raise_fatal()
 
     def _end_stream(self) -> None:
@@ -219,9 +218,8 @@ class Session:
         self._report_queue_drops()
         self._emit(self._stats())
         self._emit(ev.Finished(self._stream_time(), time.monotonic(), self._decided))
-        with self._progress:
-            self._ended = True
-            self._progress.notify_all()
+        self._ended = True
+        self._progress.notify_all()
         self._events.close()
 
     def _write(self, samples: np.ndarray, block: bool) -> None:
@@ -335,8 +333,7 @@ class Session:
             self._fatal = exc
             self._emit(ev.Fault(self._stream_time(), time.monotonic(), "session", f"fatal: {exc}"))
             self._events.close()
-            with self._progress:
-                self._progress.notify_all()
+            self._progress.notify_all()
             return True
 
     def _decide(self, chunk) -> None:
@@ -364,9 +361,8 @@ class Session:
             self._reply = ReplyText(self.model.token_bytes, self.model.tokens, self.model.emotions)
             self._reply_chunk = index
             self._reply_started = False
-        with self._progress:
-            self._decided += 1
-            self._progress.notify_all()
+        self._decided += 1
+        self._progress.notify_all()
         if self._stats_every and self._decided % self._stats_every == 0:
             self._emit(self._stats())
 
@@ -399,9 +395,8 @@ class Session:
             self._emit(ev.TextDelta(stream_time, time.monotonic(), tail.text, tuple(tail.token_ids)))
         self._emit(ev.ReplyEnded(stream_time, time.monotonic(), self._reply_chunk, reply.text,
                                  self.stream.reply_truncated, reply.filtered))
-        with self._progress:
-            self._reply = None
-            self._progress.notify_all()
+        self._reply = None
+        self._progress.notify_all()
 
     def _fault(self, index: int, exc: Exception) -> None:
         self._fault_streak += 1
@@ -409,9 +404,8 @@ class Session:
         stream_time = self._handled_until = self._chunk_time(index)
         self._emit(ev.Fault(stream_time, time.monotonic(), "model", str(exc)))
         self._emit(ev.AudioDropped(stream_time, time.monotonic(), CHUNK_SAMPLES, f"model failed: {exc}"))
-        with self._progress:
-            self._skipped_chunks += 1
-            self._progress.notify_all()
+        self._skipped_chunks += 1
+        self._progress.notify_all()
         if self._fault_streak >= MAX_CONSECUTIVE_FAULTS:
             raise Error(f"the model failed {self._fault_streak} times in a row; last error: {exc}")
 
@@ -491,8 +485,7 @@ class Session:
         self._listen.close()
         self._scheduler.remove(self)
         self._events.close()
-        with self._progress:
-            self._progress.notify_all()
+        self._progress.notify_all()
 
     def __enter__(self) -> Session:
         return self

@@ -1,6 +1,7 @@
 """The aiohttp application: routes, API key, Origin allow-list, session cap, static files."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -9,6 +10,7 @@ import os
 import re
 import stat
 import sys
+import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -21,6 +23,7 @@ log = logging.getLogger("listenloop.server")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+STOP_POLL_S = 0.1  # how often serve() looks at its stop event
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # one plain file name, no path
 
 
@@ -236,8 +239,10 @@ def api_key_from_env(name: str | None) -> str | None:
 
 
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, package=None, profile: str = "cpu",
-          max_sessions: int = 8, api_key_env: str | None = None, allowed_origins=(), **options) -> None:
-    """Load the model once and serve until interrupted (blocking). `options` go to create_app."""
+          max_sessions: int = 8, api_key_env: str | None = None, allowed_origins=(), *,
+          stop: threading.Event | None = None, **options) -> None:
+    """Load the model once and serve until `stop` is set (or, without one, until interrupted);
+    blocking. `options` go to create_app."""
     from ..session import Runtime
 
     api_key = api_key_from_env(api_key_env)
@@ -246,9 +251,21 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, package=None, prof
     try:
         app = create_app(runtime, api_key=api_key, allowed_origins=allowed_origins, max_sessions=max_sessions,
                          **options)
-        shown = f"[{host}]" if ":" in host else host
-        print(f"listenloop: serving {runtime.package.name} on http://{shown}:{port} "
-              f"(ws://{shown}:{port}/v1/realtime, /v1/pcm); Ctrl-C to stop", file=sys.stderr, flush=True)
-        web.run_app(app, host=host, port=port, print=None, handle_signals=True)
+        asyncio.run(_serve_until(app, host, port, runtime.package.name, stop or threading.Event()))
     finally:
         runtime.close()
+
+
+async def _serve_until(app: web.Application, host: str, port: int, name: str, stop: threading.Event) -> None:
+    # Signals are the caller's to handle (the command line's main thread sets `stop`).
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        shown = f"[{host}]" if ":" in host else host
+        print(f"listenloop: serving {name} on http://{shown}:{port} "
+              f"(ws://{shown}:{port}/v1/realtime, /v1/pcm); Ctrl-C to stop", file=sys.stderr, flush=True)
+        while not stop.is_set():
+            await asyncio.sleep(STOP_POLL_S)
+    finally:
+        await runner.cleanup()
