@@ -30,7 +30,7 @@ from typing import Iterator
 import numpy as np
 
 from .context import HISTORY_CHUNKS, LEVEL_FLOOR_CHUNKS, LEVEL_MARGIN, QUIET_P_SPEAK, ContextPolicy, reply_reserve
-from .errors import ProtocolError
+from .errors import ModelOutputError, ProtocolError
 from .protocol import BLOCK, STEP, VECTORS_PER_CHUNK
 from .sampling import Sampler, SamplingConfig
 
@@ -477,10 +477,22 @@ class DecoderStream:
             return f"quiet moment at {self._position} of {self.capacity} tokens"
         return None
 
+    def _restart_context(self) -> None:
+        """After NaN or infinite outputs: the KV cache may hold them, so the next listen()
+        starts a fresh context (prompt and its own chunk) instead of building on it."""
+        if self._speaking:
+            self.reply_truncated = True
+        self._speaking, self._previous, self._position, self._steady_staged = False, None, 0, False
+        self._history_count = self._quiet_run = 0
+
     def _decision(self, row: np.ndarray) -> tuple[bool, float]:
         silence = row.item(self._silence_id)  # a Python float, without a NumPy scalar in between
         policy = self.policy
         speak = row.item(self._speak_id) + policy.speak_bias
+        if not (math.isfinite(silence) and math.isfinite(speak)):
+            self._restart_context()
+            raise ModelOutputError(f"the decoder computed non-finite decision logits ({silence}, {speak}) "
+                                   f"at position {self._position}; the context restarts")
         margin = speak - silence
         p_speak = 1.0 / (1.0 + math.exp(-margin)) if margin > -700 else 0.0  # softmax over the two
         if policy.speak_threshold is not None:
@@ -549,6 +561,10 @@ class DecoderStream:
         self._logits_index[0] = 0
         self._run(1)
         self._reply_left -= 1
+        if not np.isfinite(self._row).all():
+            self._restart_context()
+            raise ModelOutputError(f"the decoder computed NaN or infinite reply logits at position {self._position}; "
+                                   "the reply ends and the context restarts")
         token = self.sampler.sample(self._row)
         if token == self._text_end:
             self._speaking, self._previous, self.reply_truncated = False, self._text_end, False
