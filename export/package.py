@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from listenloop.errors import CheckpointError, ExportError
-from listenloop.package import ATTENTIONS, AUDIO, FORMAT, FORMAT_VERSION, IO_DTYPES_OF
+from listenloop.package import ATTENTIONS, AUDIO, FORMAT, FORMAT_VERSION, IO_DTYPES_OF, file_sha256
 from listenloop.protocol import EMOTION_NAMES, FRAMES_PER_CHUNK, MAX_REPLY_TOKENS, N_MELS, PREFIX_HEAD, TOKEN_NAMES
 
 from . import quantize
@@ -138,7 +138,7 @@ def _manifest(checkpoint, out: Path, enc_precision: str, dec_precision: str, max
     files = {}
     for path in sorted(out.iterdir()):
         if path.is_file():
-            files[path.name] = {"bytes": path.stat().st_size}
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
         "created_by": f"listenloop.export {VERSION}",

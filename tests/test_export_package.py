@@ -1,6 +1,8 @@
 """Model package export (DESIGN.md "Model package"), the CLI, and parity with TorchReference."""
 from __future__ import annotations
 
+import hashlib
+
 import json
 
 import numpy as np
@@ -43,6 +45,7 @@ def test_manifest_is_complete_and_loads(tiny_package, tiny_checkpoint):
     assert list(pkg.prefix_ids) == [t["ONLINE"], t["ENGLISH"], t["SYSTEM"], t["TEXT_BEGIN"], *body, t["TEXT_END"]]
     for name, entry in m["files"].items():
         assert (tiny_package / name).stat().st_size == entry["bytes"]
+        assert entry["sha256"] == hashlib.sha256((tiny_package / name).read_bytes()).hexdigest()
     table = pkg.embeddings()
     assert table.dtype == np.float32 and list(table.shape) == m["embeddings"]["shape"]
     assert not any(p.name.startswith(".") for p in tiny_package.parent.iterdir())  # no temporary folders left

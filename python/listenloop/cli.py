@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--package", metavar="DIR", help="model package folder (default: the embedded model)")
     info.add_argument("--profile", default="cpu", help=profile_help())
 
+    verify = sub.add_parser("verify", help="check the sha256 of every file of a model package (however big)")
+    verify.add_argument("package", metavar="PACKAGE", help="model package folder")
+
     sub.add_parser("export", help="export a checkpoint to a model package (needs listenloop[export])", add_help=False)
 
     serve = sub.add_parser("serve", help="serve the model over WebSocket: OpenAI Realtime and raw PCM "
@@ -292,6 +295,14 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from .package import verify_package
+
+    for name, size, status in verify_package(args.package):  # a mismatch raises: one error line
+        print(f"{name:32s} {size:>15,d} bytes  {status}")
+    return 0
+
+
 def cmd_export(argv: list[str]) -> int:
     try:
         import torch  # noqa: F401 - only to give a clear message when the extra is missing
@@ -325,7 +336,8 @@ def cmd_serve(args) -> int:
     return 128 + STOP.signum if STOP.requested else 0
 
 
-COMMANDS = {"serve": cmd_serve, "run": cmd_run, "listen": cmd_listen, "devices": cmd_devices, "info": cmd_info, "bench": cmd_bench}
+COMMANDS = {"serve": cmd_serve, "run": cmd_run, "listen": cmd_listen, "devices": cmd_devices, "info": cmd_info, "bench": cmd_bench,
+            "verify": cmd_verify}
 
 
 # --- stopping on signals ---------------------------------------------------------------------
