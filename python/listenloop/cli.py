@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                             "(Authorization: Bearer KEY or ?key=KEY)")
     serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                        help="browser origin allowed besides the server's own, e.g. https://app.example (repeatable)")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="Host header name served besides loopback names and --host when there is no API key, "
+                            "e.g. a reverse proxy's (repeatable)")
 
     from . import bench
 
@@ -325,14 +328,16 @@ def cmd_serve(args) -> int:
     except ImportError:
         raise Error("serve needs aiohttp: pip install 'listenloop[serve]'") from None
     from .server import serve
+    from .server.app import check_port
 
+    check_port(args.port)
     if args.max_sessions < 1:
         raise Error(f"--max-sessions must be at least 1, got {args.max_sessions}")
     stop = threading.Event()
     STOP.on_request(stop.set)
     serve(host=args.host, port=args.port, package=args.package, profile=args.profile,
           max_sessions=args.max_sessions, api_key_env=args.api_key_env, allowed_origins=tuple(args.allow_origin),
-          stop=stop)
+          allowed_hosts=tuple(args.allow_host), stop=stop)
     return 128 + STOP.signum if STOP.requested else 0
 
 
