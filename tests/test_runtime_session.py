@@ -144,6 +144,34 @@ def test_overload_drops_whole_chunks_and_says_so(runtime_package, monkeypatch): 
     assert _kinds(events, "Stats")[-1].dropped_chunks == dropped // CHUNK
 
 
+def test_stream_time_counts_the_audio_an_overrun_dropped(runtime_package):  # noqa: F811
+    """Events locate the input: after a ring overrun with block=False, chunks fed next are
+    stamped where they were in what the caller pushed, not where they sit in the kept audio."""
+    rt = listenloop.Runtime(runtime_package, speak_bias=-1e4)
+    before, burst, after = 2 * CHUNK, 40 * CHUNK, 5 * CHUNK + 1000
+    with rt.session(ring_seconds=1.0) as s:
+        s.accept_waveform(np.zeros(before, np.float32), 16000)
+        deadline = time.monotonic() + 30
+        events = []
+        while len(_kinds(events, "Decision")) < 2 and time.monotonic() < deadline:
+            events += s.drain()
+            time.sleep(0.005)
+        s.accept_waveform(np.full(burst, 0.01, np.float32), 16000, block=False)  # 16 s into a 1 s ring
+        s.accept_waveform(np.zeros(after, np.float32), 16000)
+        s.finish(timeout=60)
+        events += list(s.events(timeout=5))
+    dropped = sum(e.samples for e in _kinds(events, "AudioDropped") if "overrun" in e.reason)
+    assert dropped > 30 * CHUNK
+    total = (before + burst + after) / 16000
+    decisions = _kinds(events, "Decision")
+    assert events[-1].kind == "Finished" and events[-1].stream_time == total
+    assert total <= decisions[-1].stream_time < total + CHUNK / 16000  # the last chunk ends with the input
+    times = [d.stream_time for d in decisions]
+    assert times == sorted(times) and times[:2] == [0.4, 0.8]
+    # the chunks of `after` (the last 6) lie after the burst in the input
+    assert all(t > (before + burst) / 16000 for t in times[-6:])
+
+
 def test_nan_and_inf_are_zeroed_and_reported(runtime_package):  # noqa: F811
     rt = listenloop.Runtime(runtime_package, speak_bias=-1e4)
     pcm = _signal(0.8, 16000).astype(np.float32)

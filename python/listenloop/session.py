@@ -133,6 +133,9 @@ class Session:
         self._microphones: list = []
         self._accepted = 0  # 16 kHz samples handed to the ring (including dropped ones)
         self._dropped_samples = 0
+        # (ring position, samples dropped before it): from that position of the kept samples
+        # on, the input is that many samples ahead (see _chunk_time)
+        self._drop_marks: collections.deque = collections.deque([(0, 0)])
         self._decided = 0
         self._skipped_chunks = 0
         self._reported_chunk_drops = 0
@@ -239,6 +242,7 @@ class Session:
         if written < len(samples):
             lost = len(samples) - written
             self._dropped_samples += lost
+            self._drop_marks.append((int(self._ring.written_total), self._dropped_samples))
             self._emit(ev.AudioDropped(self._stream_time(), time.monotonic(), lost, "ring buffer overrun"))
 
     def _wait_for_room(self, n: int) -> None:
@@ -255,8 +259,11 @@ class Session:
 
     def _note_external_samples(self) -> None:
         """A microphone writing the ring directly: account its samples as accepted."""
-        self._accepted = int(self._ring.written_total) + int(self._ring.dropped_samples)
-        self._dropped_samples = int(self._ring.dropped_samples)
+        written, dropped = int(self._ring.written_total), int(self._ring.dropped_samples)
+        self._accepted = written + dropped
+        if dropped > self._dropped_samples:  # placed at this call: within one capture block
+            self._drop_marks.append((written, dropped))
+        self._dropped_samples = dropped
 
     def listen(self, device=None):
         """Capture the microphone (`device`: index or name, None for the default) into this
@@ -423,9 +430,20 @@ class Session:
 
     # -- bookkeeping ---------------------------------------------------------------------
 
-    @staticmethod
-    def _chunk_time(index: int) -> float:
-        return (index + 1) * CHUNK_SAMPLES / SAMPLE_RATE  # exact in binary for whole chunks
+    def _chunk_time(self, index: int) -> float:
+        """Stream time at the end of chunk `index`: where its last sample was in the input,
+        counting the samples the ring dropped before it. Called with chunk numbers that never
+        decrease (model thread), so marks before the chunk are forgotten."""
+        first, last = index * CHUNK_SAMPLES, (index + 1) * CHUNK_SAMPLES - 1  # ring positions
+        marks = self._drop_marks
+        while len(marks) > 1 and marks[1][0] <= first:
+            marks.popleft()
+        ahead = 0
+        for position, dropped in list(marks):
+            if position > last:
+                break
+            ahead = dropped
+        return (last + 1 + ahead) / SAMPLE_RATE  # exact in binary for whole chunks
 
     def _accounted(self) -> int:
         return self._decided + self._skipped_chunks + int(self._chunker.chunks_dropped)
