@@ -133,6 +133,16 @@ class Printer:
             self._status(f"[{event.stream_time:7.1f}s] {event.chunks} chunks  step {event.step_ms:.1f} ms  "
                          f"RTF {event.real_time_factor:.2f}  dropped {event.dropped_chunks} chunks")
 
+    def keep_logs_off_the_status_line(self) -> None:
+        """Log lines (-v) start at the beginning of a line, not glued to the status line."""
+        if self.status:
+            for handler in logging.getLogger().handlers:
+                handler.addFilter(self._before_log_line)
+
+    def _before_log_line(self, record) -> bool:
+        self._clear_status()
+        return True
+
     def notice(self, line: str) -> None:
         """One line on stderr, after the reply line if a reply is being printed."""
         if self.in_reply:
@@ -208,6 +218,7 @@ def cmd_run(args) -> int:
     from .audio import AudioFile
 
     printer = Printer(args.json, args.verbose, source=args.file)
+    printer.keep_logs_off_the_status_line()
     # Opened first: a bad file fails before the model loads. Read 0.1 s at a time, so memory
     # does not depend on the file's length and events are printed as they come.
     with AudioFile(args.file, block_seconds=0.1, on_warning=printer.warning) as audio:
@@ -242,6 +253,7 @@ def cmd_run(args) -> int:
 def cmd_listen(args) -> int:
     runtime = _runtime(args)
     printer = Printer(args.json, args.verbose)
+    printer.keep_logs_off_the_status_line()
     device = int(args.device) if args.device is not None and str(args.device).isdigit() else args.device
     with runtime.session() as session:
         mic = session.listen(device)
@@ -285,8 +297,10 @@ def _build_info() -> dict:
 
 
 def cmd_info(args) -> int:
+    from .profiles import load_profile
     from .session import Runtime
 
+    load_profile(args.profile)  # a profile that does not exist is an error; a missing model is shown below
     info = _build_info()
     try:
         runtime = Runtime(args.package, args.profile)

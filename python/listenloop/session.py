@@ -21,7 +21,7 @@ import numpy as np
 from . import events as ev
 from .audio import StreamResampler, check_sample_rate, condition_pcm
 from .context import chunk_level
-from .errors import Error, SessionClosedError
+from .errors import Bounds, ConfigError, Error, SessionClosedError
 from .event_queue import EventQueue, Wakeup
 from .model import Model
 from .protocol import CHUNK_SAMPLES, CHUNK_SECONDS, SAMPLE_RATE
@@ -31,6 +31,14 @@ from .textstream import ReplyText
 log = logging.getLogger("listenloop")
 
 MAX_CONSECUTIVE_FAULTS = 5  # a session whose model work fails this many times in a row stops
+# Session options' ranges (runtime/PACKAGE_FORMAT.md, "Ranges"): the ring holds two chunks at
+# least and an hour at most (230 MB); the queues' bounds keep their memory bounded.
+SESSION_OPTION_RANGES = {
+    "ring_seconds": Bounds(2 * CHUNK_SECONDS, 3600.0),
+    "listen_queue": Bounds(2, 1 << 16, integer=True),
+    "event_queue": Bounds(1, 1 << 24, integer=True),
+    "stats_every": Bounds(0, 1 << 31, integer=True),  # 0: only the final Stats
+}
 
 
 def _core():
@@ -110,14 +118,14 @@ class Session:
     """One audio stream through a Runtime. Use as a context manager, or call close(); a
     session that is dropped or still open at interpreter exit is closed for you."""
 
-    OPTIONS = ("ring_seconds", "listen_queue", "event_queue", "stats_every")
+    OPTIONS = tuple(SESSION_OPTION_RANGES)
 
     def __init__(self, runtime: Runtime, stream, *, ring_seconds: float = 8.0, listen_queue: int = 64,
                  event_queue: int = 65536, stats_every: int = 25):
-        if listen_queue < 2 or event_queue < 1:
-            raise ValueError("listen_queue must be >= 2 and event_queue >= 1")
-        if ring_seconds * SAMPLE_RATE < 2 * CHUNK_SAMPLES:
-            raise ValueError("ring_seconds must hold at least two chunks (0.8 s)")
+        for name, value in (("ring_seconds", ring_seconds), ("listen_queue", listen_queue),
+                            ("event_queue", event_queue), ("stats_every", stats_every)):
+            if (problem := SESSION_OPTION_RANGES[name].problem(value)) is not None:
+                raise ConfigError(f"{name} {problem}")
         core = _core()
         self.runtime = runtime
         self.model: Model = runtime.model

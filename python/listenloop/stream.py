@@ -519,7 +519,7 @@ class DecoderStream:
             if reason is not None:
                 history = self._history_chunks()
                 reason += f": kept the prompt and re-prefilled the last {len(history)} chunks"
-                log.info(reason)
+                log.debug(reason)  # (the session reports it as a ContextReset event)
                 self._position, self._previous = 0, None
                 blocks = history + [audio_embeds]
             else:
