@@ -368,7 +368,8 @@ COMMANDS = {"serve": cmd_serve, "run": cmd_run, "listen": cmd_listen, "devices":
 # waits. A signal wakes it: it sets STOP (commands with a loop leave it at their next step and
 # the server closes), gives the worker STOP_GRACE_S to end, flushes the output and exits with
 # 128 + the signal's number. The process needs no other clean-up: the OS closes its sockets
-# and files.
+# and files, and the partial folder of an interrupted export is removed by the next export
+# to the same place.
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STOP_POLL_S = 0.1  # how often a command's waits look at STOP
