@@ -203,3 +203,12 @@ def test_info_with_a_profile_that_does_not_exist_fails_in_one_line(capsys):
     assert main(["info", "--profile", "nonexistent"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("listenloop: error: ") and "nonexistent" in err
+
+
+def test_realtime_run_takes_as_long_as_the_audio(tmp_path, runtime_package, capsys):  # noqa: F811
+    import time
+
+    wav = _wav(tmp_path / "talk.wav", seconds=1.5)
+    start = time.monotonic()
+    assert main(["run", str(wav), "--package", str(runtime_package), "--realtime"]) == 0
+    assert time.monotonic() - start >= 1.4  # never fed faster than real time (however fast the machine)

@@ -229,10 +229,11 @@ def cmd_run(args) -> int:
             for block in audio:
                 if STOP.requested:
                     break
-                if args.realtime:
+                while args.realtime and not STOP.requested:
                     delay = start + fed / audio.sample_rate - time.monotonic()
-                    if delay > 0:
-                        time.sleep(min(delay, STOP_POLL_S))
+                    if delay <= 0:
+                        break
+                    time.sleep(min(delay, STOP_POLL_S))
                 session.accept_waveform(block, audio.sample_rate)
                 fed += len(block)
                 for event in session.drain():
