@@ -411,13 +411,24 @@ STOP = Stop()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line. Without `argv` it is the process's entry point: the signal handlers
-    then stay until the process exits (a signal after the command ended exits at once)."""
+    """The command line. Without `argv` it is the process's entry point, which it also ends:
+    once the command is over the process exits at once, without the interpreter's shutdown,
+    during which a signal would kill it (Python restores the default handlers there). The
+    command has closed what it opened; the output is flushed first."""
     entry_point = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if threading.current_thread() is not threading.main_thread():
         return _main(argv)  # called from a library user's thread: signals are theirs
-    return _run_stoppable(argv, keep_handlers=entry_point)
+    if not entry_point:
+        return _run_stoppable(argv, keep_handlers=False)
+    try:
+        code = _run_stoppable(argv, keep_handlers=True)
+    except SystemExit as exc:  # argparse: --help, --version, a usage error (already printed)
+        code = exc.code
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+            code = 1
+    _exit_now(0 if code is None else code)
 
 
 def _run_stoppable(argv: list[str], keep_handlers: bool) -> int:
@@ -427,7 +438,7 @@ def _run_stoppable(argv: list[str], keep_handlers: bool) -> int:
 
     def on_signal(signum, frame):
         if ended:
-            _exit_now(signum)
+            _exit_now(128 + signum)
         mailbox.put(("signal", signum))
 
     previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
@@ -466,14 +477,14 @@ def _stop_and_exit(signum: int, mailbox: queue.SimpleQueue) -> None:
         mailbox.get(timeout=STOP_GRACE_S)  # the command ended, or a second signal
     except queue.Empty:
         pass
-    _exit_now(signum)
+    _exit_now(128 + signum)
 
 
-def _exit_now(signum: int) -> None:
+def _exit_now(code: int) -> None:
     flusher = threading.Thread(target=_flush_output, daemon=True)
     flusher.start()
     flusher.join(FLUSH_WAIT_S)
-    os._exit(128 + signum)
+    os._exit(code)
 
 
 def _flush_output() -> None:
