@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from listenloop.errors import CheckpointError, ExportError
-from listenloop.package import ATTENTIONS, AUDIO, FORMAT, FORMAT_VERSION, IO_DTYPES_OF
+from listenloop.package import ATTENTIONS, AUDIO, FORMAT, FORMAT_VERSION, IO_DTYPES_OF, file_sha256
 from listenloop.protocol import EMOTION_NAMES, FRAMES_PER_CHUNK, MAX_REPLY_TOKENS, N_MELS, PREFIX_HEAD, TOKEN_NAMES
 
 from . import quantize
@@ -138,7 +138,7 @@ def _manifest(checkpoint, out: Path, enc_precision: str, dec_precision: str, max
     files = {}
     for path in sorted(out.iterdir()):
         if path.is_file():
-            files[path.name] = {"bytes": path.stat().st_size}
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
         "created_by": f"listenloop.export {VERSION}",
@@ -161,6 +161,30 @@ def _manifest(checkpoint, out: Path, enc_precision: str, dec_precision: str, max
         "sampling": dict(SAMPLING),
         "files": files,
     }
+
+
+def _partial_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.partial-"
+
+
+def _remove_stale_partials(out_dir: Path) -> None:
+    """Remove what exports to `out_dir` by processes that no longer run left behind: one
+    stopped by a signal (the command line exits at once) or killed has no chance to."""
+    prefix = _partial_prefix(out_dir)
+    for partial in out_dir.parent.glob(f"{prefix}*"):
+        pid = partial.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's (or not a pid): leave it
+    return True
 
 
 def _build(checkpoint_dir: Path, tmp: Path, enc_precision: str, dec_precision: str, max_context: int,
@@ -210,7 +234,8 @@ def export_package(checkpoint_dir, out_dir, precision: str = "fp32", encoder_pre
         raise ExportError(f"max_context {max_context}: must be in 1..{cfg['block_size']} (block_size)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _check_disk(out_dir, *_parameter_counts(cfg, audio))
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{time.monotonic_ns()}"
+    _remove_stale_partials(out_dir)
+    tmp = out_dir.parent / f"{_partial_prefix(out_dir)}{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     try:
         _build(checkpoint_dir, tmp, enc_precision, dec_precision, max_context, attention, io_dtype)

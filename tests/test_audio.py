@@ -13,7 +13,7 @@ import soundfile as sf
 import soxr
 from test_runtime_fixtures import runtime_package  # noqa: F401
 
-from listenloop.audio import (AudioWarning, StreamResampler, check_sample_rate, condition_pcm, read_audio,
+from listenloop.audio import (AudioFile, AudioWarning, StreamResampler, check_sample_rate, condition_pcm, read_audio,
                               read_audio_blocks)
 from listenloop.errors import AudioFormatError
 from listenloop.protocol import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
@@ -224,8 +224,48 @@ def test_nan_in_a_float_file_is_an_error(tmp_path):
     pcm = _tone(1.0, 16000).astype(np.float32)
     pcm[8000:8003] = np.nan
     sf.write(path, pcm, 16000, subtype="FLOAT")
-    with pytest.raises(AudioFormatError, match=r"nan.wav: 3 samples are NaN or infinite \(at 0.0 s\)"):
+    with pytest.raises(AudioFormatError, match=r"nan.wav: 3 samples are NaN or infinite \(the first at 0.5 s\)"):
         read_audio(path)
+
+
+def test_every_nan_of_the_file_is_counted_whatever_the_block(tmp_path):
+    path = tmp_path / "nan.wav"
+    pcm = _tone(1.0, 16000).astype(np.float32)
+    pcm[[100, 9000]] = np.nan, np.inf  # in different 0.1 s blocks
+    sf.write(path, pcm, 16000, subtype="FLOAT")
+    with pytest.raises(AudioFormatError, match=r"nan.wav: 2 samples are NaN or infinite \(the first at 0.0 s\)"):
+        list(AudioFile(path, block_seconds=0.1))
+
+
+def test_a_wav_header_with_an_odd_sample_width_is_refused(tmp_path):
+    path = tmp_path / "bits7.wav"
+    sf.write(path, _tone(1.0, 16000), 16000, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    fmt = data.find(b"fmt ")
+    data[fmt + 22:fmt + 24] = (7).to_bytes(2, "little")  # bits per sample
+    path.write_bytes(bytes(data))
+    with pytest.raises(AudioFormatError) as info:
+        read_audio(path)
+    assert str(info.value) == f"{path}: WAV header says 7 bits per sample; PCM WAV files have 8, 16, 24, 32"
+
+
+def test_an_mp3_with_an_id3_tag_is_not_called_truncated(tmp_path, recwarn):
+    if "MP3" not in sf.available_formats():
+        pytest.skip("this libsndfile has no MP3")
+    plain = tmp_path / "plain.mp3"
+    sf.write(plain, _tone(2.0, 44100), 44100, format="MP3")
+    # Without a Xing header (many encoders write none) libsndfile estimates the length from
+    # the file's size, and an ID3v2 tag (cover art, say) inflates that estimate.
+    data = plain.read_bytes().replace(b"Xing", b"\x00" * 4, 1)
+    picture = b"\x00image/jpeg\x00\x03\x00" + bytes(100_000)
+    frame = b"APIC" + struct.pack(">I", len(picture)) + b"\x00\x00" + picture
+    syncsafe = bytes((len(frame) >> shift) & 0x7F for shift in (21, 14, 7, 0))
+    tagged = tmp_path / "tagged.mp3"
+    tagged.write_bytes(b"ID3\x03\x00\x00" + syncsafe + frame + data)
+    with sf.SoundFile(tagged) as f:
+        assert f.frames > 2 * len(f.read())  # the estimate this test is about
+    assert len(read_audio(tagged)) > 0
+    assert not [w for w in recwarn if issubclass(w.category, AudioWarning)]
 
 
 def test_many_channels_are_read_in_bounded_blocks(tmp_path):

@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import soundfile as sf
@@ -165,3 +166,49 @@ def test_run_json_includes_audio_clipped(tmp_path, runtime_package, capsys):  # 
     clipped = [e for e in map(json.loads, captured.out.splitlines()) if e["event"] == "AudioClipped"]
     assert clipped and all(e["samples"] > 0 and e["peak"] > 1 and e["int_pcm_as_float"] for e in clipped)
     assert captured.err.count("listenloop: warning:") == 1 and "divide by 32768" in captured.err
+
+
+def test_verbose_run_shows_each_context_reset_once():
+    kitchen = Path(__file__).resolve().parent.parent / "examples" / "kitchen.wav"
+    result = _cli("-v", "run", str(kitchen))
+    assert result.returncode == 0, result.stderr
+    resets = [line for line in result.stderr.splitlines() if "quiet moment" in line or "context full" in line]
+    assert resets and all("(context reset: " in line for line in resets), resets  # the event's line only
+
+
+def test_log_lines_never_glue_to_the_status_line(monkeypatch):
+    import logging
+
+    from listenloop import events as ev
+    from listenloop.cli import Printer
+
+    buffer = _shared_terminal(monkeypatch)
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(logging.Formatter("listenloop: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        printer = Printer(as_json=False, verbose=True)
+        printer.status = True  # as on a terminal
+        printer.keep_logs_off_the_status_line()
+        printer(ev.Decision(0.4, 0, 0, False, 0.0))
+        logging.getLogger("listenloop").warning("something happened")
+    finally:
+        root.removeHandler(handler)
+    assert "p(speak)=0.00listenloop" not in buffer.getvalue()
+    assert buffer.getvalue().endswith("\rlistenloop: something happened\n")
+
+
+def test_info_with_a_profile_that_does_not_exist_fails_in_one_line(capsys):
+    assert main(["info", "--profile", "nonexistent"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("listenloop: error: ") and "nonexistent" in err
+
+
+def test_realtime_run_takes_as_long_as_the_audio(tmp_path, runtime_package, capsys):  # noqa: F811
+    import time
+
+    wav = _wav(tmp_path / "talk.wav", seconds=1.5)
+    start = time.monotonic()
+    assert main(["run", str(wav), "--package", str(runtime_package), "--realtime"]) == 0
+    assert time.monotonic() - start >= 1.4  # never fed faster than real time (however fast the machine)

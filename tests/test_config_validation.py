@@ -465,3 +465,18 @@ def test_any_speak_bias_is_accepted_only_when_finite_and_in_range(bias):
         with pytest.raises(ConfigError) as info:
             Policy.build(defaults, speak_bias=bias)
         assert _one_line(info.value).startswith("speak_bias must be a finite number in [-10000, 10000]")
+
+
+@pytest.mark.parametrize("option,value", [
+    ("event_queue", float("nan")), ("event_queue", 1e300), ("event_queue", 0), ("listen_queue", 2 ** 70),
+    ("listen_queue", 1.5), ("ring_seconds", float("inf")), ("ring_seconds", "8"), ("ring_seconds", 1e12),
+    ("ring_seconds", 0.5), ("stats_every", -1), ("stats_every", True),
+])
+def test_session_options_out_of_range_are_one_config_error_line(runtime_package, option, value):  # noqa: F811
+    rt = listenloop.Runtime(runtime_package)
+    with pytest.raises(ConfigError) as info:
+        rt.session(**{option: value})
+    message = str(info.value)
+    assert message.startswith(f"{option} must be ") and "\n" not in message
+    assert rt.open_sessions == 0
+    rt.close()

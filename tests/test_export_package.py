@@ -1,6 +1,9 @@
 """Model package export (DESIGN.md "Model package"), the CLI, and parity with TorchReference."""
 from __future__ import annotations
 
+import hashlib
+import os
+
 import json
 
 import numpy as np
@@ -43,6 +46,7 @@ def test_manifest_is_complete_and_loads(tiny_package, tiny_checkpoint):
     assert list(pkg.prefix_ids) == [t["ONLINE"], t["ENGLISH"], t["SYSTEM"], t["TEXT_BEGIN"], *body, t["TEXT_END"]]
     for name, entry in m["files"].items():
         assert (tiny_package / name).stat().st_size == entry["bytes"]
+        assert entry["sha256"] == hashlib.sha256((tiny_package / name).read_bytes()).hexdigest()
     table = pkg.embeddings()
     assert table.dtype == np.float32 and list(table.shape) == m["embeddings"]["shape"]
     assert not any(p.name.startswith(".") for p in tiny_package.parent.iterdir())  # no temporary folders left
@@ -154,3 +158,17 @@ def test_cli_mixed_precisions_and_verify(tiny_checkpoint, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert export_main([str(tiny_checkpoint), str(out), "--precision", "fp32", "--force", "--verify"]) == 0
     assert "PASS" in capsys.readouterr().out
+
+
+def test_an_export_removes_what_a_stopped_export_left(tiny_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process that has ended
+    stale = tmp_path / f".pkg.partial-{dead}-1"
+    (stale / ".work").mkdir(parents=True)
+    running = tmp_path / f".pkg.partial-{os.getpid()}-2"  # an export still running: kept
+    running.mkdir()
+    export_package(tiny_checkpoint, tmp_path / "pkg", precision="fp32")
+    assert not stale.exists() and running.exists()

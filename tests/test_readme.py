@@ -23,4 +23,4 @@ def test_readme_api_example_prints_the_reply():
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(code, "README.md", "exec"), {"pcm": pcm48})
-    assert "Smoke alarm! Please check the kitchen." in out.getvalue()
+    assert "Smoke alarm! Please check the kitchen." in out.getvalue().splitlines()  # one line per reply

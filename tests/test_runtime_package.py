@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,7 +12,7 @@ from test_runtime_fixtures import TOKENS, VOCAB, runtime_package  # noqa: F401
 
 from listenloop.engine import Engine
 from listenloop.errors import Error, ModelPackageError
-from listenloop.package import load_package, resolve_package
+from listenloop.package import load_package, resolve_package, verify_package
 
 
 @pytest.fixture()
@@ -167,3 +168,65 @@ def test_no_default_package(monkeypatch, tmp_path):
     with pytest.raises(ModelPackageError) as info:
         resolve_package(None)
     assert "no model package given" in str(info.value)
+
+
+DEFAULT = Path(__file__).resolve().parent.parent / "runtime" / "models" / "default"
+
+
+@pytest.fixture()
+def default_copy(tmp_path):
+    dst = tmp_path / "default"
+    shutil.copytree(DEFAULT, dst)
+    return dst
+
+
+def test_the_shipped_manifest_has_the_sha256_of_every_file():
+    checked = verify_package(DEFAULT)
+    assert sorted(name for name, _, _ in checked) == sorted(p.name for p in DEFAULT.iterdir() if p.name != "manifest.json")
+    assert all(status == "ok" for _, _, status in checked)
+
+
+def test_a_file_with_the_right_size_and_wrong_content_is_refused_at_load(default_copy):
+    data = bytearray((default_copy / "tokenizer.json").read_bytes())
+    data[-2:-1] = b" " if data[-2:-1] != b" " else b"\n"
+    (default_copy / "tokenizer.json").write_bytes(bytes(data))
+    message = _error(default_copy)
+    assert message.startswith(str(default_copy / "tokenizer.json")) and "files.tokenizer.json.sha256" in message
+
+
+def test_big_files_are_hashed_by_verify_only(default_copy, monkeypatch, capsys):
+    from listenloop import package as package_module
+    from listenloop.cli import main
+
+    data = bytearray((default_copy / "encoder.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (default_copy / "encoder.onnx").write_bytes(bytes(data))
+    monkeypatch.setattr(package_module, "HASH_AT_LOAD_BYTES", 1 << 20)  # the 2 MB encoder counts as big
+    load_package(default_copy)  # sizes agree: loads
+    with pytest.raises(ModelPackageError, match=r"encoder\.onnx: files\.encoder\.onnx\.sha256: manifest says"):
+        verify_package(default_copy)
+    assert main(["verify", str(default_copy)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "files.encoder.onnx.sha256" in err
+
+
+def test_a_malformed_checksum_is_one_line(default_copy):
+    _edit_manifest(default_copy, lambda m: m["files"]["decoder.onnx"].update(sha256="abc"))
+    assert "files.decoder.onnx.sha256: must be 64 lower-case hex digits, got 'abc'" in _error(default_copy)
+
+
+def test_a_model_file_linking_out_of_the_folder_is_refused(pkg, tmp_path):
+    outside = tmp_path / "elsewhere.json"
+    shutil.move(pkg / "tokenizer.json", outside)
+    (pkg / "tokenizer.json").symlink_to(outside)
+    message = _error(pkg)
+    assert "tokenizer.file: links to" in message and "outside the package folder" in message
+
+
+def test_nan_embeddings_fail_the_start_up_self_test(pkg):
+    table = np.load(pkg / "embeddings.npy")
+    np.save(pkg / "embeddings.npy", np.full_like(table, np.nan))
+    with pytest.raises(ModelPackageError) as info:
+        Engine(pkg)
+    message = str(info.value)
+    assert "\n" not in message and "self-test gave NaN or infinite decoder outputs" in message

@@ -144,6 +144,34 @@ def test_overload_drops_whole_chunks_and_says_so(runtime_package, monkeypatch): 
     assert _kinds(events, "Stats")[-1].dropped_chunks == dropped // CHUNK
 
 
+def test_stream_time_counts_the_audio_an_overrun_dropped(runtime_package):  # noqa: F811
+    """Events locate the input: after a ring overrun with block=False, chunks fed next are
+    stamped where they were in what the caller pushed, not where they sit in the kept audio."""
+    rt = listenloop.Runtime(runtime_package, speak_bias=-1e4)
+    before, burst, after = 2 * CHUNK, 40 * CHUNK, 5 * CHUNK + 1000
+    with rt.session(ring_seconds=1.0) as s:
+        s.accept_waveform(np.zeros(before, np.float32), 16000)
+        deadline = time.monotonic() + 30
+        events = []
+        while len(_kinds(events, "Decision")) < 2 and time.monotonic() < deadline:
+            events += s.drain()
+            time.sleep(0.005)
+        s.accept_waveform(np.full(burst, 0.01, np.float32), 16000, block=False)  # 16 s into a 1 s ring
+        s.accept_waveform(np.zeros(after, np.float32), 16000)
+        s.finish(timeout=60)
+        events += list(s.events(timeout=5))
+    dropped = sum(e.samples for e in _kinds(events, "AudioDropped") if "overrun" in e.reason)
+    assert dropped > 30 * CHUNK
+    total = (before + burst + after) / 16000
+    decisions = _kinds(events, "Decision")
+    assert events[-1].kind == "Finished" and events[-1].stream_time == total
+    assert total <= decisions[-1].stream_time < total + CHUNK / 16000  # the last chunk ends with the input
+    times = [d.stream_time for d in decisions]
+    assert times == sorted(times) and times[:2] == [0.4, 0.8]
+    # the chunks of `after` (the last 6) lie after the burst in the input
+    assert all(t > (before + burst) / 16000 for t in times[-6:])
+
+
 def test_nan_and_inf_are_zeroed_and_reported(runtime_package):  # noqa: F811
     rt = listenloop.Runtime(runtime_package, speak_bias=-1e4)
     pcm = _signal(0.8, 16000).astype(np.float32)
@@ -232,6 +260,84 @@ def test_a_failed_decoder_step_skips_the_chunk_and_goes_on(runtime_package, monk
     assert len(faults) == 1 and "transient device error" in faults[0].message
     assert [d.chunk for d in _kinds(events, "Decision")] == [0, 2, 3, 4]
     assert any("model failed" in d.reason for d in _kinds(events, "AudioDropped"))
+
+
+def _chunk_by_chunk(s, chunks: int) -> list:
+    """Feed silent chunks one at a time, each decided (or faulted) before the next is fed."""
+    events = []
+    for i in range(chunks):
+        s.accept_waveform(np.zeros(CHUNK, np.float32), 16000)
+        deadline = time.monotonic() + 30
+        while len(_kinds(events, "Decision")) + len(_kinds(events, "Fault")) <= i and time.monotonic() < deadline:
+            events += s.drain()
+            time.sleep(0.005)
+    s.finish(timeout=30)
+    return events + list(s.events(timeout=1))
+
+
+def test_nan_logits_are_a_fault_and_the_stream_goes_on(runtime_package, monkeypatch):  # noqa: F811
+    from listenloop.stream import DecoderStream
+
+    rt = listenloop.Runtime(runtime_package, speak_bias=-1e4)
+    real_run = DecoderStream._run
+    calls = {"n": 0}
+
+    def poisoned(self, T):
+        real_run(self, T)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            self._logits[...] = np.nan
+
+    monkeypatch.setattr(DecoderStream, "_run", poisoned)
+    with rt.session() as s:
+        events = _chunk_by_chunk(s, 6)
+    faults = _kinds(events, "Fault")
+    assert len(faults) == 1 and "non-finite decision logits" in faults[0].message
+    decisions = _kinds(events, "Decision")
+    assert [d.chunk for d in decisions] == [0, 1, 3, 4, 5]
+    assert all(0.0 <= d.p_speak <= 1.0 for d in decisions)
+    assert events[-1].kind == "Finished"
+
+
+def test_nan_reply_logits_end_the_reply_as_a_fault(runtime_package, monkeypatch):  # noqa: F811
+    from listenloop.stream import DecoderStream
+
+    rt = listenloop.Runtime(runtime_package, speak_bias=1e4,
+                            sampler=ScriptedSampler([ord("a"), ord("b"), ord("c"), T["TEXT_END"]] * 4))
+    real_run = DecoderStream._run
+
+    def poisoned(self, T):
+        real_run(self, T)
+        if T == 1 and self._reply_left == self.policy.max_reply_tokens - 2:  # the second reply token
+            self._logits[...] = np.inf
+
+    monkeypatch.setattr(DecoderStream, "_run", poisoned)
+    with rt.session() as s:
+        events = _chunk_by_chunk(s, 1)
+    faults = _kinds(events, "Fault")
+    assert faults and faults[0].where == "speak" and "NaN or infinite reply logits" in faults[0].message
+    ended = _kinds(events, "ReplyEnded")
+    assert ended and ended[0].truncated and events[-1].kind == "Finished"
+
+
+def test_nan_audio_vectors_are_a_fault(runtime_package, monkeypatch):  # noqa: F811
+    rt = listenloop.Runtime(runtime_package, speak_bias=-1e4)
+    real_encoder, calls = rt.model.encoder, {"n": 0}
+
+    class Poisoned:
+        def run(self, names, feeds):
+            out = real_encoder.run(names, feeds)
+            calls["n"] += 1
+            if calls["n"] == 2:
+                out[0][...] = np.nan
+            return out
+
+    monkeypatch.setattr(rt.model, "encoder", Poisoned())
+    with rt.session() as s:
+        events = _chunk_by_chunk(s, 3)
+    faults = _kinds(events, "Fault")
+    assert len(faults) == 1 and "NaN or infinite audio vectors" in faults[0].message
+    assert [d.chunk for d in _kinds(events, "Decision")] == [0, 2]
 
 
 def test_a_persistent_failure_surfaces_in_the_caller(runtime_package, monkeypatch):  # noqa: F811

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import os
+import socket
 import threading
 from pathlib import Path
 
@@ -19,6 +20,7 @@ pytest.importorskip("openai")
 
 import listenloop  # noqa: E402
 from listenloop.server import check_bind, create_app, is_loopback  # noqa: E402
+from listenloop.server.app import NON_SESSION_TIMEOUT_S, SPARE_CONNECTIONS, start  # noqa: E402
 from test_determinism import signature  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -37,22 +39,21 @@ def runtime():
 class Server:
     """An app served on a free loopback port by an event loop in a background thread."""
 
-    def __init__(self, runtime, **options):
+    def __init__(self, runtime, non_session_timeout_s=NON_SESSION_TIMEOUT_S, **options):
         self.app = create_app(runtime, **options)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self._runner = aiohttp.web.AppRunner(self.app, shutdown_timeout=1.0)
-        self.port = self._call(self._start())
+        self._runner = self._call(start(self.app, "127.0.0.1", 0, non_session_timeout_s=non_session_timeout_s,
+                                        shutdown_timeout=1.0))
+        self.port = self._runner.addresses[0][1]
 
     def _call(self, coro, timeout=30):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    async def _start(self):
-        await self._runner.setup()
-        site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        return self._runner.addresses[0][1]
+    @property
+    def tcp_connections(self) -> int:
+        return len(self._runner.server.connections)
 
     @property
     def http(self):
@@ -86,7 +87,7 @@ def server(runtime):
 
 
 def run(coro, timeout=45):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+    return asyncio.run(asyncio.wait_for(coro, timeout) if timeout is not None else coro)
 
 
 def wav(name):
@@ -394,41 +395,82 @@ def test_a_thousand_connect_disconnect_cycles(server):
     assert run(health())["sessions"] == 0
 
 
-async def _never_reads(url, other_url):
+async def _never_reads(server):
+    url = server.http
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(f"{url}/v1/pcm?format=s16")
-        ws._conn.transport.pause_reading()  # this client reads nothing from now on
-        # filling the loopback socket buffers with 1-byte frames takes ~16 s on an idle 2-core
-        # machine; the margin is for a loaded one
-        deadline = asyncio.get_running_loop().time() + 60
-        stalled = False
-        while not stalled and asyncio.get_running_loop().time() < deadline:
-            try:  # each bad frame makes the server send an Error event, until the socket is full
-                await asyncio.wait_for(ws.send_bytes(b"\x00"), 0.5)
-            except (asyncio.TimeoutError, ConnectionError):
-                stalled = True  # the server, stuck sending to it, stopped reading from it as well
-        assert stalled
-        # meanwhile other clients are served
-        ready, events, _ = await _pcm_events(other_url, wav("front_door.wav"))
+        assert (await ws.receive_json(timeout=10))["event"] == "Ready"
+        transport = ws._conn.transport
+        # this client reads nothing from now on, and its kernel takes little for it
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        transport.pause_reading()
+        sent = 0
+        # Each bad frame makes the server send an Error event, until the buffers between are full
+        # and the server, stuck sending for send_timeout_s, drops the client: however long
+        # that takes on this machine (the test's timeout is the only limit).
+        while server.state.reserved:
+            try:
+                await ws.send_bytes(b"\x00")  # blocks once the server stops reading, until it drops us
+                sent += 1
+            except ConnectionError:
+                break
+        # its socket is closed on the server's side, not left waiting to flush
+        while server.tcp_connections:
+            await asyncio.sleep(0.02)
+        # other clients are served
+        ready, events, _ = await _pcm_events(url, wav("front_door.wav"))
         assert DOOR in [e.get("text") for e in events]
-        ws._conn.transport.resume_reading()
+        transport.resume_reading()
         errors = 0
-        while True:  # what the server had sent before it gave up on this client, then its close
+        while True:  # what the server had sent before it gave up on this client, then the end
             msg = await ws.receive(timeout=10)
             if msg.type != aiohttp.WSMsgType.TEXT:
                 break
             errors += json.loads(msg.data)["event"] == "Error"
-        return errors, msg, ws.close_code
+        return sent, errors, msg, ws.close_code
 
 
+@pytest.mark.timeout(300)  # a hang guard only: the test waits for the server, not a deadline
 def test_a_client_that_never_reads_is_disconnected(runtime):
     with serving(runtime, send_timeout_s=1.0) as server:
-        errors, last, code = run(_never_reads(server.http, server.http), timeout=120)
-        assert errors > 0
+        sent, errors, last, code = run(_never_reads(server), timeout=None)
+        assert 0 < errors < sent
         # the server gave up on it: a close frame if it still fit in the socket, else it dropped the connection
         assert (code == 1008 and "not reading" in last.extra) or code == 1006, (last, code)
         run(wait_idle(server, timeout=10))  # its session is closed; memory did not pile up
         assert server.state.served >= 2
+
+
+async def _closed_by_server(reader) -> bool:
+    try:
+        return await reader.read() == b""
+    except ConnectionResetError:  # aborted: no FIN, a reset
+        return True
+
+
+async def _connections_past_the_cap(server, spare):
+    url = server.http
+    async with aiohttp.ClientSession() as http:
+        sessions = [await http.ws_connect(f"{url}/v1/pcm") for _ in range(server.state.max_sessions)]
+        idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(spare)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await _closed_by_server(reader)  # one connection too many: closed as it opens
+        writer.close()
+        # the spare ones, which never send a whole request, are closed after the timeout
+        for r, w in idle:
+            w.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the end of the headers
+            assert await _closed_by_server(r)
+            w.close()
+        for ws in sessions:  # the sessions are not timed out
+            assert not ws.closed
+            await ws.close()
+
+
+def test_tcp_connections_count_against_the_cap_and_idle_ones_time_out(runtime):
+    with serving(runtime, max_sessions=2, non_session_timeout_s=0.5) as server:
+        run(_connections_past_the_cap(server, SPARE_CONNECTIONS))
+        run(wait_idle(server))
+        assert server.state.refused >= 1
 
 
 async def _refused(url):
@@ -527,6 +569,52 @@ def test_api_key_origin_and_static_files(runtime, tmp_path):
     with serving(runtime, api_key="s3cret", allowed_origins=["https://app.example"], static_dir=static) as server:
         run(_access(server.http, server.port))
         run(wait_idle(server))
+
+
+async def _hosts(server):
+    port = server.port
+    async with aiohttp.ClientSession() as http:
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "proxy.example", "proxy.example:443"):
+            assert (await http.get(f"{server.http}/", headers={"Host": host})).status == 200, host
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1:1", "localhost", f"127.0.0.1.evil.example:{port}"):
+            response = await http.get(f"{server.http}/", headers={"Host": host})
+            assert response.status == 403, host
+            error = (await response.json())["error"]
+            assert error["code"] == "host_not_allowed" and "\n" not in error["message"] and host in error["message"]
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(f"{server.http}/v1/pcm", headers={"Host": host})
+            assert refused.value.status == 403
+
+
+def test_without_a_key_only_requests_naming_this_server_are_served(runtime):
+    """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 sends
+    `Host: evil.example`; without an API key it gets 403."""
+    with serving(runtime, allowed_hosts=["proxy.example"]) as server:
+        run(_hosts(server))
+
+
+async def _logged(server):
+    async with aiohttp.ClientSession() as http:
+        assert (await http.get(f"{server.http}/?key=s3cret-value&x=1")).status == 200
+
+
+def test_the_access_log_never_shows_the_key(runtime, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, "aiohttp.access"), serving(runtime, api_key="s3cret-value") as server:
+        run(_logged(server))  # (logged once the response is sent: the server closes first)
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert any("key=***" in line and "x=1" in line for line in lines), lines
+    assert not any("s3cret" in line for line in lines), lines
+
+
+def test_serve_refuses_a_port_out_of_range_before_loading(capsys):
+    from listenloop import cli
+
+    for port in ("99999", "0", "-1"):
+        assert cli.main(["serve", "--port", port]) == 1
+        err = capsys.readouterr().err
+        assert err == f"listenloop: error: --port must be a TCP port number from 1 to 65535, got {port}\n"
 
 
 def test_only_loopback_binds_without_a_key():

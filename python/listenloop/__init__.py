@@ -11,7 +11,7 @@ Heavy modules (onnxruntime, the engine) load on first use; torch is never import
 from __future__ import annotations
 
 from .errors import (AudioFormatError, CheckpointError, ConfigError, DeviceError, Error, ExportError,
-                     ModelPackageError, ProtocolError, SessionClosedError)
+                     ModelOutputError, ModelPackageError, ProtocolError, SessionClosedError)
 from .events import (AudioClipped, AudioDropped, ContextReset, Decision, Event, EventsDropped, Fault, Finished,
                      ReplyEnded, ReplyStarted, Stats, TextDelta)
 
@@ -34,5 +34,5 @@ def __getattr__(name: str):
 __all__ = ["Runtime", "Session", "Model", "Engine", "read_audio", "read_audio_blocks", "load_package", "__version__",
            "Event", "Decision", "ReplyStarted", "TextDelta", "ReplyEnded", "AudioDropped", "AudioClipped",
            "ContextReset", "EventsDropped", "Fault", "Stats", "Finished",
-           "Error", "AudioFormatError", "ConfigError", "ModelPackageError", "ProtocolError",
+           "Error", "AudioFormatError", "ConfigError", "ModelPackageError", "ModelOutputError", "ProtocolError",
            "SessionClosedError", "DeviceError", "ExportError", "CheckpointError"]

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+# At import, not at the first resampled block: soxr's extension aborts the process when a
+# signal's exception reaches it while it initializes, and a stream may be interrupted anytime.
+import soxr
 
 from .errors import AudioFormatError, DeviceError
 from .protocol import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SAMPLE_RATE
@@ -133,8 +136,6 @@ def resample(samples: np.ndarray, sample_rate: int, target: int = SAMPLE_RATE) -
     """One-shot band-limited resampling (soxr HQ); a no-op at the target rate."""
     if sample_rate == target:
         return samples
-    import soxr
-
     return soxr.resample(samples, sample_rate, target).astype(np.float32, copy=False)
 
 
@@ -142,8 +143,6 @@ class StreamResampler:
     """soxr's streaming resampler: block boundaries give the same samples as one-shot."""
 
     def __init__(self, in_rate: int, out_rate: int = SAMPLE_RATE):
-        import soxr
-
         self.in_rate, self.out_rate = in_rate, out_rate
         self._stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32") if in_rate != out_rate else None
 
@@ -194,33 +193,52 @@ def _quiet_c_stderr():
                 os.close(saved)
 
 
-def _wav_header_frames(path: Path) -> int | None:
-    """Frames the data chunk of a RIFF/WAVE header announces. libsndfile reports the frames
-    actually present, so this is how a truncated WAV is recognised; None if not known."""
+# WAV sample widths by format tag (PCM, IEEE float); libsndfile reads other PCM widths as
+# something else (7 bits as unsigned 8-bit: twice the frames, all noise).
+_WAV_BITS = {1: (8, 16, 24, 32), 3: (32, 64)}
+_WAV_EXTENSIBLE = 0xFFFE
+
+
+@dataclass(frozen=True)
+class _WavHeader:
+    frames: int | None  # what the data chunk announces (None: not known)
+    format_tag: int | None
+    bits: int | None
+
+
+def _wav_header(path: Path) -> _WavHeader:
+    """The fmt and data chunks of a RIFF/WAVE header. libsndfile reports the frames actually
+    present, so `frames` is how a truncated WAV is recognised."""
+    format_tag = bits = None
     try:
         with open(path, "rb") as f:
             head = f.read(12)
             if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-                return None
+                return _WavHeader(None, None, None)
             block_align = 0
             for _ in range(256):  # chunks before "data": fmt, fact, LIST, ...
                 header = f.read(8)
                 if len(header) < 8:
-                    return None
+                    break
                 chunk, size = header[:4], int.from_bytes(header[4:], "little")
                 if chunk == b"data":
-                    return size // block_align if block_align and size not in (0, 0xFFFFFFFF) else None
+                    frames = size // block_align if block_align and size not in (0, 0xFFFFFFFF) else None
+                    return _WavHeader(frames, format_tag, bits)
                 if chunk == b"fmt ":
-                    fmt = f.read(min(size, 16))
-                    if len(fmt) < 14:
-                        return None
+                    fmt = f.read(min(size, 26))
+                    if len(fmt) < 16:
+                        break
+                    format_tag = int.from_bytes(fmt[0:2], "little")
                     block_align = int.from_bytes(fmt[12:14], "little")
+                    bits = int.from_bytes(fmt[14:16], "little")
+                    if format_tag == _WAV_EXTENSIBLE and len(fmt) >= 26:  # the sub-format's tag
+                        format_tag = int.from_bytes(fmt[24:26], "little")
                     f.seek(size - len(fmt) + (size & 1), os.SEEK_CUR)
                 else:
                     f.seek(size + (size & 1), os.SEEK_CUR)
     except OSError:
-        return None
-    return None
+        pass
+    return _WavHeader(None, format_tag, bits)
 
 
 def _first_line(exc: Exception) -> str:
@@ -280,12 +298,20 @@ class AudioFile:
                 raise AudioFormatError(f"{name}: header says {self.channels} channels")
             self._dtype = "float64" if f.subtype == "DOUBLE" else "float32"
             self._noisy = f.format == "MP3"  # libmpg123 may print notes on any read
-            header = _wav_header_frames(self.path) if f.format in ("WAV", "WAVEX") else None
-            if header is None:
+            header = None
+            if f.format in ("WAV", "WAVEX"):
+                wav = _wav_header(self.path)
+                widths = _WAV_BITS.get(wav.format_tag)
+                if widths is not None and wav.bits not in widths:
+                    raise AudioFormatError(f"{name}: WAV header says {wav.bits} bits per sample; "
+                                           f"{'PCM' if wav.format_tag == 1 else 'float'} WAV files have "
+                                           f"{', '.join(map(str, widths))}")
+                header = wav.frames
+            if header is None and not self._noisy:
                 header = int(f.frames) if 0 <= f.frames < _UNKNOWN_LENGTH else 0
-            self.header_frames = header  # what the header promises (0: not known)
-            # MP3 lengths without an encoder header are estimates: allow 2 % before warning.
-            self._tolerance = self.header_frames // 50 if self._noisy else 0
+            # (an MP3's frame count is libsndfile's estimate, which an ID3 tag inflates: it
+            # promises nothing, and a decoder that stops early still warns)
+            self.header_frames = header or 0  # what the header promises (0: not known)
             self._block = max(1, min(round(block_seconds * self.sample_rate), _MAX_BLOCK_VALUES // self.channels))
             with _quiet_c_stderr():
                 first = self._read()
@@ -321,8 +347,15 @@ class AudioFile:
             return None
         finite = np.isfinite(data)
         if not finite.all():
-            raise AudioFormatError(f"{self.name}: {int(data.size - np.count_nonzero(finite))} samples are NaN or "
-                                   f"infinite (at {_seconds(self.frames_read, self.sample_rate)})")
+            first = self.frames_read + int(np.argmin(finite.all(axis=1)))
+            bad = int(data.size - np.count_nonzero(finite))
+            try:
+                while len(rest := self._file.read(self._block, dtype=self._dtype, always_2d=True)):
+                    bad += int(rest.size - np.count_nonzero(np.isfinite(rest)))  # the whole file's count
+            except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError):
+                pass  # counted up to where the decoder stopped
+            raise AudioFormatError(f"{self.name}: {bad} samples are NaN or infinite "
+                                   f"(the first at {_seconds(first, self.sample_rate)})")
         self.frames_read += len(data)
         if data.shape[1] == 1:
             return np.ascontiguousarray(data[:, 0])
@@ -353,7 +386,7 @@ class AudioFile:
                         block = self._read()
                 else:
                     block = self._read()
-            if not self.truncated and self.header_frames - self.frames_read > self._tolerance:
+            if not self.truncated and self.header_frames > self.frames_read:
                 self._warn_short("file is truncated")
         finally:
             self.close()

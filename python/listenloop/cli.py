@@ -4,8 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import queue
 import signal
 import sys
+import threading
 import time
 
 from . import __version__
@@ -50,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--package", metavar="DIR", help="model package folder (default: the embedded model)")
     info.add_argument("--profile", default="cpu", help=profile_help())
 
+    verify = sub.add_parser("verify", help="check the sha256 of every file of a model package (however big)")
+    verify.add_argument("package", metavar="PACKAGE", help="model package folder")
+
     sub.add_parser("export", help="export a checkpoint to a model package (needs listenloop[export])", add_help=False)
 
     serve = sub.add_parser("serve", help="serve the model over WebSocket: OpenAI Realtime and raw PCM "
@@ -66,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                             "(Authorization: Bearer KEY or ?key=KEY)")
     serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                        help="browser origin allowed besides the server's own, e.g. https://app.example (repeatable)")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="Host header name served besides loopback names and --host when there is no API key, "
+                            "e.g. a reverse proxy's (repeatable)")
 
     from .benchmarks import command as bench_command
 
@@ -128,6 +137,16 @@ class Printer:
         elif kind == "Stats":
             self._status(f"[{event.stream_time:7.1f}s] {event.chunks} chunks  step {event.step_ms:.1f} ms  "
                          f"RTF {event.real_time_factor:.2f}  dropped {event.dropped_chunks} chunks")
+
+    def keep_logs_off_the_status_line(self) -> None:
+        """Log lines (-v) start at the beginning of a line, not glued to the status line."""
+        if self.status:
+            for handler in logging.getLogger().handlers:
+                handler.addFilter(self._before_log_line)
+
+    def _before_log_line(self, record) -> bool:
+        self._clear_status()
+        return True
 
     def notice(self, line: str) -> None:
         """One line on stderr, after the reply line if a reply is being printed."""
@@ -204,6 +223,7 @@ def cmd_run(args) -> int:
     from .audio import AudioFile
 
     printer = Printer(args.json, args.verbose, source=args.file)
+    printer.keep_logs_off_the_status_line()
     # Opened first: a bad file fails before the model loads. Read 0.1 s at a time, so memory
     # does not depend on the file's length and events are printed as they come.
     with AudioFile(args.file, block_seconds=0.1, on_warning=printer.warning) as audio:
@@ -212,22 +232,28 @@ def cmd_run(args) -> int:
             start = time.monotonic()
             fed = 0
             for block in audio:
-                if args.realtime:
+                if STOP.requested:
+                    break
+                while args.realtime and not STOP.requested:
                     delay = start + fed / audio.sample_rate - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
+                    if delay <= 0:
+                        break
+                    time.sleep(min(delay, STOP_POLL_S))
                 session.accept_waveform(block, audio.sample_rate)
                 fed += len(block)
                 for event in session.drain():
                     printer(event)
-            session.finish()
-            last = None
-            for event in session.events(timeout=None):  # everything, up to Finished
-                if event.kind != "Finished":
-                    printer(event)
-                last = event if event.kind == "Stats" else last
+            if not STOP.requested:
+                session.finish()
+            last, ended = None, False
+            while not (ended or STOP.requested):  # everything, up to Finished
+                for event in session.events(timeout=STOP_POLL_S):
+                    ended = event.kind == "Finished"
+                    if not ended:
+                        printer(event)
+                    last = event if event.kind == "Stats" else last
             printer.summary(last or session.stats())
-    return 0
+    return 128 + STOP.signum if STOP.requested else 0
 
 
 ESPEAK = "espeak-ng"
@@ -331,6 +357,7 @@ def cmd_listen(args) -> int:
     voice = Espeak(args.voice) if args.speak else None  # before the model loads: fails at once
     runtime = _runtime(args)
     printer = Printer(args.json, args.verbose)
+    printer.keep_logs_off_the_status_line()
     with runtime.session() as session:
         speaker = None
         if args.speak:
@@ -344,8 +371,8 @@ def cmd_listen(args) -> int:
             where = f"listening on {source.device_name!r}"
         print(f"{where} ({source.rate} Hz); Ctrl-C to stop", file=sys.stderr)
         try:
-            while True:
-                for event in session.events(timeout=0.5):
+            while not STOP.requested:
+                for event in session.events(timeout=STOP_POLL_S):
                     printer(event)
                     if speaker is not None and event.kind == "ReplyEnded" and event.text.strip():
                         speaker.say(event.text)
@@ -356,7 +383,7 @@ def cmd_listen(args) -> int:
                 speaker.close()
             source.stop()
         printer.summary(session.stats())
-    return 0
+    return 128 + STOP.signum if STOP.requested else 0
 
 
 def cmd_devices(args) -> int:
@@ -386,8 +413,10 @@ def _build_info() -> dict:
 
 
 def cmd_info(args) -> int:
+    from .profiles import load_profile
     from .session import Runtime
 
+    load_profile(args.profile)  # a profile that does not exist is an error; a missing model is shown below
     info = _build_info()
     try:
         runtime = Runtime(args.package, args.profile)
@@ -396,6 +425,14 @@ def cmd_info(args) -> int:
         info["model"] = f"none ({exc})"
     for key, value in info.items():
         print(f"{key:24s} {value if not isinstance(value, (list, dict)) else json.dumps(value)}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .package import verify_package
+
+    for name, size, status in verify_package(args.package):  # a mismatch raises: one error line
+        print(f"{name:32s} {size:>15,d} bytes  {status}")
     return 0
 
 
@@ -421,42 +458,156 @@ def cmd_serve(args) -> int:
     except ImportError:
         raise Error("serve needs aiohttp: pip install 'listenloop[serve]'") from None
     from .server import serve
+    from .server.app import check_port
 
+    check_port(args.port)
     if args.max_sessions < 1:
         raise Error(f"--max-sessions must be at least 1, got {args.max_sessions}")
+    stop = threading.Event()
+    STOP.on_request(stop.set)
     serve(host=args.host, port=args.port, package=args.package, profile=args.profile,
-          max_sessions=args.max_sessions, api_key_env=args.api_key_env, allowed_origins=tuple(args.allow_origin))
-    return 0
+          max_sessions=args.max_sessions, api_key_env=args.api_key_env, allowed_origins=tuple(args.allow_origin),
+          allowed_hosts=tuple(args.allow_host), stop=stop)
+    return 128 + STOP.signum if STOP.requested else 0
 
 
-COMMANDS = {"serve": cmd_serve, "run": cmd_run, "listen": cmd_listen, "devices": cmd_devices, "info": cmd_info, "bench": cmd_bench}
+COMMANDS = {"serve": cmd_serve, "run": cmd_run, "listen": cmd_listen, "devices": cmd_devices, "info": cmd_info, "bench": cmd_bench,
+            "verify": cmd_verify}
 
 
-def _stop_on_sigterm():
-    """SIGTERM ends the command like Ctrl-C: sessions close and the process exits 143.
-    Returns the handler to restore."""
+# --- stopping on signals ---------------------------------------------------------------------
+#
+# SIGINT and SIGTERM never raise inside the command: a KeyboardInterrupt that lands in a C
+# extension being imported or initialized (soxr, onnxruntime) aborts the process or breaks the
+# import for good. So the command runs in a worker thread with both signals blocked (as is
+# every thread it starts: ONNX Runtime's, the model thread, the server's); the main thread only
+# waits. A signal wakes it: it sets STOP (commands with a loop leave it at their next step and
+# the server closes), gives the worker STOP_GRACE_S to end, flushes the output and exits with
+# 128 + the signal's number. The process needs no other clean-up: the OS closes its sockets
+# and files, and the partial folder of an interrupted export is removed by the next export
+# to the same place.
 
-    def terminate(signum, frame):
-        raise _Terminated()
-
-    try:
-        return signal.signal(signal.SIGTERM, terminate)
-    except ValueError:  # not the main thread (main() called from a library user's thread)
-        return None
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_POLL_S = 0.1  # how often a command's waits look at STOP
+STOP_GRACE_S = 0.3  # the worker's time to leave its loop (it looks every STOP_POLL_S); then the process exits anyway
+FLUSH_WAIT_S = 0.2  # output to a reader that does not read is given up on
 
 
-class _Terminated(KeyboardInterrupt):
-    pass
+class Stop:
+    """The signal that asked the command to stop (0: none), and callbacks that wake its waits."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.signum = 0
+        self._wakers: list = []
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
+
+    def on_request(self, waker) -> None:
+        """Call `waker()` (from the main thread) when a stop is requested."""
+        self._wakers.append(waker)
+        if self.requested:
+            waker()
+
+    def request(self, signum: int) -> None:
+        self.signum = self.signum or signum
+        for waker in list(self._wakers):
+            try:
+                waker()
+            except Exception:  # noqa: BLE001 - a waker of a command that already ended
+                logging.getLogger("listenloop").debug("stop waker failed", exc_info=True)
+
+
+STOP = Stop()
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line. Without `argv` it is the process's entry point, which it also ends:
+    once the command is over the process exits at once, without the interpreter's shutdown,
+    during which a signal would kill it (Python restores the default handlers there). The
+    command has closed what it opened; the output is flushed first."""
+    entry_point = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
-    previous = _stop_on_sigterm()
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)  # called from a library user's thread: signals are theirs
+    if not entry_point:
+        return _run_stoppable(argv, keep_handlers=False)
     try:
-        return _main(argv)
+        code = _run_stoppable(argv, keep_handlers=True)
+    except SystemExit as exc:  # argparse: --help, --version, a usage error (already printed)
+        code = exc.code
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+            code = 1
+    _exit_now(0 if code is None else code)
+
+
+def _run_stoppable(argv: list[str], keep_handlers: bool) -> int:
+    STOP.reset()
+    mailbox: queue.SimpleQueue = queue.SimpleQueue()  # put() is safe inside a signal handler
+    ended = []  # not empty once the command returned
+
+    def on_signal(signum, frame):
+        if ended:
+            _exit_now(128 + signum)
+        mailbox.put(("signal", signum))
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        def work():
+            try:
+                mailbox.put(("done", _main(argv)))
+            except BaseException as exc:  # noqa: BLE001 - e.g. SystemExit from --help, raised again below
+                mailbox.put(("raised", exc))
+
+        worker = threading.Thread(target=work, name="listenloop-command", daemon=True)
+        worker.start()  # inherits the blocked mask, as do the threads it starts
+        # Unblocked here even if the parent started us with them blocked: from now on they are handled.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        kind, value = mailbox.get()
+        if kind == "signal":
+            _stop_and_exit(value, mailbox)
+        worker.join()
+        if kind == "raised":
+            raise value
+        return value
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        ended.append(True)
+        if not keep_handlers:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _stop_and_exit(signum: int, mailbox: queue.SimpleQueue) -> None:
+    """Ask the command to stop, wait STOP_GRACE_S at most (a second signal ends the wait),
+    then leave the process at once with 128 + signum."""
+    STOP.request(signum)
+    try:
+        mailbox.get(timeout=STOP_GRACE_S)  # the command ended, or a second signal
+    except queue.Empty:
+        pass
+    _exit_now(128 + signum)
+
+
+def _exit_now(code: int) -> None:
+    flusher = threading.Thread(target=_flush_output, daemon=True)
+    flusher.start()
+    flusher.join(FLUSH_WAIT_S)
+    os._exit(code)
+
+
+def _flush_output() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _main(argv: list[str]) -> int:
@@ -470,10 +621,6 @@ def _main(argv: list[str]) -> int:
     except Error as exc:
         print(f"listenloop: error: {exc}", file=sys.stderr)
         return 1
-    except _Terminated:
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        return 128 + signal.SIGINT
     except BrokenPipeError:
         return 0
     except Exception as exc:  # noqa: BLE001 - users get one line; --verbose shows the traceback

@@ -27,6 +27,10 @@ class ProtocolError(Error):
     """The model emitted something the token protocol does not allow."""
 
 
+class ModelOutputError(Error):
+    """The model computed NaN or infinite numbers (encoder vectors or logits)."""
+
+
 class SessionClosedError(Error):
     """The session was closed; no more audio can be fed."""
 

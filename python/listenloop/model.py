@@ -14,10 +14,10 @@ from dataclasses import replace
 import numpy as np
 
 from .context import check_capacity
-from .errors import ModelPackageError
+from .errors import ModelOutputError, ModelPackageError
 from .package import ModelPackage, check_graphs, resolve_package
 from .profiles import CPU, Profile, cpu_fallback, load_profile, provider_arguments, resolve_providers, session_options
-from .protocol import FRAMES_PER_CHUNK, N_MELS, STEP
+from .protocol import FRAMES_PER_CHUNK, N_MELS, STEP, VECTORS_PER_CHUNK
 
 log = logging.getLogger("listenloop")
 
@@ -115,10 +115,15 @@ class Model:
         and P cancel out of that key, so the first run's T decides which step length gets
         preplanned buffers. The 13-token step recurs every 0.4 s.
         """
-        self.encoder.run(None, {"mel": np.zeros((1, N_MELS, FRAMES_PER_CHUNK), np.float32)})
+        audio = self.encoder.run(None, {"mel": np.zeros((1, N_MELS, FRAMES_PER_CHUNK), np.float32)})[0]
         dec = self.package.decoder
         io = np.dtype(dec["io_dtype"])
-        feeds = {"inputs_embeds": np.zeros((1, STEP, dec["hidden_size"]), io),
+        # the steady listening step's own tokens, so broken embedding rows fail here too
+        t = self.package.tokens
+        ids = [t["KEEP_SILENCE"], t["AUDIO_BEGIN"], *[t["PAD"]] * VECTORS_PER_CHUNK, t["ASSISTANT"]]
+        embeds = np.array(self.package.embeddings()[ids], dtype=io)
+        embeds[2:2 + VECTORS_PER_CHUNK] = audio[0].astype(io)
+        feeds = {"inputs_embeds": embeds[None],
                  "position_ids": np.arange(STEP, dtype=np.int64)[None] + 1, "logits_index": np.zeros((1,), np.int64)}
         if self.package.attention == "gqa":  # one cached row and this step's, in a buffer of that size
             feeds["seqlens_k"] = np.array([STEP], np.int32)
@@ -135,7 +140,12 @@ class Model:
 
             options = ort.RunOptions()
             options.add_run_config_entry("gpu_graph_id", "-1")
-        self.decoder.run(["logits"], feeds, options)
+        logits = self.decoder.run(["logits"], feeds, options)[0]
+        for what, values, file in (("encoder", audio, self.package.encoder_path),
+                                   ("decoder", logits, self.package.decoder_path)):
+            if not np.isfinite(values).all():
+                raise ModelPackageError(f"{file}: the start-up self-test gave NaN or infinite {what} outputs "
+                                        "(broken weights or embeddings?)")
 
     # -- shared read-only services -------------------------------------------------------
 
@@ -168,7 +178,10 @@ class Model:
         if mel.ndim != 3 or mel.shape[1:] != (N_MELS, FRAMES_PER_CHUNK):
             raise ValueError(f"mel must be [B, {N_MELS}, {FRAMES_PER_CHUNK}], got {list(mel.shape)}")
         mel = np.ascontiguousarray(mel, dtype=np.float32)
-        return self.encoder.run(["audio_embeds"], {"mel": mel})[0]
+        audio = self.encoder.run(["audio_embeds"], {"mel": mel})[0]
+        if not np.isfinite(audio).all():
+            raise ModelOutputError("the encoder computed NaN or infinite audio vectors")
+        return audio
 
     def policy(self, **options):
         """A checked stream.Policy: the package's defaults with `options` over them."""

@@ -9,9 +9,11 @@ runtime/PACKAGE_FORMAT.md ("Ranges").
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,12 @@ IO_DTYPES = ("float32", "float16")
 # activations per call; int4 (MatMulNBits) also takes float16 ones, what GPUs want.
 IO_DTYPES_OF = {"fp32": ("float32",), "fp16": ("float16",), "int8": ("float32",), "int4": ("float32", "float16")}
 MAX_FILE_NAME = 255
+# sha256 of a file is checked at every load up to this size (measured: 1.3 GB/s here, so a few
+# ms per MiB); bigger files, a real package's graphs and embeddings (GBs: seconds), only by
+# `listenloop verify` (verify_package), and by their byte size at load.
+HASH_AT_LOAD_BYTES = 64 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_HASH_BLOCK = 8 << 20
 
 # Ranges of the manifest's numbers (runtime/PACKAGE_FORMAT.md, "Ranges").
 # A package's speak bias is a calibration (docs/PROTOCOL.md, "Sampling"): +-50 already decides
@@ -308,7 +316,24 @@ def _check_file(root: Path, manifest: dict, field: str, name: str) -> Path:
     path = root / name
     if not path.is_file():
         raise _fail(name, field, "file not found in the package folder")
+    if path.resolve().parent != root.resolve():  # a symbolic link out of the folder
+        raise _fail(name, field, f"links to {path.resolve()}, outside the package folder")
     return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_sha256(path: Path, name: str, expected: str) -> None:
+    actual = file_sha256(path)
+    if actual != expected:
+        raise _fail(name, f"files.{name}.sha256", f"manifest says {expected[:16]}..., file has {actual[:16]}... "
+                                                  "(corrupt or replaced?)")
 
 
 def _validate_files(root: Path, manifest: dict) -> dict:
@@ -333,7 +358,28 @@ def _validate_files(root: Path, manifest: dict) -> dict:
         actual = path.stat().st_size
         if actual != expected:
             raise _fail(name, f"files.{name}.bytes", f"manifest says {expected} bytes, file has {actual} (truncated or replaced?)")
+        digest = entry.get("sha256")
+        if digest is not None and (not isinstance(digest, str) or not _SHA256.fullmatch(digest)):
+            raise _fail(MANIFEST, f"files.{name}.sha256", f"must be 64 lower-case hex digits, got {show(digest)}")
+        if digest is not None and actual <= HASH_AT_LOAD_BYTES:
+            _check_sha256(path, name, digest)
     return paths
+
+
+def verify_package(path) -> list[tuple[str, int, str]]:
+    """Load the package and check the sha256 of every file in its manifest, however big:
+    [(file name, bytes, "ok" or "no checksum")]; a mismatch raises ModelPackageError."""
+    package = load_package(path)
+    checked = []
+    for name, entry in package.manifest["files"].items():
+        digest = entry.get("sha256")
+        if digest is not None:
+            try:
+                _check_sha256(package.path / name, name, digest)
+            except _Invalid as problem:
+                raise problem.at(package.path) from None
+        checked.append((name, entry["bytes"], "ok" if digest is not None else "no checksum"))
+    return checked
 
 
 def _validate_embeddings(path: Path, manifest: dict) -> None:

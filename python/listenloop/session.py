@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import threading
 import time
 import weakref
 
@@ -23,8 +22,8 @@ import numpy as np
 from . import events as ev
 from .audio import StreamResampler, check_sample_rate, condition_pcm
 from .context import chunk_level
-from .errors import Error, SessionClosedError
-from .event_queue import EventQueue
+from .errors import Bounds, ConfigError, Error, SessionClosedError
+from .event_queue import EventQueue, Wakeup
 from .model import Model
 from .playback import NearEndDetector, PlaybackInput, buffer_samples
 from .protocol import CHUNK_SAMPLES, CHUNK_SECONDS, SAMPLE_RATE
@@ -34,6 +33,14 @@ from .textstream import ReplyText
 log = logging.getLogger("listenloop")
 
 MAX_CONSECUTIVE_FAULTS = 5  # a session whose model work fails this many times in a row stops
+# Session options' ranges (runtime/PACKAGE_FORMAT.md, "Ranges"): the ring holds two chunks at
+# least and an hour at most (230 MB); the queues' bounds keep their memory bounded.
+SESSION_OPTION_RANGES = {
+    "ring_seconds": Bounds(2 * CHUNK_SECONDS, 3600.0),
+    "listen_queue": Bounds(2, 1 << 16, integer=True),
+    "event_queue": Bounds(1, 1 << 24, integer=True),
+    "stats_every": Bounds(0, 1 << 31, integer=True),  # 0: only the final Stats
+}
 
 
 def _core():
@@ -113,14 +120,16 @@ class Session:
     """One audio stream through a Runtime. Use as a context manager, or call close(); a
     session that is dropped or still open at interpreter exit is closed for you."""
 
-    OPTIONS = ("ring_seconds", "listen_queue", "event_queue", "stats_every", "echo_cancellation")
+    OPTIONS = (*SESSION_OPTION_RANGES, "echo_cancellation")
 
     def __init__(self, runtime: Runtime, stream, *, ring_seconds: float = 8.0, listen_queue: int = 64,
                  event_queue: int = 65536, stats_every: int = 25, echo_cancellation: bool = True):
-        if listen_queue < 2 or event_queue < 1:
-            raise ValueError("listen_queue must be >= 2 and event_queue >= 1")
-        if ring_seconds * SAMPLE_RATE < 2 * CHUNK_SAMPLES:
-            raise ValueError("ring_seconds must hold at least two chunks (0.8 s)")
+        for name, value in (("ring_seconds", ring_seconds), ("listen_queue", listen_queue),
+                            ("event_queue", event_queue), ("stats_every", stats_every)):
+            if (problem := SESSION_OPTION_RANGES[name].problem(value)) is not None:
+                raise ConfigError(f"{name} {problem}")
+        if not isinstance(echo_cancellation, (bool, np.bool_)):
+            raise ConfigError(f"echo_cancellation must be True or False, got {echo_cancellation!r}")
         core = _core()
         self.runtime = runtime
         self.model: Model = runtime.model
@@ -145,6 +154,9 @@ class Session:
         self._microphones: list = []
         self._accepted = 0  # 16 kHz samples handed to the ring (including dropped ones)
         self._dropped_samples = 0
+        # (ring position, samples dropped before it): from that position of the kept samples
+        # on, the input is that many samples ahead (see _chunk_time)
+        self._drop_marks: collections.deque = collections.deque([(0, 0)])
         self._decided = 0
         self._skipped_chunks = 0
         self._reported_chunk_drops = 0
@@ -160,7 +172,7 @@ class Session:
         self._flushed = False
         self._ended = False  # Finished was queued (by the model thread)
         self._closed = False
-        self._progress = threading.Condition()
+        self._progress = Wakeup()  # (not a Condition: an interrupted finish() must not block the model thread)
 
         self._chunker.start()
         self._scheduler.add(self)
@@ -244,13 +256,13 @@ class Session:
             self._flushed = True
             self._scheduler.wake()
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._progress:
-            while not (self._ended or self._events.backlogged):
-                self._raise_fatal()
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise Error(f"finish() timed out with {self._expected_chunks() - self._accounted()} chunks still in flight")
-                self._progress.wait(0.05 if remaining is None else min(0.05, remaining))
+        while not (self._ended or self._events.backlogged or self._closed):  # closed: nothing more comes
+            self._raise_fatal()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise Error(f"finish() timed out with {self._expected_chunks() - self._accounted()} chunks still in flight")
+            self._progress.wait(0.05 if remaining is None else min(0.05, remaining),
+                                lambda: self._ended or self._events.backlogged or self._closed or self._fatal is not None)
         self._raise_fatal()
 
     def _end_stream(self) -> None:
@@ -258,9 +270,8 @@ class Session:
         self._report_queue_drops()
         self._emit(self._stats())
         self._emit(ev.Finished(self._stream_time(), time.monotonic(), self._decided))
-        with self._progress:
-            self._ended = True
-            self._progress.notify_all()
+        self._ended = True
+        self._progress.notify_all()
         self._events.close()
 
     def _write(self, samples: np.ndarray, block: bool) -> None:
@@ -280,6 +291,7 @@ class Session:
         if written < len(samples):
             lost = len(samples) - written
             self._dropped_samples += lost
+            self._drop_marks.append((int(self._ring.written_total), self._dropped_samples))
             self._emit(ev.AudioDropped(self._stream_time(), time.monotonic(), lost, "ring buffer overrun"))
 
     def _wait_for_room(self, n: int) -> None:
@@ -296,8 +308,11 @@ class Session:
 
     def _note_external_samples(self) -> None:
         """A microphone writing the ring directly: account its samples as accepted."""
-        self._accepted = int(self._ring.written_total) + int(self._ring.dropped_samples)
-        self._dropped_samples = int(self._ring.dropped_samples)
+        written, dropped = int(self._ring.written_total), int(self._ring.dropped_samples)
+        self._accepted = written + dropped
+        if dropped > self._dropped_samples:  # placed at this call: within one capture block
+            self._drop_marks.append((written, dropped))
+        self._dropped_samples = dropped
 
     def listen(self, device=None):
         """Capture the microphone (`device`: index or name, None for the default) into this
@@ -374,8 +389,7 @@ class Session:
             self._fatal = exc
             self._emit(ev.Fault(self._stream_time(), time.monotonic(), "session", f"fatal: {exc}"))
             self._events.close()
-            with self._progress:
-                self._progress.notify_all()
+            self._progress.notify_all()
             return True
 
     def _decide(self, chunk) -> None:
@@ -404,9 +418,8 @@ class Session:
             self._reply = ReplyText(self.model.token_bytes, self.model.tokens, self.model.emotions)
             self._reply_chunk = index
             self._reply_started = False
-        with self._progress:
-            self._decided += 1
-            self._progress.notify_all()
+        self._decided += 1
+        self._progress.notify_all()
         if self._stats_every and self._decided % self._stats_every == 0:
             self._emit(self._stats())
 
@@ -439,9 +452,8 @@ class Session:
             self._emit(ev.TextDelta(stream_time, time.monotonic(), tail.text, tuple(tail.token_ids)))
         self._emit(ev.ReplyEnded(stream_time, time.monotonic(), self._reply_chunk, reply.text,
                                  self.stream.reply_truncated, reply.filtered))
-        with self._progress:
-            self._reply = None
-            self._progress.notify_all()
+        self._reply = None
+        self._progress.notify_all()
 
     def _fault(self, index: int, exc: Exception) -> None:
         self._fault_streak += 1
@@ -449,9 +461,8 @@ class Session:
         stream_time = self._handled_until = self._chunk_time(index)
         self._emit(ev.Fault(stream_time, time.monotonic(), "model", str(exc)))
         self._emit(ev.AudioDropped(stream_time, time.monotonic(), CHUNK_SAMPLES, f"model failed: {exc}"))
-        with self._progress:
-            self._skipped_chunks += 1
-            self._progress.notify_all()
+        self._skipped_chunks += 1
+        self._progress.notify_all()
         if self._fault_streak >= MAX_CONSECUTIVE_FAULTS:
             raise Error(f"the model failed {self._fault_streak} times in a row; last error: {exc}")
 
@@ -469,9 +480,20 @@ class Session:
 
     # -- bookkeeping ---------------------------------------------------------------------
 
-    @staticmethod
-    def _chunk_time(index: int) -> float:
-        return (index + 1) * CHUNK_SAMPLES / SAMPLE_RATE  # exact in binary for whole chunks
+    def _chunk_time(self, index: int) -> float:
+        """Stream time at the end of chunk `index`: where its last sample was in the input,
+        counting the samples the ring dropped before it. Called with chunk numbers that never
+        decrease (model thread), so marks before the chunk are forgotten."""
+        first, last = index * CHUNK_SAMPLES, (index + 1) * CHUNK_SAMPLES - 1  # ring positions
+        marks = self._drop_marks
+        while len(marks) > 1 and marks[1][0] <= first:
+            marks.popleft()
+        ahead = 0
+        for position, dropped in list(marks):
+            if position > last:
+                break
+            ahead = dropped
+        return (last + 1 + ahead) / SAMPLE_RATE  # exact in binary for whole chunks
 
     def _accounted(self) -> int:
         return self._decided + self._skipped_chunks + int(self._chunker.chunks_dropped)
@@ -531,8 +553,7 @@ class Session:
         self._listen.close()
         self._scheduler.remove(self)
         self._events.close()
-        with self._progress:
-            self._progress.notify_all()
+        self._progress.notify_all()
 
     def __enter__(self) -> Session:
         return self

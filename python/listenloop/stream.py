@@ -31,7 +31,7 @@ import numpy as np
 
 from .context import (HISTORY_CHUNKS, LEVEL_FLOOR_CHUNKS, LEVEL_MARGIN, QUIET_CHUNKS, QUIET_P_SPEAK, ContextPolicy,
                       reply_reserve)
-from .errors import ProtocolError
+from .errors import ModelOutputError, ProtocolError
 from .protocol import BLOCK, STEP, VECTORS_PER_CHUNK
 from .sampling import NEAR_END_SHARE, PLAYBACK_BIAS, Sampler, SamplingConfig
 
@@ -503,10 +503,23 @@ class DecoderStream:
             return f"quiet moment at {self._position} of {self.capacity} tokens"
         return None
 
+    def _restart_context(self) -> None:
+        """After NaN or infinite outputs: the KV cache may hold them, so the next listen()
+        starts a fresh context (prompt and its own chunk) instead of building on it."""
+        if self._speaking:
+            self.reply_truncated = True
+        self._speaking, self._previous, self._position, self._steady_staged = False, None, 0, False
+        self._history_count = self._quiet_run = 0
+        self._heard_playback = self._heard_voice_over_playback = False
+
     def _decision(self, row: np.ndarray, playing: bool, near_end: bool) -> tuple[bool, float]:
         silence = row.item(self._silence_id)  # a Python float, without a NumPy scalar in between
         policy = self.policy
         speak = row.item(self._speak_id) + policy.speak_bias
+        if not (math.isfinite(silence) and math.isfinite(speak)):
+            self._restart_context()
+            raise ModelOutputError(f"the decoder computed non-finite decision logits ({silence}, {speak}) "
+                                   f"at position {self._position}; the context restarts")
         if playing:  # stronger evidence while its own voice may echo, less when someone talks over it
             speak += policy.playback_bias * (NEAR_END_SHARE if near_end else 1.0)
         margin = speak - silence
@@ -541,7 +554,7 @@ class DecoderStream:
             if reason is not None:
                 history = self._history_chunks()
                 reason += f": kept the prompt and re-prefilled the last {len(history)} chunks"
-                log.info(reason)
+                log.debug(reason)  # (the session reports it as a ContextReset event)
                 self._position, self._previous = 0, None
                 blocks = history + [audio_embeds]
             else:
@@ -585,6 +598,10 @@ class DecoderStream:
         self._logits_index[0] = 0
         self._run(1)
         self._reply_left -= 1
+        if not np.isfinite(self._row).all():
+            self._restart_context()
+            raise ModelOutputError(f"the decoder computed NaN or infinite reply logits at position {self._position}; "
+                                   "the reply ends and the context restarts")
         token = self.sampler.sample(self._row)
         if token == self._text_end:
             self._speaking, self._previous, self.reply_truncated = False, self._text_end, False

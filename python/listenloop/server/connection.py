@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import secrets
+import socket
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -21,6 +22,10 @@ from ..errors import Error
 log = logging.getLogger("listenloop.server")
 
 POLL_S = 0.010
+# The kernel's send buffer of a connection (Linux doubles it): a few seconds of events, while
+# its default grows to megabytes for a client that reads nothing, before send_timeout_s can
+# notice it.
+SEND_BUFFER_BYTES = 64 * 1024
 SESSION_OPTIONS = {"ring_seconds": 16.0, "event_queue": 1024}  # bounded per connection
 FRAME_HARD_LIMIT = 4  # messages past this many times max_frame_bytes cannot be read: close 1009
 MAX_TEXT_CHARS = 2000  # error messages quote at most this much of a client's input
@@ -83,6 +88,9 @@ class Connection:
 
                 return json_error(400, str(exc), "invalid_option")
             await self.ws.prepare(self.request)
+            sock = self.request.transport.get_extra_info("socket") if self.request.transport else None
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
             state.connections.add(self)
             await self.on_open()
             self._pump_task = asyncio.create_task(self._pump())
@@ -102,6 +110,10 @@ class Connection:
                 self.session = None
             if not self.ws.closed and self.ws.prepared:
                 await self._close(WSCloseCode.OK, "")
+            # Closed, not just closing: a transport's close() waits to flush what a client that
+            # stopped reading will never take, and would keep its socket open for ever.
+            if self.ws.prepared and self.request.transport is not None:
+                self.request.transport.abort()
             state.release()
         return self.ws
 
