@@ -4,8 +4,8 @@ espeak-ng, and what was played fed back as the echo reference. The sound card is
 microphone signal and keeps every block the callback played."""
 from __future__ import annotations
 
-import _thread
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -170,7 +170,8 @@ def test_listen_speak_says_each_reply_and_feeds_back_what_it_played(monkeypatch,
 
     def after_block(fed_s):
         """Keeps the fake within AHEAD_S of the decisions; once the signal is over and every
-        reply is spoken, presses Ctrl-C."""
+        reply is spoken, asks the command to stop as Ctrl-C does (the CLI's stop flag: a real
+        signal would end this process, as it ends the command line's)."""
         stream = sd.streams[0]
         while not interrupted:
             decisions = sum(e.kind == "Decision" for e in seen)
@@ -186,12 +187,12 @@ def test_listen_speak_says_each_reply_and_feeds_back_what_it_played(monkeypatch,
         if (spoke and all_decided and spoke == ended == len(said) and speakers[0].idle
                 and not duplex.speaking):
             interrupted.append(fed_s)
-            _thread.interrupt_main()
+            cli.STOP.request(signal.SIGINT)
             return True
         return False
 
     sd.after_block = after_block
-    assert cli.main(["listen", "--speak"]) == 0
+    assert cli.main(["listen", "--speak"]) == 128 + signal.SIGINT
     out, err = capsys.readouterr()
     assert f"({native} Hz)" in err and "speaking on 'fake output'" in err
     assert ALARM in out
