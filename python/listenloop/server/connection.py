@@ -170,8 +170,12 @@ class Connection:
         try:
             await asyncio.wait_for(self._locked_send(data), self.state.send_timeout_s)
         except asyncio.TimeoutError:
+            # A close frame would wait behind what the client does not read (and aiohttp's close
+            # can outwait a timeout around it): the connection is cut at once.
             log.info("connection %s: client is not reading; disconnecting", self.id)
-            await self._close(WSCloseCode.POLICY_VIOLATION, "client is not reading its events", abort_after=1.0)
+            transport = self.request.transport
+            if transport is not None:
+                transport.abort()
             return False
         except (ConnectionError, RuntimeError):
             return False
