@@ -437,7 +437,9 @@ async def _never_reads(server):
 
 @pytest.mark.timeout(300)  # a hang guard only: the test waits for the server, not a deadline
 def test_a_client_that_never_reads_is_disconnected(runtime):
-    with serving(runtime, send_timeout_s=1.0) as server:
+    # A client that floods frames and reads nothing can stall the server's reading of it
+    # (its events never block a send): the idle timeout is then what cuts it off.
+    with serving(runtime, send_timeout_s=1.0, idle_timeout_s=5.0) as server:
         sent, errors, last, code = run(_never_reads(server), timeout=None)
         assert errors < sent  # what it was sent before being cut off is bounded (an abort may discard it all)
         # the server gave up on it: a close frame if it still fit in the socket, else it dropped the connection
