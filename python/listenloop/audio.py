@@ -459,7 +459,51 @@ def list_input_devices() -> list[dict]:
             for i, d in enumerate(devices) if d["max_input_channels"] > 0]
 
 
-class Microphone:
+class _AudioStream:
+    """What Microphone and Duplex share: a PortAudio stream (`_stream`), the worker that
+    forwards what it captures (`_worker`, which runs until `_stop` is set), and the report of
+    what the capture ring dropped."""
+
+    _seen_drops = 0  # capture-ring drops already reported
+
+    def start(self):
+        self._stream.start()
+        self._worker.start()
+        return self
+
+    def _report_drops(self, ring) -> None:
+        from .events import AudioDropped
+
+        drops = int(ring.dropped_samples)
+        if drops > self._seen_drops:
+            self.session._emit(AudioDropped(self.session._stream_time(), time.monotonic(),
+                                            drops - self._seen_drops, "microphone ring overrun"))
+            self._seen_drops = drops
+
+    @property
+    def active(self) -> bool:
+        return not self._stop.is_set()
+
+    def stop(self) -> None:
+        """Stop the stream and forward what it captured (idempotent)."""
+        if self._stop.is_set():
+            return
+        try:
+            self._stream.stop()
+            self._stream.close()
+        finally:
+            self._stop.set()
+            if self._worker.is_alive():
+                self._worker.join(timeout=5)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class Microphone(_AudioStream):
     """Captures a device into a session's ring buffer.
 
     The PortAudio callback does one thing: write the block into a ring (no allocation, no
@@ -501,15 +545,9 @@ class Microphone:
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._forward, name="listenloop-mic", daemon=True)
 
-    def start(self) -> Microphone:
-        self._stream.start()
-        self._worker.start()
-        return self
-
     def _forward(self) -> None:
         resampler = StreamResampler(self.rate) if self._target is not self.session._ring else None
         buf = np.zeros(self.rate // 10, np.float32)
-        self._seen_drops = 0
         while not self._stop.is_set():
             if resampler is not None and self._drain_once(resampler, buf):
                 continue
@@ -529,37 +567,9 @@ class Microphone:
         return n > 0
 
     def _account(self) -> None:
-        from .events import AudioDropped
-
         if self._target is self.session._ring:
             self.session._note_external_samples()  # samples written straight into the ring
-        drops = int(self._target.dropped_samples)
-        if drops > self._seen_drops:
-            self.session._emit(AudioDropped(self.session._stream_time(), time.monotonic(),
-                                            drops - self._seen_drops, "microphone ring overrun"))
-            self._seen_drops = drops
-
-    @property
-    def active(self) -> bool:
-        return not self._stop.is_set()
-
-    def stop(self) -> None:
-        """Stop capturing and forward what was captured (idempotent)."""
-        if self._stop.is_set():
-            return
-        try:
-            self._stream.stop()
-            self._stream.close()
-        finally:
-            self._stop.set()
-            if self._worker.is_alive():
-                self._worker.join(timeout=5)
-
-    def __enter__(self) -> Microphone:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        self._report_drops(self._target)
 
 
 # --- microphone and speaker ----------------------------------------------------------------
@@ -569,7 +579,7 @@ SPEECH_RING_SECONDS = 8.0  # speech queued for the speaker; a longer utterance i
 _DUPLEX_POLL_S = 0.01
 
 
-class Duplex:
+class Duplex(_AudioStream):
     """Microphone and speaker on one PortAudio stream, so that both run on one sample clock,
     feeding a session its microphone audio and, as the echo reference, everything the speaker
     played (docs/PROTOCOL.md, "Playback reference").
@@ -670,15 +680,9 @@ class Duplex:
         with self._next_lock:
             return self._next is not None or self._queued < self._utterance.size or self._speech.available() > 0
 
-    def start(self) -> Duplex:
-        self._stream.start()
-        self._worker.start()
-        return self
-
     def _work(self) -> None:
         played = np.zeros(self._played.capacity, np.float32)
         captured = np.zeros(self._captured.capacity, np.float32)
-        self._seen_drops = 0
         while not self._stop.is_set():
             self._queue_speech()
             self._forward(played, captured)
@@ -696,38 +700,10 @@ class Duplex:
             self._queued += self._speech.write(self._utterance[self._queued:])
 
     def _forward(self, played: np.ndarray, captured: np.ndarray) -> None:
-        from .events import AudioDropped
-
         n = self._captured.available()  # its played block was written before it
         if n:
             self._played.read(played[:n])
             self._captured.read(captured[:n])
             self.session.accept_playback(played[:n], self.rate, block=False)
             self.session.accept_waveform(captured[:n], self.rate, block=False)
-        drops = int(self._captured.dropped_samples)  # the played ring drops the same blocks
-        if drops > self._seen_drops:
-            self.session._emit(AudioDropped(self.session._stream_time(), time.monotonic(),
-                                            drops - self._seen_drops, "microphone ring overrun"))
-            self._seen_drops = drops
-
-    @property
-    def active(self) -> bool:
-        return not self._stop.is_set()
-
-    def stop(self) -> None:
-        """Stop the stream and forward what it captured (idempotent)."""
-        if self._stop.is_set():
-            return
-        try:
-            self._stream.stop()
-            self._stream.close()
-        finally:
-            self._stop.set()
-            if self._worker.is_alive():
-                self._worker.join(timeout=5)
-
-    def __enter__(self) -> Duplex:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        self._report_drops(self._captured)  # the played ring drops the same blocks
