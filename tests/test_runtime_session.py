@@ -247,15 +247,7 @@ def test_a_failed_decoder_step_skips_the_chunk_and_goes_on(runtime_package, monk
 
     monkeypatch.setattr(DecoderStream, "listen", flaky)
     with rt.session() as s:
-        events = []
-        for i in range(5):  # chunk by chunk, so every chunk takes the single-step path
-            s.accept_waveform(np.zeros(CHUNK, np.float32), 16000)
-            deadline = time.monotonic() + 5
-            while len(_kinds(events, "Decision")) + len(_kinds(events, "Fault")) <= i and time.monotonic() < deadline:
-                events += s.drain()
-                time.sleep(0.005)
-        s.finish(timeout=30)
-        events += list(s.events(timeout=1))
+        events = _chunk_by_chunk(s, 5)  # so every chunk takes the single-step path
     faults = _kinds(events, "Fault")
     assert len(faults) == 1 and "transient device error" in faults[0].message
     assert [d.chunk for d in _kinds(events, "Decision")] == [0, 2, 3, 4]
