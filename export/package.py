@@ -33,6 +33,36 @@ def prefix_ids(tokens: dict, tokenizer, system_prompt: str) -> list:
     return [tokens[name] for name in PREFIX_HEAD] + encode_text(tokenizer, system_prompt) + [tokens["TEXT_END"]]
 
 
+def read_reply_set(path) -> list[tuple[str, str]]:
+    """(emotion, text) pairs from a reply-set file: a JSON list of {"emotion": NAME, "text": TEXT}
+    (docs/PROTOCOL.md, "Reply set")."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path}: cannot read the reply set: {exc}") from None
+    if not isinstance(raw, list) or not raw:
+        raise ExportError(f"{path}: a reply set is a non-empty JSON list of {{\"emotion\", \"text\"}} objects")
+    replies = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict) or set(entry) != {"emotion", "text"}:
+            raise ExportError(f"{path}: reply {i}: must be an object with exactly the keys emotion and text")
+        emotion, text = entry["emotion"], entry["text"]
+        if emotion not in EMOTION_NAMES:
+            raise ExportError(f"{path}: reply {i}: emotion {emotion!r} is not one of {', '.join(EMOTION_NAMES)}")
+        if not isinstance(text, str) or not text.strip():
+            raise ExportError(f"{path}: reply {i}: text must be a non-empty string")
+        replies.append((emotion, text))
+    return replies
+
+
+def reply_set_ids(replies, tokens: dict, tokenizer) -> list:
+    """Each reply as the tokens decoded after TEXT_BEGIN: emotion, text, TEXT_END."""
+    from .tokenizer_build import encode_text
+
+    return [[tokens[emotion], *encode_text(tokenizer, text), tokens["TEXT_END"]] for emotion, text in replies]
+
+
 def _parameter_counts(llm: dict, audio) -> tuple[int, int]:
     h, ff, v = llm["n_embd"], llm["intermediate_size"], llm["padded_vocab_size"]
     qkv = (llm["n_head"] + 2 * llm["n_query_groups"]) * llm["head_size"]
@@ -129,7 +159,7 @@ def _write_embeddings(lm_state, path: Path, dtype) -> None:
 
 
 def _manifest(checkpoint, out: Path, enc_precision: str, dec_precision: str, max_context: int, name: str,
-              attention: str, io_dtype: str) -> dict:
+              attention: str, io_dtype: str, replies=None) -> dict:
     from tokenizers import Tokenizer
 
     cfg = checkpoint.llm_config
@@ -159,6 +189,7 @@ def _manifest(checkpoint, out: Path, enc_precision: str, dec_precision: str, max
         "prompt": {"system_prompt": checkpoint.system_prompt,
                    "prefix_ids": prefix_ids(tokens, tokenizer, checkpoint.system_prompt)},
         "sampling": dict(SAMPLING),
+        **({"reply_set": reply_set_ids(replies, tokens, tokenizer)} if replies else {}),
         "files": files,
     }
 
@@ -188,7 +219,7 @@ def _running(pid: int) -> bool:
 
 
 def _build(checkpoint_dir: Path, tmp: Path, enc_precision: str, dec_precision: str, max_context: int,
-           attention: str, io_dtype: str) -> None:
+           attention: str, io_dtype: str, replies=None) -> None:
     from .checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_dir, lazy=True)
@@ -202,7 +233,7 @@ def _build(checkpoint_dir: Path, tmp: Path, enc_precision: str, dec_precision: s
     _write_embeddings(checkpoint.lm_state, tmp / "embeddings.npy", np.dtype(io_dtype))
     shutil.copyfile(checkpoint.tokenizer_path, tmp / "tokenizer.json")
     manifest = _manifest(checkpoint, tmp, enc_precision, dec_precision, max_context, checkpoint.name, attention,
-                         io_dtype)
+                         io_dtype, replies)
     _write_manifest(tmp, manifest)
 
 
@@ -212,12 +243,13 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
 
 def export_package(checkpoint_dir, out_dir, precision: str = "fp32", encoder_precision: str | None = None,
                    decoder_precision: str | None = None, max_context: int = 4096, force: bool = False,
-                   attention: str = "grouped", kv_dtype: str | None = None) -> Path:
+                   attention: str = "grouped", kv_dtype: str | None = None, reply_set=None) -> Path:
     """Export the checkpoint at `checkpoint_dir` to a model package folder `out_dir`. `attention`:
     the decoder graph's attention, "grouped" (CPUs) or "gqa" (GPUs), see decoder_graph.py.
     `kv_dtype`: the decoder's KV cache, embeddings and activations, "float32" or "float16"
     (default: float16 for fp16, else float32; int4 takes either: float16 is what GPU kernels
-    such as CUDA's GroupQueryAttention run)."""
+    such as CUDA's GroupQueryAttention run). `reply_set`: a reply-set file (read_reply_set) whose
+    replies are the only ones the package may decode."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir).expanduser().absolute()
     enc_precision, dec_precision = _resolve_precisions(precision, encoder_precision, decoder_precision)
     if attention not in ATTENTIONS:
@@ -229,6 +261,7 @@ def export_package(checkpoint_dir, out_dir, precision: str = "fp32", encoder_pre
         raise ExportError(f"{out_dir}: already exists (pass --force to replace it)")
     if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir}: exists and is not a model package; refusing to replace it")
+    replies = read_reply_set(reply_set) if reply_set is not None else None
     cfg, audio, _ = validate_checkpoint(checkpoint_dir)  # cheap: headers only, fails before long work
     if max_context <= 0 or max_context > cfg["block_size"]:
         raise ExportError(f"max_context {max_context}: must be in 1..{cfg['block_size']} (block_size)")
@@ -238,7 +271,7 @@ def export_package(checkpoint_dir, out_dir, precision: str = "fp32", encoder_pre
     tmp = out_dir.parent / f"{_partial_prefix(out_dir)}{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     try:
-        _build(checkpoint_dir, tmp, enc_precision, dec_precision, max_context, attention, io_dtype)
+        _build(checkpoint_dir, tmp, enc_precision, dec_precision, max_context, attention, io_dtype, replies)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

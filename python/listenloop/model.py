@@ -18,6 +18,7 @@ from .errors import ModelOutputError, ModelPackageError
 from .package import ModelPackage, check_graphs, resolve_package
 from .profiles import CPU, Profile, cpu_fallback, load_profile, provider_arguments, resolve_providers, session_options
 from .protocol import FRAMES_PER_CHUNK, N_MELS, STEP, VECTORS_PER_CHUNK
+from .reply_set import ReplySet
 
 log = logging.getLogger("listenloop")
 
@@ -54,6 +55,7 @@ class Model:
                                        trained_context=self.trained_context, what=what,
                                        kv_bytes_per_token=per_token, available_bytes=available)
         self.embeddings = pkg.embeddings()
+        self.reply_set = ReplySet(pkg.reply_set) if pkg.reply_set else None  # None: free text
 
     # -- set-up --------------------------------------------------------------------------
 

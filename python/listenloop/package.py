@@ -41,6 +41,7 @@ IO_DTYPES = ("float32", "float16")
 # activations per call; int4 (MatMulNBits) also takes float16 ones, what GPUs want.
 IO_DTYPES_OF = {"fp32": ("float32",), "fp16": ("float16",), "int8": ("float32",), "int4": ("float32", "float16")}
 MAX_FILE_NAME = 255
+MAX_REPLY_SET = 10_000  # listed replies a package may carry (its prefix tree is built at load)
 # sha256 of a file is checked at every load up to this size (measured: 1.3 GB/s here, so a few
 # ms per MiB); bigger files, a real package's graphs and embeddings (GBs: seconds), only by
 # `listenloop verify` (verify_package), and by their byte size at load.
@@ -97,6 +98,7 @@ class ModelPackage:
     decoder_path: Path
     embeddings_path: Path
     tokenizer_path: Path
+    reply_set: tuple = ()  # the listed replies (emotion, text, TEXT_END ids); empty: free text
 
     @property
     def name(self) -> str:
@@ -299,6 +301,33 @@ def _validate_tokens(manifest: dict) -> tuple[dict, dict, tuple]:
     return tokens, emotions, prefix_ids
 
 
+def _validate_reply_set(manifest: dict, tokens: dict, emotions: dict) -> tuple:
+    """The optional closed set of replies (docs/PROTOCOL.md, "Reply set"): each the tokens a
+    reply decodes after TEXT_BEGIN, an emotion first and TEXT_END last (and nowhere else)."""
+    if "reply_set" not in manifest:
+        return ()
+    raw = _get(manifest, "reply_set", list, "")
+    if not 1 <= len(raw) <= MAX_REPLY_SET:
+        raise _fail(MANIFEST, "reply_set", f"must list 1 to {MAX_REPLY_SET} replies, got {len(raw)}")
+    vocab, end = manifest["decoder"]["vocab_size"], tokens["TEXT_END"]
+    max_tokens = manifest["sampling"]["max_reply_tokens"]
+    replies = []
+    for i, reply in enumerate(raw):
+        field = f"reply_set[{i}]"
+        if not isinstance(reply, list) or not 2 <= len(reply) <= max_tokens:
+            raise _fail(MANIFEST, field, f"must be a list of 2 to {max_tokens} (sampling.max_reply_tokens) token ids, "
+                                         f"got {_json_show(reply)}")
+        ids = tuple(_token_id(v, f"{field}[{k}]", vocab) for k, v in enumerate(reply))
+        if ids[0] not in emotions.values():
+            raise _fail(MANIFEST, f"{field}[0]", f"must be an emotion id, got {ids[0]}")
+        if ids[-1] != end or end in ids[:-1]:
+            raise _fail(MANIFEST, field, f"must end with TEXT_END ({end}), and only there")
+        replies.append(ids)
+    if len(set(replies)) != len(replies):
+        raise _fail(MANIFEST, "reply_set", "lists a reply twice")
+    return tuple(replies)
+
+
 def _validate_sampling(manifest: dict) -> None:
     sampling = _check_section(manifest, "sampling", _SAMPLING_FIELDS)
     # top_k above the vocabulary would cut nothing: the range ends at vocab_size.
@@ -426,6 +455,7 @@ def load_package(path) -> ModelPackage:
         _validate_decoder(manifest)
         tokens, emotions, prefix_ids = _validate_tokens(manifest)
         _validate_sampling(manifest)
+        reply_set = _validate_reply_set(manifest, tokens, emotions)
         paths = _validate_files(root, manifest)
         _validate_embeddings(paths["embeddings"], manifest)
         _validate_tokenizer(paths["tokenizer"])
@@ -438,7 +468,7 @@ def load_package(path) -> ModelPackage:
     return ModelPackage(
         path=root, manifest=manifest, tokens=tokens, emotions=emotions, prefix_ids=prefix_ids,
         encoder_path=paths["encoder"], decoder_path=paths["decoder"],
-        embeddings_path=paths["embeddings"], tokenizer_path=paths["tokenizer"],
+        embeddings_path=paths["embeddings"], tokenizer_path=paths["tokenizer"], reply_set=reply_set,
     )
 
 

@@ -269,6 +269,9 @@ class DecoderStream:
                                      reply_reserve(self.capacity, self.policy.max_reply_tokens), self.policy.history_chunks)
         self._audio_shape = (VECTORS_PER_CHUNK, model.hidden)
         self._table = model.embeddings
+        self._reply_set = model.reply_set
+        self._said: list[int] = []  # the reply's tokens so far
+        self._constrained = np.empty(model.vocab, np.float64) if model.reply_set is not None else None
         self._allocate()
         self.reset()
 
@@ -569,6 +572,7 @@ class DecoderStream:
         if spoke:
             self._speaking, self._previous = True, None
             self._reply_left = self.policy.max_reply_tokens
+            self._said.clear()
             self._history_count = self._quiet_run = 0  # answered audio is never re-fed
         else:
             self._previous = self._silence_id
@@ -602,7 +606,11 @@ class DecoderStream:
             self._restart_context()
             raise ModelOutputError(f"the decoder computed NaN or infinite reply logits at position {self._position}; "
                                    "the reply ends and the context restarts")
-        token = self.sampler.sample(self._row)
+        row = self._row
+        if self._reply_set is not None:  # only a listed reply may be said (docs/PROTOCOL.md, "Reply set")
+            row = self._reply_set.constrain(row, self._said, self._constrained)
+        token = self.sampler.sample(row)
+        self._said.append(token)
         if token == self._text_end:
             self._speaking, self._previous, self.reply_truncated = False, self._text_end, False
         else:
