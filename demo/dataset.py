@@ -2,7 +2,8 @@
 disk so training epochs only read arrays.
 
 Layout of a set folder (demo/.cache/features/<set>-<first>-<count>-v<DATA_VERSION>/), where a set
-is a split ("train", "eval") or "pairs" (streams.make_pair_stream, training voices):
+is a split ("train", "eval"), "pairs" (streams.make_pair_stream, training voices), "real" or "own"
+(training negatives, demo/negatives.py) or "real-eval" (held-out real recordings):
   log10.npy     float16 [total_chunks, 128, 40]  log10 mel power before the peak floor
                 (memory-mapped when training); `normalised` applies the floor from any restart
                 of the running peak, as the runtime does after a context reset
@@ -29,11 +30,11 @@ import numpy as np
 from listenloop.features import StreamingLogMel, normalise
 from listenloop.protocol import CHUNK_SAMPLES
 
-from . import streams, tasks
+from . import negatives, streams, tasks
 
 FEATURE_DIR = Path(__file__).resolve().parent / ".cache" / "features"
 DATA_VERSION = 4  # bump when stream generation changes, so a stale feature cache is never reused
-SETS = ("train", "eval", "pairs")
+SETS = ("train", "eval", "pairs", "real", "own", "real-eval")
 
 
 def stream_features(audio: np.ndarray) -> np.ndarray:
@@ -69,7 +70,13 @@ def normalised_peaks(peaks: np.ndarray, restart: int = 0, gain_log10: float = 0.
 
 
 def _stream(seed: int, kind: str) -> streams.Stream:
-    return streams.make_pair_stream(seed) if kind == "pairs" else streams.make_stream(seed, kind)
+    if kind == "pairs":
+        return streams.make_pair_stream(seed)
+    if kind in ("real", "real-eval"):
+        return negatives.make_real_stream(seed, "eval" if kind == "real-eval" else "train")
+    if kind == "own":
+        return negatives.make_own_stream(seed)
+    return streams.make_stream(seed, kind)
 
 
 def _render(args: tuple[int, str]):
@@ -183,7 +190,8 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="Render streams and cache their chunk features.")
     parser.add_argument("--set", dest="kind", choices=SETS, default="train",
-                        help="a split, or pairs: confusable items in one voice (training)")
+                        help="a split; pairs: confusable items in one voice; real, own: real recordings and "
+                             "the device's own replies (training, demo/negatives.py); real-eval: held-out real recordings")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)

@@ -8,6 +8,8 @@ between the item's first chunk and 2 chunks after its reply chunk (streams.py's 
 and the median decision delay in chunks (reply chunk of the first right answer minus the
 labelled reply chunk; negative means it answered before the sound ended). Replies outside any
 such window are false replies, counted per 10 minutes of audio outside the windows.
+`--real` plays held-out real recordings instead (speech, music, sound effects; demo/realworld.py),
+where every reply is a false one.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 
 from listenloop.protocol import CHUNK_SAMPLES, SAMPLE_RATE
 
-from . import dataset, streams, tasks, vocab
+from . import dataset, negatives, streams, tasks, vocab
 from .layout import Protocol
 from .listener import PackageListener, TorchListener
 from .model import DemoModel, DemoSizes
@@ -110,6 +112,7 @@ class Report:
     outside_s: float  # seconds of audio outside every answer window
     false_near_speech: int = 0  # false replies during or right after distractor speech
     confusions: Counter = field(default_factory=Counter)  # (item name, text said instead) -> count
+    false_texts: Counter = field(default_factory=Counter)  # text of each false reply -> count
 
     @property
     def accuracy(self) -> float:
@@ -126,6 +129,7 @@ class Report:
             if delay is not None:
                 self.delays.append(delay)
         self.false_replies += len(scored.false_replies)
+        self.false_texts.update(r.text for r in scored.false_replies)
         self.false_near_speech += scored.near_speech
         self.confusions.update(scored.wrong)
         self.outside_s += scored.outside_s
@@ -137,7 +141,7 @@ def evaluate(listener, tokenizer, split: str, seeds, show: int = 0, continuous: 
     report = Report(defaultdict(list), [], 0, 0.0)
     listener.reset()
     for n, seed in enumerate(seeds):
-        stream = streams.make_stream(seed, split)
+        stream = negatives.make_real_stream(seed, "eval") if split == "real" else streams.make_stream(seed, split)
         replies = run_stream(listener, tokenizer, dataset.stream_features(stream.audio), continuous)
         report.add(score(stream, replies))
         if n < show:
@@ -162,6 +166,8 @@ def print_report(report: Report) -> None:
     print(f"false replies: {report.false_replies} in {report.outside_s / 60:.1f} min outside answer windows "
           f"= {report.false_per_10_min:.2f} per 10 min, {report.false_near_speech} of them during or right after "
           "distractor speech")
+    if report.false_texts:
+        print("false replies said: " + ", ".join(f"{text!r} x{n}" for text, n in report.false_texts.most_common(8)))
     if report.confusions:
         print("wrong replies inside answer windows: " + ", ".join(
             f"{name} -> {text!r} x{n}" for (name, text), n in report.confusions.most_common(6)))
@@ -176,9 +182,11 @@ def main(argv=None) -> None:
     p.add_argument("--package", type=Path, help="evaluate this exported model package through listenloop instead")
     p.add_argument("--speak-bias", type=float, help="override the speak bias (package default, or 0 in PyTorch)")
     p.add_argument("--streams", type=int, default=100)
-    p.add_argument("--split", choices=["eval", "train"], default="eval",
+    p.add_argument("--split", choices=["eval", "train", "real"], default="eval",
                    help="train: score streams of the training split (with --first-seed 0, streams it was trained on), "
-                        "to tell over-fitting from under-fitting")
+                        "to tell over-fitting from under-fitting; real: held-out real recordings (demo/negatives.py), "
+                        "where every reply is a false reply")
+    p.add_argument("--real", dest="split", action="store_const", const="real", help="the same as --split real")
     p.add_argument("--first-seed", type=int, default=10_000, help="eval-split seeds (the training run's quick eval uses 0..)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--show", type=int, default=0, help="print the replies of the first N streams")

@@ -6,11 +6,12 @@ the same `listenloop export` path that packages the real model packages the demo
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from listenloop.export.checkpoint import litgpt_state_from_hf_qwen2, save_checkpoint
 
-from . import vocab
+from . import tasks, vocab
 from .model import DemoModel
 from .train import TRAINED_CONTEXT
 
@@ -44,9 +45,19 @@ def save_release(model: DemoModel, tokenizer, tokens: dict[str, int], out_dir: P
     cfg = litgpt_config(model, tokenizer.get_vocab_size())
     lm_state = litgpt_state_from_hf_qwen2({k: v.detach().float().cpu() for k, v in model.llm.state_dict().items()}, cfg)
     encoder_state = {k: v.detach().float().cpu() for k, v in model.encoder.state_dict().items()}
-    return save_checkpoint(out_dir, llm_config=cfg, lm_state=lm_state, audio_config=audio_config_dict(model),
-                           encoder_state=encoder_state, tokenizer=tokenizer,
-                           protocol_tokens=vocab.protocol_file(tokens), num_shards=1)
+    out = save_checkpoint(out_dir, llm_config=cfg, lm_state=lm_state, audio_config=audio_config_dict(model),
+                          encoder_state=encoder_state, tokenizer=tokenizer,
+                          protocol_tokens=vocab.protocol_file(tokens), num_shards=1)
+    write_reply_set(Path(out) / REPLY_SET_FILE)
+    return out
+
+
+REPLY_SET_FILE = "reply_set.json"  # `listenloop export --reply-set`: the only replies the package may say
+
+
+def write_reply_set(path: Path) -> None:
+    """The demo's replies (tasks.REPLIES) in the exporter's reply-set format."""
+    path.write_text(json.dumps([{"emotion": r.emotion, "text": r.text} for r in tasks.REPLIES], indent=1) + "\n")
 
 
 def main(argv=None) -> None:

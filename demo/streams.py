@@ -199,12 +199,17 @@ def mix_stream(
     settings: StreamSettings,
     seed: int = -1,
     background: str | None = None,
+    bed: np.ndarray | None = None,
+    bed_snr_db: float | None = None,
 ) -> Stream:
-    """Background plus rendered items at given start samples, with level and channel augmentation."""
+    """Background plus rendered items at given start samples, with level and channel augmentation.
+    `bed` (RMS 1, n_chunks of samples) replaces the synthetic background, `bed_snr_db` its
+    level below the foreground."""
     n = n_chunks * CHUNK_SAMPLES
     foreground_db = rng.uniform(*settings.foreground_db)
-    background_db = foreground_db - rng.uniform(*settings.snr_db)
-    audio = make_background(rng, n, split, background) * db_to_amplitude(background_db)
+    background_db = foreground_db - (bed_snr_db if bed_snr_db is not None else rng.uniform(*settings.snr_db))
+    audio = (bed.astype(np.float32) if bed is not None else make_background(rng, n, split, background)) \
+        * db_to_amplitude(background_db)
     segments: list[Segment] = []
     for item, start in placed:
         end = start + len(item.audio)

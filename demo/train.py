@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -215,6 +216,15 @@ def encode_set(model: DemoModel, features: dataset.FeatureSet, path: Path, batch
     return np.load(path, mmap_mode="r")
 
 
+def load_release(model: DemoModel, checkpoint: Path) -> None:
+    """Weights of a checkpoint in the release layout (demo/release.py wrote it) into `model`."""
+    from listenloop.export.checkpoint import load_checkpoint
+
+    released = load_checkpoint(checkpoint)
+    model.llm.load_state_dict(released.lm_state)
+    model.encoder.load_state_dict(released.encoder_state)
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Seeding, threads, logging, saving and stopping: the same for every training stage."""
     p.add_argument("--seed", type=int, default=0)
@@ -254,6 +264,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--p-reply", type=float, default=0.8, help="share of reset windows that end just after a reply")
     p.add_argument("--command-boost", type=float, default=3.0, help="draw streams with a spoken command this much more often")
     p.add_argument("--augment", action="store_true", help="joint stage: gain jitter and SpecAugment on the features")
+    p.add_argument("--init-checkpoint", type=Path, default=None,
+                   help="joint stage: start from a released checkpoint (demo/checkpoint) instead of the run's "
+                        "decoder stage; the encoder's auxiliary heads start new")
+    p.add_argument("--real-streams", type=int, default=0, help="joint stage: real-recording streams rendered (negatives.py)")
+    p.add_argument("--real-share", type=float, default=0.0, help="share of a batch's streams that are real-recording streams")
+    p.add_argument("--own-streams", type=int, default=0, help="joint stage: own-reply streams rendered (negatives.py)")
+    p.add_argument("--own-share", type=float, default=0.0, help="share of a batch's streams that are own-reply streams")
     add_run_arguments(p)
     return p.parse_args(argv)
 
@@ -265,6 +282,10 @@ def main(argv=None) -> None:
     args.run.mkdir(parents=True, exist_ok=True)
     decoder_stage = args.stage == "decoder"
 
+    if args.init_checkpoint is not None and not (args.run / "tokenizer").exists():
+        (args.run / "tokenizer").mkdir()
+        for name in ("tokenizer.json", "protocol_tokens.json"):  # the released model's own ids
+            shutil.copy(args.init_checkpoint / name, args.run / "tokenizer" / name)
     tokenizer, tokens = vocab.demo_tokenizer(args.run / "tokenizer")
     protocol = Protocol.build(tokens, vocab.encoder_for(tokenizer))
     train_set = dataset.load(dataset.build("train", 0, args.train_streams, args.workers))
@@ -273,12 +294,18 @@ def main(argv=None) -> None:
 
     model = DemoModel(DemoSizes(), tokenizer.get_vocab_size())
     heads = EncoderHeads(model.sizes.hidden)
-    encoder_state = torch.load(args.run / STAGE_STATE["encoder"], map_location="cpu", weights_only=False)
-    model.encoder.load_state_dict(encoder_state["encoder"])
-    heads.load_state_dict(encoder_state["heads"])
-    if not decoder_stage:  # the joint stage starts from the decoder stage's model
-        model.load_state_dict(torch.load(args.run / STAGE_STATE["decoder"], map_location="cpu",
-                                         weights_only=False)["model"])
+    if args.init_checkpoint is not None:  # a released model, its encoder heads new
+        if decoder_stage:
+            raise SystemExit("--init-checkpoint continues a released model: use it with --stage joint")
+        load_release(model, args.init_checkpoint)
+        encoder_state = {"step": 0}
+    else:
+        encoder_state = torch.load(args.run / STAGE_STATE["encoder"], map_location="cpu", weights_only=False)
+        model.encoder.load_state_dict(encoder_state["encoder"])
+        heads.load_state_dict(encoder_state["heads"])
+        if not decoder_stage:  # the joint stage starts from the decoder stage's model
+            model.load_state_dict(torch.load(args.run / STAGE_STATE["decoder"], map_location="cpu",
+                                             weights_only=False)["model"])
     trained = [*model.llm.parameters()] if decoder_stage else [*model.parameters(), *heads.parameters()]
     model.encoder.requires_grad_(not decoder_stage)
     optimizer = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
@@ -294,6 +321,17 @@ def main(argv=None) -> None:
 
     sources = [Source(train_set, sampling_weights(train_set, args.command_boost)),
                Source(pair_set, np.full(len(pair_set), 1.0 / len(pair_set)))]
+    shares = [args.pair_share]
+    for kind, count, share in (("real", args.real_streams, args.real_share), ("own", args.own_streams, args.own_share)):
+        if count and share:
+            extra = dataset.load(dataset.build(kind, 0, count, args.workers))
+            sources.append(Source(extra, np.full(len(extra), 1.0 / len(extra))))
+            shares.append(share)
+    if decoder_stage and len(sources) > 2:
+        raise SystemExit("--real-streams and --own-streams are for the joint stage")
+    shares = np.asarray([1.0 - sum(shares), *shares])  # the synthetic training streams take the rest
+    if shares[0] <= 0:
+        raise SystemExit(f"the shares of pair, real and own streams add up to {1 - shares[0]:.2f}: they must stay below 1")
     if decoder_stage:
         for source, name in zip(sources, ("train", "pairs")):
             started = time.perf_counter()
@@ -328,8 +366,11 @@ def main(argv=None) -> None:
             print(f"[train {args.stage}] time budget reached at step {step}", flush=True)
             break
         rng = np.random.default_rng([args.seed, step])
-        from_pairs = rng.random(args.batch) < args.pair_share
-        picks = [(int(p), int(rng.choice(len(sources[int(p)].features), p=sources[int(p)].weights))) for p in from_pairs]
+        if len(sources) == 2:  # draws as the two-source recipe always did, so old runs replay exactly
+            kinds = (rng.random(args.batch) < args.pair_share).astype(int)
+        else:
+            kinds = rng.choice(len(sources), size=args.batch, p=shares)
+        picks = [(int(k), int(rng.choice(len(sources[int(k)].features), p=sources[int(k)].weights))) for k in kinds]
         batch = to_batch(make_batch(protocol, sources, picks, args.max_tokens, rng, args.min_chunks, args.max_chunks,
                                     args.p_start, args.p_reply, augmenting=args.augment))
         for group in optimizer.param_groups:
