@@ -84,11 +84,43 @@ def spec_augment(rng: np.random.Generator, mel: np.ndarray, freq_masks: int = 2,
     return out
 
 
+P_WARP = 0.5  # share of augmented windows whose spectra are warped as another vocal tract would
+WARP = (0.88, 1.12)  # frequency scale factor range (about ±12 %: a child's to a large adult's tract)
+
+
+def _slaney_hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    hz = np.asarray(hz, np.float64)
+    linear = hz / (200.0 / 3.0)
+    return np.where(hz < 1000.0, linear, 15.0 + np.log(np.maximum(hz, 1e-9) / 1000.0) / (np.log(6.4) / 27.0))
+
+
+def _bin_centres_hz(bins: int, top_hz: float = 8000.0) -> np.ndarray:
+    mels = np.linspace(0.0, _slaney_hz_to_mel(np.array(top_hz)), bins + 2)[1:-1]
+    return np.where(mels < 15.0, mels * (200.0 / 3.0), 1000.0 * np.exp((mels - 15.0) * np.log(6.4) / 27.0))
+
+
+def warp_frequencies(mel: np.ndarray, factor: float) -> np.ndarray:
+    """Chunk features [N, bins, frames] with every frequency scaled by `factor` (vocal tract
+    length perturbation): bin b takes the value found at its centre frequency / factor,
+    interpolated between the neighbouring bins (the edge bins hold beyond the range)."""
+    bins = mel.shape[1]
+    centres = _bin_centres_hz(bins)
+    source = np.interp(centres / factor, centres, np.arange(bins, dtype=np.float64))
+    low = np.floor(source).astype(np.int64)
+    high = np.minimum(low + 1, bins - 1)
+    w = (source - low).astype(np.float32)[None, :, None]
+    return (mel[:, low] * (1.0 - w) + mel[:, high] * w).astype(np.float32)
+
+
 def training_window(rng: np.random.Generator | None, features, i: int, first: int, end: int, restart: int = 0,
                     augmenting: bool = False) -> np.ndarray:
     """`features.window(i, first, end, restart)` (a demo.dataset.FeatureSet) as training sees
-    it: when `augmenting`, played up to ±6 dB louder or quieter, then SpecAugment-masked."""
+    it: when `augmenting`, played up to ±6 dB louder or quieter, sometimes frequency-warped as
+    another speaker's vocal tract would shift it, then SpecAugment-masked."""
     if not augmenting:
         return features.window(i, first, end, restart)
     gain = float(rng.uniform(-GAIN_JITTER_LOG10, GAIN_JITTER_LOG10))
-    return spec_augment(rng, features.window(i, first, end, restart, gain))
+    window = features.window(i, first, end, restart, gain)
+    if rng.random() < P_WARP:
+        window = warp_frequencies(window, float(rng.uniform(*WARP)))
+    return spec_augment(rng, window)

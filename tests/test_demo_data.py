@@ -382,3 +382,12 @@ def test_a_pair_stream_speaks_two_confusable_commands_and_a_distractor():
     assert [(cls, text) for _, _, cls, text in items] == [(tasks.CONTENT_INDEX[g.name], g.text) for g in first.segments]
     for (a, b, cls, _), g in zip(items, first.segments):
         assert b - 1 == streams.reply_chunk(g.end) and cls in content[a:b]
+
+
+def test_frequency_warp_moves_formants_as_a_longer_or_shorter_vocal_tract():
+    mel = np.zeros((2, 128, 40), np.float32)
+    mel[:, 60] = 1.0
+    assert np.array_equal(augment.warp_frequencies(mel, 1.0), mel)
+    assert int(np.argmax(augment.warp_frequencies(mel, 1.1)[0, :, 0])) > 60  # higher formants
+    assert int(np.argmax(augment.warp_frequencies(mel, 0.9)[0, :, 0])) < 60
+    assert augment.warp_frequencies(mel, 1.1).shape == mel.shape
