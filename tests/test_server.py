@@ -176,10 +176,13 @@ def test_openai_sdk_streams_the_alarm_reply(server):
     assert emotions == ["URGENT"]
     assert seen[0] == "session.updated"
     start = seen.index("response.created")
-    assert seen[start - 1] == "input_audio_buffer.committed"
-    assert seen[start:start + 3] == ["response.created", "response.output_item.added", "response.content_part.added"]
-    assert seen[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
-                         "response.done"]
+    # the commit adds the user's audio item, complete at once; the reply's item is added as it starts
+    assert seen[start - 3:start] == ["input_audio_buffer.committed", "conversation.item.added",
+                                     "conversation.item.done"]
+    assert seen[start:start + 4] == ["response.created", "response.output_item.added", "conversation.item.added",
+                                     "response.content_part.added"]
+    assert seen[-5:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                         "conversation.item.done", "response.done"]
     assert not any(t.startswith("listenloop.") or t == "error" for t in seen)
 
 
@@ -188,6 +191,12 @@ def test_openai_sdk_beta_event_names_and_listenloop_events(server):
     assert replies == [ALARM]
     assert "response.text.delta" in seen and "response.text.done" in seen
     assert "response.output_text.delta" not in seen
+    events = [t for t in seen if not t.startswith("listenloop.")]
+    start = events.index("response.created")  # beta: conversation.item.created, and no conversation.item.done
+    assert events[start - 2:start + 3] == ["input_audio_buffer.committed", "conversation.item.created",
+                                           "response.created", "response.output_item.added",
+                                           "conversation.item.created"]
+    assert "conversation.item.added" not in seen and "conversation.item.done" not in seen
     assert seen.count("listenloop.decision") >= 10  # one per 0.4 s chunk, with p_speak
 
 
@@ -273,6 +282,8 @@ async def _hostile_realtime(url):
             # accepted messages, then good audio: the connection still works
             await ws.send_str(json.dumps({"type": "input_audio_buffer.commit"}))
             assert (await ws.receive_json(timeout=10))["type"] == "input_audio_buffer.committed"
+            assert (await ws.receive_json(timeout=10))["type"] == "conversation.item.added"
+            assert (await ws.receive_json(timeout=10))["type"] == "conversation.item.done"
             await ws.send_str(json.dumps({"type": "input_audio_buffer.clear"}))
             assert (await ws.receive_json(timeout=10))["type"] == "input_audio_buffer.cleared"
             await ws.send_str(json.dumps({"type": "response.create"}))
@@ -351,15 +362,19 @@ def test_response_cancel_stops_the_reply_being_streamed():
 
     sent = run(scenario())
     types = [m["type"] for m in sent]
-    assert types == ["input_audio_buffer.committed", "response.created", "response.output_item.added",
+    assert types == ["input_audio_buffer.committed", "conversation.item.added", "conversation.item.done",
+                     "response.created", "response.output_item.added", "conversation.item.added",
                      "response.content_part.added", "response.output_text.delta", "response.output_text.done",
-                     "response.content_part.done", "response.output_item.done", "response.done", "error"]
-    done = sent[8]["response"]
+                     "response.content_part.done", "response.output_item.done", "conversation.item.done",
+                     "response.done", "error"]
+    done = sent[12]["response"]
     assert done["status"] == "cancelled" and done["status_details"]["reason"] == "client_cancelled"
     assert done["metadata"] == {"emotion": "URGENT"} and done["output"][0]["content"][0]["text"] == "Smoke"
-    assert sent[5]["text"] == "Smoke"
-    assert sent[9]["error"]["code"] == "response_cancel_not_active" and sent[9]["error"]["event_id"] == "evt_d"
-    _validator(False).validate_python(sent[8])
+    assert sent[8]["text"] == "Smoke"
+    assert sent[11]["item"]["status"] == "incomplete" and sent[11]["item"]["content"][0]["text"] == "Smoke"
+    assert sent[13]["error"]["code"] == "response_cancel_not_active" and sent[13]["error"]["event_id"] == "evt_d"
+    for message in sent[:13]:
+        _validator(False).validate_python(message)
 
 
 def _rss_bytes() -> int:

@@ -1,9 +1,10 @@
 """/v1/realtime: the OpenAI Realtime protocol over a listenloop Session, text replies only.
 
 The model decides when to reply: each reply it starts becomes one response
-(input_audio_buffer.committed, response.created, response.output_item.added,
-response.content_part.added, text deltas, response.output_text.done,
-response.content_part.done, response.output_item.done, response.done). Event names and
+(input_audio_buffer.committed and the user's audio item, response.created,
+response.output_item.added, conversation.item.added, response.content_part.added, text deltas,
+response.output_text.done, response.content_part.done, response.output_item.done,
+conversation.item.done, response.done). Event names and
 shapes follow the GA Realtime API by default, and the beta API (response.text.delta,
 response.text.done, beta session and item shapes) for clients that send
 `OpenAI-Beta: realtime=v1` or ask for it with session.listenloop.beta_event_names.
@@ -47,6 +48,7 @@ class _Reply:
     def __init__(self, emotion):
         self.response_id = new_id("resp")
         self.item_id = new_id("item")
+        self.previous_item_id: str | None = None
         self.emotion = emotion
         self.parts: list[str] = []
         self.cancelled = False
@@ -98,6 +100,14 @@ class RealtimeConnection(Connection):
         content = [] if text is None else [{"type": "text" if self.beta else "output_text", "text": text}]
         return {"id": reply.item_id, "object": "realtime.item", "type": "message", "role": "assistant",
                 "status": status, "content": content}
+
+    async def item_added(self, previous_item_id: str | None, item: dict) -> None:
+        await self.emit("conversation.item.created" if self.beta else "conversation.item.added",
+                        previous_item_id=previous_item_id, item=item)
+
+    async def item_done(self, previous_item_id: str | None, item: dict) -> None:
+        if not self.beta:  # the beta API has no conversation.item.done
+            await self.emit("conversation.item.done", previous_item_id=previous_item_id, item=item)
 
     def _where(self, reply: _Reply) -> dict:
         return {"response_id": reply.response_id, "item_id": reply.item_id, "output_index": 0, "content_index": 0}
@@ -217,9 +227,13 @@ class RealtimeConnection(Connection):
         await self._committed()
 
     async def _committed(self) -> None:
-        item_id = new_id("item")
-        await self.emit("input_audio_buffer.committed", item_id=item_id, previous_item_id=self.last_item_id)
+        """A commit adds the user's audio to the conversation as one item, complete at once."""
+        item_id, previous = new_id("item"), self.last_item_id
         self.last_item_id = item_id
+        await self.emit("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
+        item = _user_audio_item(item_id)
+        await self.item_added(previous, item)
+        await self.item_done(previous, item)
 
     async def _cancel(self, message: dict) -> None:
         reply = self.reply
@@ -266,9 +280,11 @@ class RealtimeConnection(Connection):
 
     async def _start(self, emotion) -> None:
         reply = self.reply = _Reply(emotion)
+        reply.previous_item_id, self.last_item_id = self.last_item_id, reply.item_id
+        item = self.item_object(reply, "in_progress", None)
         await self.emit("response.created", response=self.response_object(reply, "in_progress", []))
-        await self.emit("response.output_item.added", response_id=reply.response_id, output_index=0,
-                        item=self.item_object(reply, "in_progress", None))
+        await self.emit("response.output_item.added", response_id=reply.response_id, output_index=0, item=item)
+        await self.item_added(reply.previous_item_id, item)
         await self.emit("response.content_part.added", **self._where(reply), part={"type": "text", "text": ""})
 
     async def _end(self, reply: _Reply, status: str, details) -> None:
@@ -279,8 +295,14 @@ class RealtimeConnection(Connection):
         await self.emit("response.content_part.done", **self._where(reply), part={"type": "text", "text": text})
         item = self.item_object(reply, item_status, text)
         await self.emit("response.output_item.done", response_id=reply.response_id, output_index=0, item=item)
+        await self.item_done(reply.previous_item_id, item)
         await self.emit("response.done", response=self.response_object(reply, status, [item], details))
-        self.last_item_id = reply.item_id
+
+
+def _user_audio_item(item_id: str) -> dict:
+    """The user message a commit adds: its audio, which listenloop does not transcribe."""
+    return {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
+            "content": [{"type": "input_audio", "transcript": None}]}
 
 
 def _pcm16(message: dict) -> np.ndarray | None:
