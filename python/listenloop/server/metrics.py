@@ -12,10 +12,11 @@ from __future__ import annotations
 import collections
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 - for the /metrics route
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..protocol import CHUNK_SAMPLES
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST  # of what scrape() returns
 
 # From a fast GPU reply (~10 ms) to a large model on a small CPU (seconds).
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
