@@ -403,11 +403,14 @@ def test_a_thousand_connect_disconnect_cycles(server):
     assert grown < 40 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 1000 connections"
     assert len(server.state.connections) == 0
 
-    async def health():
-        async with aiohttp.ClientSession() as http:
-            return await (await http.get(f"{server.http}/healthz")).json()
+    async def open_sessions():
+        from prometheus_client.parser import text_string_to_metric_families
 
-    assert run(health())["sessions"] == 0
+        async with aiohttp.ClientSession() as http:
+            text = await (await http.get(f"{server.http}/metrics")).text()
+        return {f.name: f.samples[0].value for f in text_string_to_metric_families(text)}["listenloop_sessions_open"]
+
+    assert run(open_sessions()) == 0
 
 
 BAD_FRAME = b"\x00" * 32_769  # s16 audio of an odd byte count

@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                        help="Host header name served besides loopback names and --host when there is no API key, "
                             "e.g. a reverse proxy's (repeatable)")
+    serve.add_argument("--drain-timeout", type=float, metavar="S",
+                       help="on SIGTERM or Ctrl-C, seconds that open sessions get to end before they are closed "
+                            "(default: 10; 0 closes them at once; a second signal closes them at once)")
 
     from .benchmarks import command as bench_command
 
@@ -453,21 +456,28 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    try:
-        import aiohttp  # noqa: F401 - only to give a clear message when the extra is missing
-    except ImportError:
-        raise Error("serve needs aiohttp: pip install 'listenloop[serve]'") from None
+    for module in ("aiohttp", "prometheus_client"):
+        try:
+            __import__(module)  # only to give a clear message when the extra is missing
+        except ImportError:
+            raise Error(f"serve needs {module}: pip install 'listenloop[serve]'") from None
     from .server import serve
-    from .server.app import check_port
+    from .server.app import DRAIN_TIMEOUT_S, check_drain_timeout, check_port
 
     check_port(args.port)
+    drain_timeout = DRAIN_TIMEOUT_S if args.drain_timeout is None else args.drain_timeout
+    check_drain_timeout(drain_timeout)
     if args.max_sessions < 1:
         raise Error(f"--max-sessions must be at least 1, got {args.max_sessions}")
-    stop = threading.Event()
-    STOP.on_request(stop.set)
+    stop, stop_now = threading.Event(), threading.Event()
+    # The first signal drains (sessions get --drain-timeout to end), a second one closes them now;
+    # either way the connections are closed properly before the process ends.
+    STOP.grace_s = drain_timeout + SERVE_STOP_S
+    STOP.hurry_s = SERVE_STOP_S
+    STOP.on_request(lambda: (stop_now if stop.is_set() else stop).set())
     serve(host=args.host, port=args.port, package=args.package, profile=args.profile,
           max_sessions=args.max_sessions, api_key_env=args.api_key_env, allowed_origins=tuple(args.allow_origin),
-          allowed_hosts=tuple(args.allow_host), stop=stop)
+          allowed_hosts=tuple(args.allow_host), stop=stop, stop_now=stop_now, drain_timeout_s=drain_timeout)
     return 128 + STOP.signum if STOP.requested else 0
 
 
@@ -482,7 +492,8 @@ COMMANDS = {"serve": cmd_serve, "run": cmd_run, "listen": cmd_listen, "devices":
 # import for good. So the command runs in a worker thread with both signals blocked (as is
 # every thread it starts: ONNX Runtime's, the model thread, the server's); the main thread only
 # waits. A signal wakes it: it sets STOP (commands with a loop leave it at their next step and
-# the server closes), gives the worker STOP_GRACE_S to end, flushes the output and exits with
+# the server drains), gives the worker STOP.grace_s to end (STOP_GRACE_S; serve sets its drain
+# time, and a second signal closes its sessions now), flushes the output and exits with
 # 128 + the signal's number. The process needs no other clean-up: the OS closes its sockets
 # and files, and the partial folder of an interrupted export is removed by the next export
 # to the same place.
@@ -490,6 +501,9 @@ COMMANDS = {"serve": cmd_serve, "run": cmd_run, "listen": cmd_listen, "devices":
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STOP_POLL_S = 0.1  # how often a command's waits look at STOP
 STOP_GRACE_S = 0.3  # the worker's time to leave its loop (it looks every STOP_POLL_S); then the process exits anyway
+# serve: after its drain, the time to close every connection and stop (server.app.CLOSE_TIMEOUT_S
+# for the clients, then the runtime's threads); then the process exits anyway
+SERVE_STOP_S = 5.0
 FLUSH_WAIT_S = 0.2  # output to a reader that does not read is given up on
 
 
@@ -501,6 +515,9 @@ class Stop:
 
     def reset(self) -> None:
         self.signum = 0
+        self.requests = 0
+        self.grace_s = STOP_GRACE_S  # the command's time to end after the first request
+        self.hurry_s = 0.0  # its time to end after a second request (0: the process exits then)
         self._wakers: list = []
 
     @property
@@ -515,6 +532,7 @@ class Stop:
 
     def request(self, signum: int) -> None:
         self.signum = self.signum or signum
+        self.requests += 1
         for waker in list(self._wakers):
             try:
                 waker()
@@ -585,13 +603,20 @@ def _run_stoppable(argv: list[str], keep_handlers: bool) -> int:
 
 
 def _stop_and_exit(signum: int, mailbox: queue.SimpleQueue) -> None:
-    """Ask the command to stop, wait STOP_GRACE_S at most (a second signal ends the wait),
-    then leave the process at once with 128 + signum."""
+    """Ask the command to stop, wait STOP.grace_s at most for it to end (a second signal asks
+    again and shortens the wait to STOP.hurry_s; a third ends it), then leave the process at
+    once with 128 + signum."""
     STOP.request(signum)
-    try:
-        mailbox.get(timeout=STOP_GRACE_S)  # the command ended, or a second signal
-    except queue.Empty:
-        pass
+    deadline = time.monotonic() + STOP.grace_s
+    while True:
+        try:
+            kind, value = mailbox.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if kind != "signal" or STOP.requests > 1 or STOP.hurry_s <= 0:
+            break  # the command ended, or a signal after which nothing is waited for
+        STOP.request(value)
+        deadline = min(deadline, time.monotonic() + STOP.hurry_s)
     _exit_now(128 + signum)
 
 

@@ -72,10 +72,15 @@ class Runtime:
     def open_sessions(self) -> int:
         return self._scheduler.open_sessions
 
+    @property
+    def queued_chunks(self) -> int:
+        """Chunks waiting for the model thread, over all open sessions."""
+        return sum(len(session._listen) for session in self._scheduler.sessions())
+
     def session(self, **options) -> Session:
-        """A new stream. Session options: ring_seconds, listen_queue, event_queue, stats_every;
-        policy options (speak_bias, sampling, sampler, speak_threshold, max_reply_tokens)
-        override the Runtime's for this stream only."""
+        """A new stream. Session options: ring_seconds, listen_queue, event_queue, stats_every,
+        echo_cancellation, step_observer; policy options (speak_bias, sampling, sampler,
+        speak_threshold, max_reply_tokens) override the Runtime's for this stream only."""
         if self._closed:
             raise Error("this Runtime is closed")
         overrides = {k: options.pop(k) for k in list(options) if k not in Session.OPTIONS}
@@ -120,16 +125,21 @@ class Session:
     """One audio stream through a Runtime. Use as a context manager, or call close(); a
     session that is dropped or still open at interpreter exit is closed for you."""
 
-    OPTIONS = (*SESSION_OPTION_RANGES, "echo_cancellation")
+    OPTIONS = (*SESSION_OPTION_RANGES, "echo_cancellation", "step_observer")
 
     def __init__(self, runtime: Runtime, stream, *, ring_seconds: float = 8.0, listen_queue: int = 64,
-                 event_queue: int = 65536, stats_every: int = 25, echo_cancellation: bool = True):
+                 event_queue: int = 65536, stats_every: int = 25, echo_cancellation: bool = True,
+                 step_observer=None):
+        """`step_observer(kind, seconds)`, if given, is called on the model thread after each
+        unit of model work: kind "listen" (one chunk decided) or "reply" (one reply token)."""
         for name, value in (("ring_seconds", ring_seconds), ("listen_queue", listen_queue),
                             ("event_queue", event_queue), ("stats_every", stats_every)):
             if (problem := SESSION_OPTION_RANGES[name].problem(value)) is not None:
                 raise ConfigError(f"{name} {problem}")
         if not isinstance(echo_cancellation, (bool, np.bool_)):
             raise ConfigError(f"echo_cancellation must be True or False, got {echo_cancellation!r}")
+        if step_observer is not None and not callable(step_observer):
+            raise ConfigError(f"step_observer must be callable, got {step_observer!r}")
         core = _core()
         self.runtime = runtime
         self.model: Model = runtime.model
@@ -166,6 +176,7 @@ class Session:
         self._reply: ReplyText | None = None  # the reply being generated
         self._reply_chunk = 0
         self._step_ms = collections.deque(maxlen=50)
+        self._step_observer = step_observer
         self._busy_s = 0.0
         self._fatal: BaseException | None = None
         self._finishing = False
@@ -410,6 +421,8 @@ class Session:
         elapsed = time.perf_counter() - started
         self._busy_s += elapsed
         self._step_ms.append(1000 * elapsed)
+        if self._step_observer is not None:
+            self._step_observer("listen", elapsed)
         stream_time = self._handled_until = self._chunk_time(index)
         if result.context_reset:
             self._emit(ev.ContextReset(stream_time, time.monotonic(), index, result.context_reset))
@@ -433,7 +446,10 @@ class Session:
             self._emit(ev.Fault(stream_time, time.monotonic(), "speak", str(exc)))
             self.stream.end_reply()
             step = None
-        self._busy_s += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self._busy_s += elapsed
+        if self._step_observer is not None:
+            self._step_observer("reply", elapsed)
         if step is not None:
             piece = reply.add(step.token)
             if not self._reply_started:

@@ -1,9 +1,8 @@
-"""The aiohttp application: routes, API key, Origin allow-list, session cap, static files."""
+"""The aiohttp application: routes, static files, serving and stopping. The checks and the
+shared state are state.py's; the handlers import that, never this module."""
 from __future__ import annotations
 
 import asyncio
-import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -12,19 +11,28 @@ import stat
 import sys
 import threading
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from ..errors import Error
+from .health import healthz, metrics, readyz
+from .metrics import ServerMetrics
+from .pcm import pcm_handler
+from .realtime import realtime_handler
+from .state import STATE, ServerState, guard, is_loopback
 
 log = logging.getLogger("listenloop.server")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-STOP_POLL_S = 0.1  # how often serve() looks at its stop event
+STOP_POLL_S = 0.1  # how often serve() looks at its stop event and a drain at its sessions
+DRAIN_TIMEOUT_S = 10.0  # --drain-timeout: open sessions' time to end once the server is stopping
+# After the drain: each connection's time to take its going-away message and close frame, and
+# the handlers' time to end, before the server stops without them.
+CLOSE_TIMEOUT_S = 2.0
+SHUTDOWN_REASON = "server shutting down"
 # TCP connections beyond the sessions: room to answer a refusal (503), /healthz and the page
 # while every session is taken; past that a new connection is closed as it opens.
 SPARE_CONNECTIONS = 4
@@ -34,151 +42,7 @@ NON_SESSION_TIMEOUT_S = 10.0
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # one plain file name, no path
 
 
-class ServerState:
-    """What the handlers share: the runtime, the limits and the open connections."""
-
-    def __init__(self, runtime, *, api_key, allowed_origins, max_sessions, max_frame_bytes, idle_timeout_s,
-                 send_timeout_s, static_dir, allowed_hosts=()):
-        if max_sessions < 1:
-            raise ValueError("max_sessions must be at least 1")
-        if max_frame_bytes < 1024:
-            raise ValueError("max_frame_bytes must be at least 1024")
-        if not idle_timeout_s > 0 or not send_timeout_s > 0:
-            raise ValueError("idle_timeout_s and send_timeout_s must be positive")
-        self.runtime = runtime
-        self.api_key = api_key or None
-        self.allowed_origins = frozenset(_origin(o) for o in allowed_origins)
-        self.allowed_hosts = frozenset(_host_name(h) for h in allowed_hosts)
-        self.max_sessions = int(max_sessions)
-        self.max_frame_bytes = int(max_frame_bytes)
-        self.idle_timeout_s = float(idle_timeout_s)
-        self.send_timeout_s = float(send_timeout_s)
-        self.static_dir = Path(static_dir)
-        self.connections: set = set()
-        self.reserved = 0  # connections admitted whose handler has not finished yet
-        self.served = 0  # connections admitted since the start
-        self.refused = 0  # connections refused by the session cap
-
-    @property
-    def model_name(self) -> str:
-        return self.runtime.package.name
-
-    # -- checks made before a WebSocket upgrade (and before any file is served) ---------
-
-    def authorized(self, request: web.Request) -> bool:
-        if self.api_key is None:
-            return True
-        given = None
-        header = request.headers.get("Authorization", "")
-        if header[:7].lower() == "bearer ":
-            given = header[7:].strip()
-        elif "key" in request.query:
-            given = request.query["key"]
-        if given is None:
-            return False
-        return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.api_key.encode("utf-8"))
-
-    def origin_allowed(self, request: web.Request) -> bool:
-        """Requests without an Origin header (non-browser clients) pass; a browser's Origin must
-        be this server's own (same scheme, host and port) or in the allow-list."""
-        origin = request.headers.get("Origin")
-        if origin is None:
-            return True
-        origin = _origin(origin)
-        return origin == _origin(f"{request.scheme}://{request.host}") or origin in self.allowed_origins
-
-    def host_allowed(self, request: web.Request) -> bool:
-        """Without an API key, a browser page on another site could reach this server by
-        DNS rebinding (its name resolving to 127.0.0.1): only requests naming this server —
-        a loopback name with the server's port, or an --allow-host name — are served."""
-        if self.api_key is not None:
-            return True
-        name, port = _split_host(request.host)
-        if name in self.allowed_hosts:
-            return True
-        sockname = request.transport.get_extra_info("sockname") if request.transport else None
-        local_port = sockname[1] if sockname else None
-        return (name in LOOPBACK_NAMES or is_loopback(name)) and port == local_port
-
-    def admit(self) -> bool:
-        if self.reserved >= self.max_sessions:
-            self.refused += 1
-            return False
-        self.reserved += 1
-        self.served += 1
-        return True
-
-    def release(self) -> None:
-        self.reserved -= 1
-
-
-LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
-
-
-def _host_name(text: str) -> str:
-    return text.strip().lower().strip("[]")
-
-
-def _split_host(host: str) -> tuple[str, int | None]:
-    """A Host header's (lower-case name without brackets, port or None)."""
-    try:
-        parts = urlsplit(f"//{host}")
-        return _host_name(parts.hostname or ""), parts.port
-    except ValueError:
-        return _host_name(host), -1  # a malformed port never matches
-
-
-def _origin(text: str) -> str:
-    """scheme://host[:port], lower case, without a default port or a trailing slash."""
-    text = text.strip()
-    if text == "null":
-        return "null"
-    try:
-        parts = urlsplit(text)
-        scheme, host, port = parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
-    except ValueError:
-        return text.lower()
-    if ":" in host:
-        host = f"[{host}]"
-    if port is None or (scheme, port) in (("http", 80), ("https", 443), ("ws", 80), ("wss", 443)):
-        return f"{scheme}://{host}"
-    return f"{scheme}://{host}:{port}"
-
-
-STATE = web.AppKey("listenloop_state", ServerState)
-
-
-def json_error(status: int, message: str, code: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
-
-
-def guard(request: web.Request, *, counts: bool) -> web.Response | None:
-    """The refusal for a request (401, 403, 503), or None to go on. With `counts`, an
-    admitted request holds one session slot until `ServerState.release()`."""
-    state = request.app[STATE]
-    if not state.host_allowed(request):
-        return json_error(403, f"host {request.host!r} is not allowed: without an API key only loopback names "
-                          "and --allow-host names are served", "host_not_allowed")
-    if not state.origin_allowed(request):
-        return json_error(403, f"origin {request.headers.get('Origin')!r} is not allowed (see --allow-origin)",
-                          "origin_not_allowed")
-    if not state.authorized(request):
-        return json_error(401, "missing or wrong API key: send 'Authorization: Bearer KEY' or ?key=KEY",
-                          "invalid_api_key")
-    if counts and not state.admit():
-        return json_error(503, f"the server is at its session limit ({state.max_sessions}); try again later",
-                          "session_limit")
-    return None
-
-
 # -- routes -----------------------------------------------------------------------------
-
-async def healthz(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    return web.json_response({"status": "ok", "model": state.model_name, "sessions": len(state.connections),
-                              "open_sessions": state.runtime.open_sessions, "max_sessions": state.max_sessions,
-                              "served": state.served, "refused": state.refused})
-
 
 def _static_file(state: ServerState, name: str) -> Path | None:
     """The regular file `name` directly inside the static folder, or None. Names with path
@@ -213,17 +77,16 @@ async def static_file(request: web.Request) -> web.StreamResponse:
 
 
 async def _on_shutdown(app: web.Application) -> None:
-    for connection in list(app[STATE].connections):
-        await connection.shutdown("server shutting down")
+    await close_sessions(app)
 
 
 def create_app(runtime, *, api_key: str | None = None, allowed_origins=(), allowed_hosts=(), max_sessions: int = 8,
                max_frame_bytes: int = 1_048_576, idle_timeout_s: float = 60.0, send_timeout_s: float = 10.0,
-               static_dir=None) -> web.Application:
+               static_dir=None, metrics_registry=None) -> web.Application:
     """The server's aiohttp application over one loaded `runtime`.
 
-    `api_key`: when set, every route but /healthz needs `Authorization: Bearer KEY` or
-    `?key=KEY`. `allowed_origins`: browser origins accepted besides the server's own.
+    `api_key`: when set, every route but /healthz and /readyz needs `Authorization: Bearer
+    KEY` or `?key=KEY`. `allowed_origins`: browser origins accepted besides the server's own.
     `allowed_hosts`: Host names served besides loopback ones when there is no API key.
     `max_sessions`: open WebSocket connections at most (each is one Session); more are
     refused with HTTP 503. `max_frame_bytes`: the largest WebSocket message processed; larger
@@ -231,17 +94,19 @@ def create_app(runtime, *, api_key: str | None = None, allowed_origins=(), allow
     `idle_timeout_s`: a connection without any frame for this long is closed.
     `send_timeout_s`: a client that reads nothing for this long while events wait for it is
     disconnected. `static_dir`: the browser page's folder (default: the package's static/).
+    `metrics_registry`: the prometheus_client CollectorRegistry of /metrics (default: a new
+    one for this app, never the process-wide default).
     """
-    from .pcm import pcm_handler
-    from .realtime import realtime_handler
-
     state = ServerState(runtime, api_key=api_key, allowed_origins=tuple(allowed_origins),
                         allowed_hosts=tuple(allowed_hosts), max_sessions=max_sessions,
                         max_frame_bytes=max_frame_bytes, idle_timeout_s=idle_timeout_s,
-                        send_timeout_s=send_timeout_s, static_dir=static_dir or STATIC_DIR)
+                        send_timeout_s=send_timeout_s, static_dir=static_dir or STATIC_DIR,
+                        metrics=ServerMetrics(metrics_registry, runtime))
     app = web.Application(client_max_size=64 * 1024)
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/realtime", realtime_handler)
     app.router.add_get("/v1/pcm", pcm_handler)
     app.router.add_get("/", static_file)
@@ -260,7 +125,7 @@ def limit_connections(server: web.Server, state: ServerState, timeout_s: float =
     def connection_made(handler, transport) -> None:
         admitted(handler, transport)
         if len(server.connections) > state.max_sessions + SPARE_CONNECTIONS:
-            state.refused += 1
+            state.refuse("connection_limit")
             transport.abort()
             return
         loop.call_later(timeout_s, _close_unless_session, state, transport)
@@ -274,18 +139,6 @@ def _close_unless_session(state: ServerState, transport) -> None:
 
 
 # -- binding ----------------------------------------------------------------------------
-
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback addresses; any other name or address (including the
-    wildcard addresses 0.0.0.0 and ::) is treated as reachable from the network."""
-    host = host.strip().strip("[]")
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
 
 def check_bind(host: str, api_key: str | None) -> None:
     """Refuse (Error) to listen beyond this machine without an API key."""
@@ -324,21 +177,30 @@ def api_key_from_env(name: str | None) -> str | None:
 
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, package=None, profile: str = "cpu",
           max_sessions: int = 8, api_key_env: str | None = None, allowed_origins=(), allowed_hosts=(), *,
-          stop: threading.Event | None = None, **options) -> None:
+          stop: threading.Event | None = None, stop_now: threading.Event | None = None,
+          drain_timeout_s: float = DRAIN_TIMEOUT_S, **options) -> None:
     """Load the model once and serve until `stop` is set (or, without one, until interrupted);
-    blocking. `options` go to create_app."""
+    blocking. Then drain (see `drain`): open sessions get `drain_timeout_s` to end, less if
+    `stop_now` is set. `options` go to create_app."""
     from ..session import Runtime
 
     check_port(port)
+    check_drain_timeout(drain_timeout_s)
     api_key = api_key_from_env(api_key_env)
     check_bind(host, api_key)
     runtime = Runtime(package, profile)
     try:
         app = create_app(runtime, api_key=api_key, allowed_origins=allowed_origins,
                          allowed_hosts=(*allowed_hosts, host), max_sessions=max_sessions, **options)
-        asyncio.run(_serve_until(app, host, port, runtime.package.name, stop or threading.Event()))
+        asyncio.run(_serve_until(app, host, port, runtime.package.name, stop or threading.Event(),
+                                 stop_now or threading.Event(), drain_timeout_s))
     finally:
         runtime.close()
+
+
+def check_drain_timeout(seconds) -> None:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= 3600:
+        raise Error(f"--drain-timeout must be a number of seconds from 0 to 3600, got {seconds!r}")
 
 
 async def start(app: web.Application, host: str, port: int, *, non_session_timeout_s: float = NON_SESSION_TIMEOUT_S,
@@ -357,14 +219,44 @@ async def start(app: web.Application, host: str, port: int, *, non_session_timeo
     return runner
 
 
-async def _serve_until(app: web.Application, host: str, port: int, name: str, stop: threading.Event) -> None:
-    # Signals are the caller's to handle (the command line's main thread sets `stop`).
-    runner = await start(app, host, port)
+# -- stopping ---------------------------------------------------------------------------
+
+async def drain(app: web.Application, timeout_s: float, now=lambda: False) -> None:
+    """Stop taking sessions and let the open ones end: from now on a WebSocket upgrade gets
+    503 `draining` and /readyz 503; sessions run on (a client that ends its input gets every
+    event up to Finished) until none is left, `timeout_s` passed or `now()` is true; then
+    each one left is closed with 1001 (going away)."""
+    state = app[STATE]
+    state.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while state.reserved and not now() and loop.time() < deadline:
+        await asyncio.sleep(STOP_POLL_S)
+    await close_sessions(app)
+
+
+async def close_sessions(app: web.Application) -> None:
+    """Close every open connection with 1001 and the reason SHUTDOWN_REASON, each client
+    first told why in its own protocol."""
+    connections = list(app[STATE].connections)
+    await asyncio.gather(*(c.going_away(SHUTDOWN_REASON, CLOSE_TIMEOUT_S) for c in connections))
+
+
+async def _serve_until(app: web.Application, host: str, port: int, name: str, stop: threading.Event,
+                       stop_now: threading.Event, drain_timeout_s: float) -> None:
+    # Signals are the caller's to handle (the command line's main thread sets `stop`, and
+    # `stop_now` at a second signal).
+    runner = await start(app, host, port, shutdown_timeout=CLOSE_TIMEOUT_S)
     try:
         shown = f"[{host}]" if ":" in host else host
         print(f"listenloop: serving {name} on http://{shown}:{port} "
               f"(ws://{shown}:{port}/v1/realtime, /v1/pcm); Ctrl-C to stop", file=sys.stderr, flush=True)
         while not stop.is_set():
             await asyncio.sleep(STOP_POLL_S)
+        state = app[STATE]
+        if state.reserved:
+            print(f"listenloop: stopping; {state.reserved} open session(s) get up to {drain_timeout_s:g} s to end "
+                  "(a second Ctrl-C closes them now)", file=sys.stderr, flush=True)
+        await drain(app, drain_timeout_s, stop_now.is_set)
     finally:
         await runner.cleanup()

@@ -18,6 +18,7 @@ import socket
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..errors import Error
+from .state import json_error
 
 log = logging.getLogger("listenloop.server")
 
@@ -46,6 +47,8 @@ class Connection:
                                         compress=False, timeout=2.0)
         self.session = None
         self.policy: dict = {}
+        self.meter = None  # the session's metrics (SessionMeter) once the WebSocket is open
+        self._send_failed = False  # a send did not reach the client: what follows is not counted
         self._send_lock = asyncio.Lock()
         self._pump_task: asyncio.Task | None = None
         self._done = False  # the session's stream ended (Finished) or failed
@@ -67,11 +70,15 @@ class Connection:
     async def on_error(self, code: str, message: str, client_event_id=None, param=None) -> None:
         raise NotImplementedError
 
+    async def on_going_away(self, reason: str) -> None:
+        """Tell the client in its protocol, before the close frame, that the server is stopping."""
+
     # -- life cycle -----------------------------------------------------------------------
 
     def open_session(self, **policy):
         """A new Session with `policy` (ConfigError if out of range); the old one is closed."""
-        session = self.state.runtime.session(**SESSION_OPTIONS, **policy)
+        session = self.state.runtime.session(**SESSION_OPTIONS, step_observer=self.state.metrics.step_observer,
+                                             **policy)
         if self.session is not None:
             self.session.close()
         self.session, self.policy = session, dict(policy)
@@ -84,14 +91,13 @@ class Connection:
             try:
                 self.open_session(**self.policy)
             except Error as exc:
-                from .app import json_error
-
                 return json_error(400, str(exc), "invalid_option")
             await self.ws.prepare(self.request)
             sock = self.request.transport.get_extra_info("socket") if self.request.transport else None
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
             state.connections.add(self)
+            self.meter = state.metrics.session_opened()
             await self.on_open()
             self._pump_task = asyncio.create_task(self._pump())
             await self._receive_loop()
@@ -99,6 +105,8 @@ class Connection:
             pass
         finally:
             state.connections.discard(self)
+            if self.meter is not None:
+                self.meter.closed()
             if self._pump_task is not None:
                 self._pump_task.cancel()
                 try:
@@ -152,6 +160,8 @@ class Connection:
                 return
             for event in events:
                 await self.on_event(event)
+                if not self._send_failed:
+                    self.meter.event_sent(event)
                 if self.ws.closed:
                     return
             if not events:
@@ -159,12 +169,17 @@ class Connection:
                     return
                 await asyncio.sleep(POLL_S)
 
+    def audio_received(self) -> None:
+        """After microphone audio was fed: the metrics learn when each chunk was complete."""
+        self.meter.audio_received(self.session.microphone_position)
+
     # -- sending --------------------------------------------------------------------------
 
     async def send(self, message: dict) -> bool:
         """Send one JSON text frame; False if the connection is gone. A client that takes
         nothing for send_timeout_s is disconnected."""
         if self.ws.closed:
+            self._send_failed = True
             return False
         data = json.dumps(message, ensure_ascii=False)
         try:
@@ -176,8 +191,10 @@ class Connection:
             transport = self.request.transport
             if transport is not None:
                 transport.abort()
+            self._send_failed = True
             return False
         except (ConnectionError, RuntimeError):
+            self._send_failed = True
             return False
         return True
 
@@ -195,8 +212,16 @@ class Connection:
             if transport is not None:
                 transport.abort()
 
-    async def shutdown(self, reason: str) -> None:
-        await self._close(WSCloseCode.GOING_AWAY, reason)
+    async def going_away(self, reason: str, timeout_s: float) -> None:
+        """The server is stopping: the client is told why (on_going_away), then closed with 1001
+        and `reason`; one that takes neither within `timeout_s` each is cut off."""
+        if self.ws.closed:
+            return
+        try:
+            await asyncio.wait_for(self.on_going_away(reason), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        await self._close(WSCloseCode.GOING_AWAY, reason, abort_after=timeout_s)
 
 
 def loads_object(text: str):

@@ -19,8 +19,8 @@ from aiohttp import WSCloseCode, web
 from ..audio import check_sample_rate
 from ..errors import Error
 from ..protocol import SAMPLE_RATE
-from .app import STATE, guard, json_error
 from .connection import Connection, loads_object, quote
+from .state import STATE, guard, json_error
 
 FORMATS = {"f32": np.dtype("<f4"), "s16": np.dtype("<i2")}
 # frames=tagged: the tag opens every binary frame. Opt-in, since without it any 4 bytes are
@@ -51,11 +51,11 @@ class PcmConnection(Connection):
         if self._finishing:
             await self.on_error("input_finished", "input was finished; open a new connection for more audio")
             return
-        accept = self.session.accept_waveform
+        accept, microphone = self.session.accept_waveform, True
         if self.tagged:
             tag, data = bytes(data[:TAG_BYTES]), data[TAG_BYTES:]
             if tag == PLAYBACK_TAG:
-                accept = self.session.accept_playback
+                accept, microphone = self.session.accept_playback, False
             elif tag != MICROPHONE_TAG:
                 await self.on_error("invalid_tag", f"a frame must start with {MICROPHONE_TAG!r} or {PLAYBACK_TAG!r} "
                                     f"(frames=tagged), got {quote(tag)}")
@@ -71,6 +71,9 @@ class PcmConnection(Connection):
             accept(np.frombuffer(data, self.dtype), self.rate, block=False)
         except Error as exc:
             await self.on_error("invalid_audio", str(exc))
+            return
+        if microphone:
+            self.audio_received()
 
     async def on_text(self, text: str) -> None:
         message, problem = loads_object(text)

@@ -22,8 +22,8 @@ import numpy as np
 from aiohttp import web
 
 from ..errors import Error
-from .app import STATE, guard
 from .connection import Connection, loads_object, new_id, quote
+from .state import STATE, guard
 
 RATES = (16000, 24000)
 DEFAULT_RATE = 24000
@@ -74,6 +74,11 @@ class RealtimeConnection(Connection):
         await self.emit("error", error={"type": "invalid_request_error" if code != "server_error" else "server_error",
                                         "code": code, "message": message, "param": param,
                                         "event_id": client_event_id})
+
+    async def on_going_away(self, reason: str) -> None:
+        await self.emit("error", error={"type": "server_error", "code": "server_shutting_down",
+                                        "message": f"{reason}: the connection is closing; reconnect to continue",
+                                        "param": None, "event_id": None})
 
     def session_object(self) -> dict:
         own = {"speak_bias": self.policy.get("speak_bias"), "events": self.events_on,
@@ -201,6 +206,7 @@ class RealtimeConnection(Connection):
         except Error as exc:
             raise BadRequest("invalid_audio", str(exc), "audio") from None
         self.audio_fed = True
+        self.audio_received()
 
     async def _playback_append(self, message: dict) -> None:
         """The device's playback, the echo reference: pcm16 at the input rate, placed on the
