@@ -13,20 +13,13 @@ import asyncio
 import json
 import logging
 import secrets
-import socket
-
-from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..errors import Error
-from .state import json_error
+from .transport import Channel, CloseCode
 
 log = logging.getLogger("listenloop.server")
 
 POLL_S = 0.010
-# The kernel's send buffer of a connection (Linux doubles it): a few seconds of events, while
-# its default grows to megabytes for a client that reads nothing, before send_timeout_s can
-# notice it.
-SEND_BUFFER_BYTES = 64 * 1024
 SESSION_OPTIONS = {"ring_seconds": 16.0, "event_queue": 1024}  # bounded per connection
 FRAME_HARD_LIMIT = 4  # messages past this many times max_frame_bytes cannot be read: close 1009
 MAX_TEXT_CHARS = 2000  # error messages quote at most this much of a client's input
@@ -37,14 +30,13 @@ def new_id(prefix: str) -> str:
 
 
 class Connection:
-    """Base of the two WebSocket protocols: admission, receive loop, idle timeout, pump, close."""
+    """Base of the two WebSocket protocols: admission, receive loop, idle timeout, pump, close.
+    It talks to its client through a `Channel` (transport.py), whichever server carries it."""
 
-    def __init__(self, request: web.Request, state):
-        self.request = request
+    def __init__(self, channel: Channel, state):
+        self.channel = channel
         self.state = state
         self.id = new_id("sess")
-        self.ws = web.WebSocketResponse(max_msg_size=FRAME_HARD_LIMIT * state.max_frame_bytes, autoping=True,
-                                        compress=False, timeout=2.0)
         self.session = None
         self.policy: dict = {}
         self.meter = None  # the session's metrics (SessionMeter) once the WebSocket is open
@@ -52,6 +44,10 @@ class Connection:
         self._send_lock = asyncio.Lock()
         self._pump_task: asyncio.Task | None = None
         self._done = False  # the session's stream ended (Finished) or failed
+
+    @property
+    def request(self):
+        return self.channel.request
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -84,18 +80,17 @@ class Connection:
         self.session, self.policy = session, dict(policy)
         return session
 
-    async def run(self) -> web.StreamResponse:
-        """Serve the connection; the caller has admitted it (one slot of the session cap)."""
-        state = self.state
+    async def run(self):
+        """Serve the connection; the caller has admitted it (one slot of the session cap).
+        Returns the channel's response (what an aiohttp handler returns)."""
+        state, channel = self.state, self.channel
         try:
             try:
                 self.open_session(**self.policy)
             except Error as exc:
-                return json_error(400, str(exc), "invalid_option")
-            await self.ws.prepare(self.request)
-            sock = self.request.transport.get_extra_info("socket") if self.request.transport else None
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+                await channel.refuse(400, "invalid_option", str(exc))
+                return channel.response
+            await channel.accept(max_msg_size=FRAME_HARD_LIMIT * state.max_frame_bytes)
             state.connections.add(self)
             self.meter = state.metrics.session_opened()
             await self.on_open()
@@ -116,53 +111,48 @@ class Connection:
             if self.session is not None:
                 self.session.close()
                 self.session = None
-            if not self.ws.closed and self.ws.prepared:
-                await self._close(WSCloseCode.OK, "")
-            # Closed, not just closing: a transport's close() waits to flush what a client that
-            # stopped reading will never take, and would keep its socket open for ever.
-            if self.ws.prepared and self.request.transport is not None:
-                self.request.transport.abort()
+            if not channel.closed and channel.accepted:
+                await self._close(CloseCode.OK, "")
+            if channel.accepted:
+                channel.abort()
             state.release()
-        return self.ws
+        return channel.response
 
     async def _receive_loop(self) -> None:
         state = self.state
-        while not self.ws.closed:
+        while not self.channel.closed:
             try:
-                msg = await self.ws.receive(timeout=state.idle_timeout_s)
+                data = await self.channel.receive(timeout=state.idle_timeout_s)
             except asyncio.TimeoutError:
-                await self._close(WSCloseCode.GOING_AWAY, f"idle timeout: no frame for {state.idle_timeout_s:g} s")
+                await self._close(CloseCode.GOING_AWAY, f"idle timeout: no frame for {state.idle_timeout_s:g} s")
                 return
-            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+            if data is None:
                 return
-            if msg.type == WSMsgType.ERROR:  # e.g. a message past the hard size limit: aiohttp closed it
-                log.info("connection %s closed: %s", self.id, self.ws.exception())
-                return
-            size = len(msg.data.encode("utf-8") if isinstance(msg.data, str) else msg.data)
+            size = len(data.encode("utf-8") if isinstance(data, str) else data)
             if size > state.max_frame_bytes:
                 await self.on_error("frame_too_large", f"message of {size} bytes is over the limit of "
                                     f"{state.max_frame_bytes} bytes; send smaller pieces")
                 continue
-            if msg.type == WSMsgType.TEXT:
-                await self.on_text(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await self.on_binary(msg.data)
+            if isinstance(data, str):
+                await self.on_text(data)
+            else:
+                await self.on_binary(data)
 
     async def _pump(self) -> None:
         """Session events to the client, in order, one send at a time."""
-        while not self.ws.closed:
+        while not self.channel.closed:
             try:
                 events = self.session.drain() if self.session is not None else []
             except Error as exc:  # the session failed: say so and end the connection
                 self._done = True
                 await self.on_error("server_error", str(exc))
-                await self._close(WSCloseCode.INTERNAL_ERROR, "session failed")
+                await self._close(CloseCode.INTERNAL_ERROR, "session failed")
                 return
             for event in events:
                 await self.on_event(event)
                 if not self._send_failed:
                     self.meter.event_sent(event)
-                if self.ws.closed:
+                if self.channel.closed:
                     return
             if not events:
                 if self._done:
@@ -178,7 +168,7 @@ class Connection:
     async def send(self, message: dict) -> bool:
         """Send one JSON text frame; False if the connection is gone. A client that takes
         nothing for send_timeout_s is disconnected."""
-        if self.ws.closed:
+        if self.channel.closed:
             self._send_failed = True
             return False
         data = json.dumps(message, ensure_ascii=False)
@@ -188,9 +178,7 @@ class Connection:
             # A close frame would wait behind what the client does not read (and aiohttp's close
             # can outwait a timeout around it): the connection is cut at once.
             log.info("connection %s: client is not reading; disconnecting", self.id)
-            transport = self.request.transport
-            if transport is not None:
-                transport.abort()
+            self.channel.abort()
             self._send_failed = True
             return False
         except (ConnectionError, RuntimeError):
@@ -200,28 +188,26 @@ class Connection:
 
     async def _locked_send(self, data: str) -> None:
         async with self._send_lock:
-            await self.ws.send_str(data)
+            await self.channel.send_text(data)
 
     async def _close(self, code: int, reason: str, abort_after: float = 2.0) -> None:
-        if self.ws.closed:
+        if self.channel.closed:
             return
         try:
-            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()[:120]), abort_after)
+            await asyncio.wait_for(self.channel.close(code, reason), abort_after)
         except (asyncio.TimeoutError, ConnectionError, RuntimeError):
-            transport = self.request.transport
-            if transport is not None:
-                transport.abort()
+            self.channel.abort()
 
     async def going_away(self, reason: str, timeout_s: float) -> None:
         """The server is stopping: the client is told why (on_going_away), then closed with 1001
         and `reason`; one that takes neither within `timeout_s` each is cut off."""
-        if self.ws.closed:
+        if self.channel.closed:
             return
         try:
             await asyncio.wait_for(self.on_going_away(reason), timeout_s)
         except asyncio.TimeoutError:
             pass
-        await self._close(WSCloseCode.GOING_AWAY, reason, abort_after=timeout_s)
+        await self._close(CloseCode.GOING_AWAY, reason, abort_after=timeout_s)
 
 
 def loads_object(text: str):

@@ -14,13 +14,14 @@ import asyncio
 import math
 
 import numpy as np
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
 from ..audio import check_sample_rate
 from ..errors import Error
 from ..protocol import SAMPLE_RATE
 from .connection import Connection, loads_object, quote
 from .state import STATE, guard, json_error
+from .transport import AiohttpChannel, CloseCode
 
 FORMATS = {"f32": np.dtype("<f4"), "s16": np.dtype("<i2")}
 # frames=tagged: the tag opens every binary frame. Opt-in, since without it any 4 bytes are
@@ -32,8 +33,8 @@ FINISH_TIMEOUT_S = 300.0
 
 
 class PcmConnection(Connection):
-    def __init__(self, request, state, rate: int, dtype: np.dtype, policy: dict, tagged: bool = False):
-        super().__init__(request, state)
+    def __init__(self, channel, state, rate: int, dtype: np.dtype, policy: dict, tagged: bool = False):
+        super().__init__(channel, state)
         self.rate = rate
         self.dtype = dtype
         self.policy = policy
@@ -93,13 +94,13 @@ class PcmConnection(Connection):
         except Error as exc:
             await self.on_error("server_error", str(exc))
             self._done = True
-            await self._close(WSCloseCode.INTERNAL_ERROR, "finish failed")
+            await self._close(CloseCode.INTERNAL_ERROR, "finish failed")
 
     async def on_event(self, event) -> None:
         await self.send(event.to_dict())
         if event.kind == "Finished":
             self._done = True
-            await self._close(WSCloseCode.OK, "finished")
+            await self._close(CloseCode.OK, "finished")
 
 
 def _query_options(query) -> tuple[int, np.dtype, dict, bool]:
@@ -137,4 +138,4 @@ async def pcm_handler(request: web.Request) -> web.StreamResponse:
     refusal = guard(request, counts=True)
     if refusal is not None:
         return refusal
-    return await PcmConnection(request, state, rate, dtype, policy, tagged).run()
+    return await PcmConnection(AiohttpChannel(request), state, rate, dtype, policy, tagged).run()

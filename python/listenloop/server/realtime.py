@@ -24,6 +24,7 @@ from aiohttp import web
 from ..errors import Error
 from .connection import Connection, loads_object, new_id, quote
 from .state import STATE, guard
+from .transport import AiohttpChannel
 
 RATES = (16000, 24000)
 DEFAULT_RATE = 24000
@@ -55,8 +56,8 @@ class _Reply:
 
 
 class RealtimeConnection(Connection):
-    def __init__(self, request, state, beta: bool):
-        super().__init__(request, state)
+    def __init__(self, channel, state, beta: bool):
+        super().__init__(channel, state)
         self.beta = beta
         self.rate = DEFAULT_RATE
         self.events_on = False
@@ -381,5 +382,9 @@ async def realtime_handler(request: web.Request) -> web.StreamResponse:
     refusal = guard(request, counts=True)
     if refusal is not None:
         return refusal
-    beta = bool(_BETA_HEADER.search(request.headers.get("OpenAI-Beta", "")))
-    return await RealtimeConnection(request, request.app[STATE], beta).run()
+    return await RealtimeConnection(AiohttpChannel(request), request.app[STATE], beta_requested(request.headers)).run()
+
+
+def beta_requested(headers) -> bool:
+    """Whether the client asked for the beta event names (`OpenAI-Beta: realtime=v1`)."""
+    return bool(_BETA_HEADER.search(headers.get("OpenAI-Beta", "")))
