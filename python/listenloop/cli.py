@@ -78,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, metavar="S",
                        help="on SIGTERM or Ctrl-C, seconds that open sessions get to end before they are closed "
                             "(default: 10; 0 closes them at once; a second signal closes them at once)")
+    serve.add_argument("--replicas", type=int, metavar="N",
+                       help="serve through Ray Serve: N replicas, one model each, behind the one address; "
+                            "--max-sessions is then per replica (needs listenloop[cluster])")
+    serve.add_argument("--ray-address", metavar="ADDR",
+                       help="with --replicas: the Ray cluster to run on (default: start Ray on this machine)")
+    serve.add_argument("--min-replicas", type=int, metavar="A",
+                       help="with --replicas and --max-replicas: autoscale between A and B replicas on open sessions")
+    serve.add_argument("--max-replicas", type=int, metavar="B", help="see --min-replicas")
 
     from .benchmarks import command as bench_command
 
@@ -475,10 +483,29 @@ def cmd_serve(args) -> int:
     STOP.grace_s = drain_timeout + SERVE_STOP_S
     STOP.hurry_s = SERVE_STOP_S
     STOP.on_request(lambda: (stop_now if stop.is_set() else stop).set())
-    serve(host=args.host, port=args.port, package=args.package, profile=args.profile,
-          max_sessions=args.max_sessions, api_key_env=args.api_key_env, allowed_origins=tuple(args.allow_origin),
-          allowed_hosts=tuple(args.allow_host), stop=stop, stop_now=stop_now, drain_timeout_s=drain_timeout)
+    options = dict(package=args.package, profile=args.profile, max_sessions=args.max_sessions,
+                   api_key_env=args.api_key_env, allowed_origins=tuple(args.allow_origin),
+                   allowed_hosts=tuple(args.allow_host), stop=stop)
+    if args.replicas is None:
+        for name in ("ray_address", "min_replicas", "max_replicas"):
+            if getattr(args, name) is not None:
+                raise Error(f"--{name.replace('_', '-')} needs --replicas N")
+        serve(host=args.host, port=args.port, stop_now=stop_now, drain_timeout_s=drain_timeout, **options)
+    else:
+        _serve_replicas(args, options)
     return 128 + STOP.signum if STOP.requested else 0
+
+
+def _serve_replicas(args, options: dict) -> None:
+    try:
+        import ray.serve  # noqa: F401 - only to give a clear message when the extra is missing
+    except ImportError:
+        raise Error("serve --replicas needs Ray Serve: pip install 'listenloop[cluster]'") from None
+    from .server.cluster import check_replicas, serve_replicas
+
+    check_replicas(args.replicas, args.min_replicas, args.max_replicas)
+    serve_replicas(args.host, args.port, args.replicas, args.min_replicas, args.max_replicas, args.ray_address,
+                   **options)
 
 
 COMMANDS = {"serve": cmd_serve, "run": cmd_run, "listen": cmd_listen, "devices": cmd_devices, "info": cmd_info, "bench": cmd_bench,
