@@ -1,14 +1,16 @@
 """Load on `listenloop serve`: N clients streaming the example recordings in real time.
 
-    python bench/serve_load.py --clients 1,4,16,32 --seconds 60 [--json load.json] [--plot load.png]
+    python bench/serve_load.py --clients 1,4,16,32 --seconds 60 [--replicas N] [--json load.json] [--plot load.png]
 
 Starts `listenloop serve` (the embedded demo model) on a free loopback port in its own
-process, then for each N opens N `/v1/pcm` WebSockets that each stream the four example
+process (with --replicas N: `listenloop serve --replicas N`, N replicas on a local Ray Serve,
+which needs listenloop[cluster]), then for each N opens N `/v1/pcm` WebSockets that each stream the four example
 recordings back to back (looped to `--seconds`) in 0.1 s float32 frames at real-time pace, and
 read every event. Per client: TTFR = from sending the frame that completes the chunk a reply
 answers to receiving that reply's first TextDelta. Reported: TTFR p50/p99 over all replies,
 lost audio (AudioDropped samples, EventsDropped), the server's CPU use (share of one core)
-and RSS at the end of each run.
+and RSS at the end of each run, over the server's process and all its descendants (with Ray:
+its head, proxy, controller and replicas).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +40,57 @@ def _program(seconds: float) -> np.ndarray:
     one = np.concatenate(parts)
     reps = int(np.ceil(seconds * SAMPLE_RATE / len(one)))
     return np.concatenate([one] * reps)[: int(seconds * SAMPLE_RATE)]
+
+
+def _start_server(port: int, max_sessions: int, replicas: int | None) -> subprocess.Popen:
+    """`listenloop serve` in its own process, once it says it is serving (every replica has
+    loaded its model); its stderr is drained from then on, so Ray's logs never block it."""
+    command = [sys.executable, "-m", "listenloop", "serve", "--port", str(port), "--max-sessions", str(max_sessions)]
+    if replicas is not None:
+        command += ["--replicas", str(replicas)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    said = []
+    for line in server.stderr:
+        said.append(line)
+        if line.startswith("listenloop: serving"):
+            threading.Thread(target=server.stderr.read, daemon=True).start()
+            return server
+    server.wait(30)
+    raise SystemExit(f"listenloop serve ended ({server.returncode}) before serving:\n{''.join(said[-20:])}")
+
+
+def _tree(proc) -> list:
+    """The process and its descendants now."""
+    import psutil
+
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return [proc]
+
+
+def _cpu_seconds(procs) -> float:
+    import psutil
+
+    total = 0.0
+    for p in procs:
+        try:
+            total += sum(p.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _rss_mb(procs) -> float:
+    import psutil
+
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
 
 
 def _free_port() -> int:
@@ -103,38 +157,36 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", default="1,4,16,32")
     p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--replicas", type=int, metavar="N",
+                   help="serve through Ray Serve with N replicas, --max-sessions per replica as for one process "
+                        "(default: the single-process server)")
     p.add_argument("--json")
     p.add_argument("--plot")
     args = p.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
     audio = _program(args.seconds)
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "listenloop", "serve", "--port", str(port),
-                               "--max-sessions", str(max(counts) + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = _start_server(port, max(counts) + 1, args.replicas)
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         proc = psutil.Process(server.pid)
         rows = []
         for n in counts:
-            cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
+            procs = _tree(proc)
+            cpu0, t0 = _cpu_seconds(procs), time.monotonic()
             results = asyncio.run(_run(port, n, audio))
-            cpu = (sum(proc.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
+            cpu = (_cpu_seconds(procs) - cpu0) / (time.monotonic() - t0)
             ttfr = [t for r in results for t in r["ttfr_ms"]]
-            rows.append({"clients": n, "seconds": args.seconds, "replies": sum(r["replies"] for r in results),
+            rows.append({"clients": n, "seconds": args.seconds, "replicas": args.replicas,
+                         "replies": sum(r["replies"] for r in results),
                          "ttfr_p50_ms": float(np.percentile(ttfr, 50)) if ttfr else None,
                          "ttfr_p99_ms": float(np.percentile(ttfr, 99)) if ttfr else None,
                          "dropped_samples": sum(r["dropped_samples"] for r in results),
                          "events_dropped": sum(r["events_dropped"] for r in results),
-                         "server_cpu_cores": cpu, "server_rss_mb": proc.memory_info().rss / 2**20})
+                         "server_cpu_cores": cpu, "server_rss_mb": _rss_mb(_tree(proc))})
             print(json.dumps(rows[-1]), flush=True)
     finally:
         server.terminate()
-        server.wait(30)
+        server.wait(60)  # (with Ray: the application deleted and Ray stopped)
     print(f"{'clients':>8} {'replies':>8} {'TTFR p50 ms':>12} {'p99 ms':>8} {'lost samples':>13} {'lost events':>12} "
           f"{'server CPU (cores)':>19} {'server RSS MB':>14}")
     for r in rows:
@@ -158,7 +210,8 @@ def main(argv=None) -> int:
         a.legend()
         b.bar([str(x) for x in xs], [r["server_cpu_cores"] for r in rows])
         b.set(xlabel="clients", ylabel="server CPU (cores)", title="server load")
-        fig.suptitle(f"listenloop serve, demo model, {os.cpu_count()} vCPUs, {args.seconds:.0f} s per run")
+        shown = f", {args.replicas} replicas on Ray Serve" if args.replicas else ""
+        fig.suptitle(f"listenloop serve{shown}, demo model, {os.cpu_count()} vCPUs, {args.seconds:.0f} s per run")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=110)
     return 0
