@@ -19,13 +19,13 @@ aiohttp = pytest.importorskip("aiohttp")
 pytest.importorskip("ray.serve")
 
 import listenloop  # noqa: E402
+from listenloop.protocol import CHUNK_SAMPLES  # noqa: E402
 from test_determinism import TIMING_FIELDS, signature  # noqa: E402
 from test_server import serving  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 RECORDINGS = ("front_door.wav", "kitchen.wav", "living_room.wav", "quiet_evening.wav")
-CHUNK = 6400  # samples of one 0.4 s chunk at 16 kHz
 PIECE = 1600  # 0.1 s of audio per message
 PACE_S = 0.025  # one piece per 25 ms: four times real time, so a recording takes ~5 s to send
 REPLICAS, SESSIONS_PER_REPLICA = 2, 4
@@ -116,7 +116,7 @@ async def realtime_client(url: str, name: str, go: asyncio.Event | None = None, 
     complete once every whole chunk is decided and no reply is open."""
     pcm, run = wav(name), Run("realtime", name)
     pcm16 = (np.clip(pcm, -1, 1) * 32767).astype("<i2")
-    last_chunk = len(pcm) // CHUNK - 1
+    last_chunk = len(pcm) // CHUNK_SAMPLES - 1
     go = go or _set_event()
     async with aiohttp.ClientSession() as http, http.ws_connect(f"{url}/v1/realtime") as ws:
         assert (await ws.receive_json(timeout=60))["type"] == "session.created"
@@ -334,6 +334,7 @@ def test_a_killed_replica_closes_its_clients_and_the_others_finish(cluster, expe
         [(r.protocol, r.recording, r.complete) for r in runs]
     for r in cut:  # closed by the server side within the deadline, never left hanging
         assert r.closed_at is not None and r.closed_at - killed_at < CLOSE_DEADLINE_S, (r.protocol, r.recording)
+        assert r.close_code == 1006  # Ray's proxy drops the connection without a close frame (docs/SERVE.md)
         assert r.events == expected[key(r)][:len(r.events)]  # what came before the close was right
     for r in whole:  # untouched
         assert r.events == expected[key(r)], (r.protocol, r.recording)
