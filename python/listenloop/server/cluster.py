@@ -119,8 +119,10 @@ class ListenloopServer:
         await channel.refuse(refusal.status, error["code"], error["message"])
         return False
 
-    def __del__(self):
-        self.runtime.close()
+    def __del__(self):  # (Ray calls it when it stops the replica)
+        runtime = getattr(self, "runtime", None)  # None when the model failed to load
+        if runtime is not None:
+            runtime.close()
 
 
 def replica_resources(profile: str) -> dict:
@@ -201,10 +203,15 @@ def serve_replicas(host: str, port: int, replicas: int, min_replicas: int | None
                 api_key_env=api_key_env, allowed_origins=tuple(allowed_origins),
                 allowed_hosts=(*allowed_hosts, host))
     local = ray_address is None
-    ray.init(address=ray_address, include_dashboard=False if local else None, log_to_driver=False)
+    # "local": a new Ray of this command's own, even where RAY_ADDRESS names another
+    ray.init(address="local" if local else ray_address, include_dashboard=False if local else None,
+             log_to_driver=False)
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(app, name=APP_NAME, route_prefix="/")  # returns once every replica has loaded its model
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")  # returns once every replica has loaded its model
+        except RuntimeError:
+            raise Error(f"the replicas failed to start: {_deploy_failure()}") from None
         shown = f"[{host}]" if ":" in host else host
         print(f"listenloop: serving on http://{shown}:{port} (ws://{shown}:{port}/v1/realtime, /v1/pcm) through "
               f"Ray Serve, {_replicas_shown(replicas, min_replicas, max_replicas)}; Ctrl-C to stop",
@@ -219,6 +226,14 @@ def serve_replicas(host: str, port: int, replicas: int, min_replicas: int | None
                 serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def _deploy_failure() -> str:
+    """The last line of what Ray reports for the failed deployment (the replica's error)."""
+    app = serve.status().applications.get(APP_NAME)
+    messages = [d.message for d in app.deployments.values() if d.message] if app is not None else []
+    lines = [line for line in (messages[0] if messages else "see `serve status`").splitlines() if line.strip()]
+    return lines[-1].strip()
 
 
 def _replicas_shown(replicas, min_replicas, max_replicas) -> str:
