@@ -470,7 +470,8 @@ def cmd_serve(args) -> int:
         except ImportError:
             raise Error(f"serve needs {module}: pip install 'listenloop[serve]'") from None
     from .server import serve
-    from .server.app import DRAIN_TIMEOUT_S, check_drain_timeout, check_port
+    from .server.drain import DRAIN_TIMEOUT_S, check_drain_timeout
+    from .server.state import check_port
 
     check_port(args.port)
     drain_timeout = DRAIN_TIMEOUT_S if args.drain_timeout is None else args.drain_timeout
@@ -480,8 +481,9 @@ def cmd_serve(args) -> int:
     stop, stop_now = threading.Event(), threading.Event()
     # The first signal drains (sessions get --drain-timeout to end), a second one closes them now;
     # either way the connections are closed properly before the process ends.
-    STOP.grace_s = drain_timeout + SERVE_STOP_S
-    STOP.hurry_s = SERVE_STOP_S
+    stop_s = SERVE_STOP_S if args.replicas is None else SERVE_REPLICAS_STOP_S
+    STOP.grace_s = drain_timeout + stop_s
+    STOP.hurry_s = stop_s
     STOP.on_request(lambda: (stop_now if stop.is_set() else stop).set())
     options = dict(package=args.package, profile=args.profile, max_sessions=args.max_sessions,
                    api_key_env=args.api_key_env, allowed_origins=tuple(args.allow_origin),
@@ -492,11 +494,15 @@ def cmd_serve(args) -> int:
                 raise Error(f"--{name.replace('_', '-')} needs --replicas N")
         serve(host=args.host, port=args.port, stop_now=stop_now, drain_timeout_s=drain_timeout, **options)
     else:
-        _serve_replicas(args, options)
+        _serve_replicas(args, dict(options, stop_now=stop_now, drain_timeout_s=drain_timeout))
     return 128 + STOP.signum if STOP.requested else 0
 
 
 def _serve_replicas(args, options: dict) -> None:
+    # The command stops on SIGTERM itself (a drain, then exit 143). Ray's C++ handler for it in
+    # the driver would print a stack trace and abort the process in the middle of the drain;
+    # read when Ray is imported, and passed on to the processes of a Ray started here.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     try:
         import ray.serve  # noqa: F401 - only to give a clear message when the extra is missing
     except ImportError:
@@ -528,9 +534,12 @@ COMMANDS = {"serve": cmd_serve, "run": cmd_run, "listen": cmd_listen, "devices":
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STOP_POLL_S = 0.1  # how often a command's waits look at STOP
 STOP_GRACE_S = 0.3  # the worker's time to leave its loop (it looks every STOP_POLL_S); then the process exits anyway
-# serve: after its drain, the time to close every connection and stop (server.app.CLOSE_TIMEOUT_S
+# serve: after its drain, the time to close every connection and stop (server.drain.CLOSE_TIMEOUT_S
 # for the clients, then the runtime's threads); then the process exits anyway
 SERVE_STOP_S = 5.0
+# serve --replicas: after the replicas' drain, the time for Ray to delete the application (its
+# replicas close their connections within 2 * CLOSE_TIMEOUT_S) and to stop a Ray it started
+SERVE_REPLICAS_STOP_S = 30.0
 FLUSH_WAIT_S = 0.2  # output to a reader that does not read is given up on
 
 

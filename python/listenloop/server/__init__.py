@@ -12,7 +12,7 @@ its own audio.
 """
 from __future__ import annotations
 
-from .app import DEFAULT_HOST, DEFAULT_PORT, check_bind, create_app, serve
-from .state import is_loopback
+from .app import DEFAULT_HOST, DEFAULT_PORT, create_app, serve
+from .state import check_bind, is_loopback
 
 __all__ = ["create_app", "serve", "check_bind", "is_loopback", "DEFAULT_HOST", "DEFAULT_PORT"]

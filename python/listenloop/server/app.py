@@ -1,72 +1,44 @@
 """The aiohttp application: routes, static files, serving and stopping. The checks and the
-shared state are state.py's; the handlers import that, never this module."""
+shared state are state.py's, the drain drain.py's; the handlers import those, never this module."""
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import os
-import re
-import stat
 import sys
 import threading
-from pathlib import Path
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from ..errors import Error
+from .drain import CLOSE_TIMEOUT_S, DRAIN_TIMEOUT_S, STOP_POLL_S, check_drain_timeout, close_sessions, drain_sessions
 from .health import healthz, metrics, readyz
 from .metrics import ServerMetrics
 from .pcm import pcm_handler
 from .realtime import realtime_handler
-from .state import STATE, ServerState, guard, is_loopback
+from .state import (IDLE_TIMEOUT_S, MAX_FRAME_BYTES, SEND_TIMEOUT_S, STATE, STATIC_DIR, ServerState, api_key_from_env,
+                    check_bind, check_port, guard, static_path)
 
 log = logging.getLogger("listenloop.server")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
-STATIC_DIR = Path(__file__).resolve().parent / "static"
-STOP_POLL_S = 0.1  # how often serve() looks at its stop event and a drain at its sessions
-DRAIN_TIMEOUT_S = 10.0  # --drain-timeout: open sessions' time to end once the server is stopping
-# After the drain: each connection's time to take its going-away message and close frame, and
-# the handlers' time to end, before the server stops without them.
-CLOSE_TIMEOUT_S = 2.0
-SHUTDOWN_REASON = "server shutting down"
 # TCP connections beyond the sessions: room to answer a refusal (503), /healthz and the page
 # while every session is taken; past that a new connection is closed as it opens.
 SPARE_CONNECTIONS = 4
 # A connection that has not become a WebSocket session this long after it opened (a slow or
 # half-open client, an idle keep-alive) is closed: plain HTTP requests take milliseconds.
 NON_SESSION_TIMEOUT_S = 10.0
-_STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # one plain file name, no path
 
 
 # -- routes -----------------------------------------------------------------------------
-
-def _static_file(state: ServerState, name: str) -> Path | None:
-    """The regular file `name` directly inside the static folder, or None. Names with path
-    separators, dot-dot or a leading dot, and symbolic links, are never served."""
-    if not _STATIC_NAME.fullmatch(name) or ".." in name:
-        return None
-    folder = state.static_dir
-    path = folder / name
-    try:
-        info = os.lstat(path)
-        real_folder = folder.resolve(strict=True)
-    except (OSError, ValueError):
-        return None
-    if not stat.S_ISREG(info.st_mode) or path.resolve().parent != real_folder:
-        return None
-    return path
-
 
 async def static_file(request: web.Request) -> web.StreamResponse:
     refusal = guard(request, counts=False)
     if refusal is not None:
         return refusal
     name = request.match_info.get("name", "index.html")
-    path = _static_file(request.app[STATE], name)
+    path = static_path(request.app[STATE], name)
     if path is None:
         raise web.HTTPNotFound(text=json.dumps({"error": {"code": "not_found", "message": "no such file"}}),
                                content_type="application/json")
@@ -77,11 +49,12 @@ async def static_file(request: web.Request) -> web.StreamResponse:
 
 
 async def _on_shutdown(app: web.Application) -> None:
-    await close_sessions(app)
+    await close_sessions(app[STATE])
 
 
 def create_app(runtime, *, api_key: str | None = None, allowed_origins=(), allowed_hosts=(), max_sessions: int = 8,
-               max_frame_bytes: int = 1_048_576, idle_timeout_s: float = 60.0, send_timeout_s: float = 10.0,
+               max_frame_bytes: int = MAX_FRAME_BYTES, idle_timeout_s: float = IDLE_TIMEOUT_S,
+               send_timeout_s: float = SEND_TIMEOUT_S,
                static_dir=None, metrics_registry=None) -> web.Application:
     """The server's aiohttp application over one loaded `runtime`.
 
@@ -138,19 +111,7 @@ def _close_unless_session(state: ServerState, transport) -> None:
         transport.abort()  # (a no-op if it is closed already)
 
 
-# -- binding ----------------------------------------------------------------------------
-
-def check_bind(host: str, api_key: str | None) -> None:
-    """Refuse (Error) to listen beyond this machine without an API key."""
-    if not is_loopback(host) and not api_key:
-        raise Error(f"refusing to listen on {host!r} without an API key: set one in an environment variable "
-                    "and pass --api-key-env VAR (or bind to 127.0.0.1)")
-
-
-def check_port(port) -> None:
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise Error(f"--port must be a TCP port number from 1 to 65535, got {port!r}")
-
+# -- serving ----------------------------------------------------------------------------
 
 class AccessLog(AbstractAccessLogger):
     """One line per request (with -v), the API key of a `?key=` URL replaced by ***."""
@@ -164,15 +125,6 @@ class AccessLog(AbstractAccessLogger):
         if "key" in url.query:
             url = url.update_query(key="***")
         self.logger.info('%s "%s %s" %d %.3f s', request.remote, request.method, url, response.status, time)
-
-
-def api_key_from_env(name: str | None) -> str | None:
-    if name is None:
-        return None
-    value = os.environ.get(name, "")
-    if not value.strip():
-        raise Error(f"--api-key-env {name}: the environment variable {name} is not set or empty")
-    return value.strip()
 
 
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, package=None, profile: str = "cpu",
@@ -198,11 +150,6 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, package=None, prof
         runtime.close()
 
 
-def check_drain_timeout(seconds) -> None:
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= 3600:
-        raise Error(f"--drain-timeout must be a number of seconds from 0 to 3600, got {seconds!r}")
-
-
 async def start(app: web.Application, host: str, port: int, *, non_session_timeout_s: float = NON_SESSION_TIMEOUT_S,
                 **runner_options) -> web.AppRunner:
     """Serve `app` on host:port as `listenloop serve` does: access log without keys, TCP
@@ -222,24 +169,8 @@ async def start(app: web.Application, host: str, port: int, *, non_session_timeo
 # -- stopping ---------------------------------------------------------------------------
 
 async def drain(app: web.Application, timeout_s: float, now=lambda: False) -> None:
-    """Stop taking sessions and let the open ones end: from now on a WebSocket upgrade gets
-    503 `draining` and /readyz 503; sessions run on (a client that ends its input gets every
-    event up to Finished) until none is left, `timeout_s` passed or `now()` is true; then
-    each one left is closed with 1001 (going away)."""
-    state = app[STATE]
-    state.draining = True
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while state.reserved and not now() and loop.time() < deadline:
-        await asyncio.sleep(STOP_POLL_S)
-    await close_sessions(app)
-
-
-async def close_sessions(app: web.Application) -> None:
-    """Close every open connection with 1001 and the reason SHUTDOWN_REASON, each client
-    first told why in its own protocol."""
-    connections = list(app[STATE].connections)
-    await asyncio.gather(*(c.going_away(SHUTDOWN_REASON, CLOSE_TIMEOUT_S) for c in connections))
+    """drain_sessions (drain.py) of the app's sessions."""
+    await drain_sessions(app[STATE], timeout_s, now)
 
 
 async def _serve_until(app: web.Application, host: str, port: int, name: str, stop: threading.Event,

@@ -33,45 +33,43 @@ class ServerMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, runtime=None):
         self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
-        self.sessions_open = Gauge("listenloop_sessions_open", "WebSocket sessions open now", registry=r)
-        self.sessions_served = Counter("listenloop_sessions_served", "WebSocket sessions opened", registry=r)
-        self.sessions_refused = Counter(
-            "listenloop_sessions_refused", "Connections refused: reason=session_limit (--max-sessions), "
-            "connection_limit (TCP connections past the cap), draining (the server is stopping)",
-            ["reason"], registry=r)
-        self.chunks_decided = Counter("listenloop_chunks_decided",
-                                      "0.4 s chunks decided (Decision events delivered)", registry=r)
-        self.replies = Counter("listenloop_replies", "Replies delivered to the end (ReplyEnded events)",
-                               registry=r)
-        self.first_reply_token = Histogram(
-            "listenloop_first_reply_token_seconds",
+        new = self._new
+        self.sessions_open = new(Gauge, "listenloop_sessions_open", "WebSocket sessions open now")
+        self.sessions_served = new(Counter, "listenloop_sessions_served", "WebSocket sessions opened")
+        self.sessions_refused = new(
+            Counter, "listenloop_sessions_refused", "Connections refused: reason=session_limit (--max-sessions), "
+            "connection_limit (TCP connections past the cap), draining (the server is stopping)", ["reason"])
+        self.chunks_decided = new(Counter, "listenloop_chunks_decided",
+                                  "0.4 s chunks decided (Decision events delivered)")
+        self.replies = new(Counter, "listenloop_replies", "Replies delivered to the end (ReplyEnded events)")
+        self.first_reply_token = new(
+            Histogram, "listenloop_first_reply_token_seconds",
             "Time to first reply token (TTFR) as bench/serve_load.py measures it, on the server: from "
             "receiving the audio frame that completes the chunk a reply answers to sending the reply's "
-            "first text (TextDelta)", buckets=LATENCY_BUCKETS_S, registry=r)
-        self.dropped_audio = Counter("listenloop_dropped_audio_samples",
-                                     "16 kHz audio samples that never reached the model (AudioDropped events)",
-                                     registry=r)
-        self.dropped_events = Counter("listenloop_dropped_events",
-                                      "Events dropped for clients that read too slowly (EventsDropped events)",
-                                      registry=r)
-        self.context_resets = Counter("listenloop_context_resets", "Context rebuilds (ContextReset events)",
-                                      registry=r)
-        self.model_step = Histogram(
-            "listenloop_model_step_seconds", "Model thread work per unit: kind=listen (one chunk: mel peak, "
-            "encoder, decoder step), kind=reply (one reply token)", ["kind"], buckets=STEP_BUCKETS_S,
-            registry=r)
+            "first text (TextDelta)", buckets=LATENCY_BUCKETS_S)
+        self.dropped_audio = new(Counter, "listenloop_dropped_audio_samples",
+                                 "16 kHz audio samples that never reached the model (AudioDropped events)")
+        self.dropped_events = new(Counter, "listenloop_dropped_events",
+                                  "Events dropped for clients that read too slowly (EventsDropped events)")
+        self.context_resets = new(Counter, "listenloop_context_resets", "Context rebuilds (ContextReset events)")
+        self.model_step = new(
+            Histogram, "listenloop_model_step_seconds", "Model thread work per unit: kind=listen (one chunk: "
+            "mel peak, encoder, decoder step), kind=reply (one reply token)", ["kind"], buckets=STEP_BUCKETS_S)
         for kind in ("listen", "reply"):
             self.model_step.labels(kind)  # present at zero before the first step
         for reason in ("session_limit", "connection_limit", "draining"):
             self.sessions_refused.labels(reason)
         if runtime is not None:
-            queue = Gauge("listenloop_model_queue_chunks",
-                          "Chunks waiting for the model thread, all sessions of the runtime", registry=r)
+            queue = new(Gauge, "listenloop_model_queue_chunks",
+                        "Chunks waiting for the model thread, all sessions of the runtime")
             queue.set_function(lambda: runtime.queued_chunks)
         self._counted = {"Decision": self._decision, "ReplyEnded": self._reply_ended,
                          "AudioDropped": self._audio_dropped, "EventsDropped": self._events_dropped,
                          "ContextReset": self._context_reset}
+
+    def _new(self, kind, name: str, documentation: str, labels=(), **options):
+        """One metric in this server's registry; a subclass may record it elsewhere as well."""
+        return kind(name, documentation, labels, registry=self.registry, **options)
 
     def session_opened(self) -> SessionMeter:
         self.sessions_served.inc()

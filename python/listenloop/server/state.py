@@ -1,25 +1,37 @@
 """What the server's handlers share: the runtime, the limits, the open connections, the
 metrics, and the checks made before a request is served (Host, Origin, API key, session cap,
-draining). The handlers import this module; it imports none of them."""
+draining, which static file) or before the server starts (bind address, port, API key). The
+handlers and both servers (app.py, cluster.py) import this module; it imports none of them."""
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
+import re
+import stat
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from ..errors import Error
 from .metrics import ServerMetrics
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+_STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # one plain file name, no path
+# The limits' defaults (create_app's and a Ray replica's)
+MAX_FRAME_BYTES = 1_048_576
+IDLE_TIMEOUT_S = 60.0
+SEND_TIMEOUT_S = 10.0
 
 
 class ServerState:
     """The runtime, the limits, the open connections and the metrics of one app."""
 
-    def __init__(self, runtime, *, api_key, allowed_origins, max_sessions, max_frame_bytes, idle_timeout_s,
-                 send_timeout_s, static_dir, allowed_hosts=(), metrics: ServerMetrics | None = None):
+    def __init__(self, runtime, *, api_key, allowed_origins, max_sessions, max_frame_bytes=MAX_FRAME_BYTES,
+                 idle_timeout_s=IDLE_TIMEOUT_S, send_timeout_s=SEND_TIMEOUT_S, static_dir=STATIC_DIR,
+                 allowed_hosts=(), metrics: ServerMetrics | None = None):
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
         if max_frame_bytes < 1024:
@@ -135,6 +147,46 @@ def guard(request: web.Request, *, counts: bool, needs_key: bool = True) -> web.
         return json_error(503, f"the server is at its session limit ({state.max_sessions}); try again later",
                           "session_limit")
     return None
+
+
+def static_path(state: ServerState, name: str) -> Path | None:
+    """The regular file `name` directly inside the static folder, or None. Names with path
+    separators, dot-dot or a leading dot, and symbolic links, are never served."""
+    if not _STATIC_NAME.fullmatch(name) or ".." in name:
+        return None
+    folder = state.static_dir
+    path = folder / name
+    try:
+        info = os.lstat(path)
+        real_folder = folder.resolve(strict=True)
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISREG(info.st_mode) or path.resolve().parent != real_folder:
+        return None
+    return path
+
+
+# -- checks made before the server starts -----------------------------------------------
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Refuse (Error) to listen beyond this machine without an API key."""
+    if not is_loopback(host) and not api_key:
+        raise Error(f"refusing to listen on {host!r} without an API key: set one in an environment variable "
+                    "and pass --api-key-env VAR (or bind to 127.0.0.1)")
+
+
+def check_port(port) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise Error(f"--port must be a TCP port number from 1 to 65535, got {port!r}")
+
+
+def api_key_from_env(name: str | None) -> str | None:
+    if name is None:
+        return None
+    value = os.environ.get(name, "")
+    if not value.strip():
+        raise Error(f"--api-key-env {name}: the environment variable {name} is not set or empty")
+    return value.strip()
 
 
 def is_loopback(host: str) -> bool:
