@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ PACE_S = 0.025  # one piece per 25 ms: four times real time, so a recording take
 REPLICAS, SESSIONS_PER_REPLICA = 2, 4
 KILL_AFTER_S = 1.5  # into the streaming, when one replica is killed
 CLOSE_DEADLINE_S = 2.0  # its clients must see their connection close within this
+METRICS_REPORT_MS = 500  # how often Ray's workers report their metrics here (Ray's default: 10 s)
+METRICS_WAIT_S = 60.0  # for Ray's metrics endpoint to show what the clients were sent
+DRAIN_APP, DRAIN_PREFIX, DRAIN_S = "listenloop-drain", "/drain", 3.0
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -232,7 +236,8 @@ def ray_serve():
     from ray import serve
 
     ray.init(num_cpus=2 * REPLICAS, include_dashboard=False, log_to_driver=False,
-             object_store_memory=80 * 2**20)
+             object_store_memory=80 * 2**20, _metrics_export_port=_free_port(),
+             _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS})
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -253,6 +258,37 @@ def cluster(ray_serve):
     serve.delete(APP_NAME)
 
 
+def ray_metrics(name: str, app: str) -> dict:
+    """{replica tag: value} of a listenloop metric on Ray's metrics endpoint (ray_<name>),
+    summed over its other labels, for the replicas of application `app`."""
+    import urllib.request
+
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    (node,) = ray.nodes()
+    with urllib.request.urlopen(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == f"ray_{name}" and sample.labels.get("application") == app:
+                found[sample.labels["replica"]] = found.get(sample.labels["replica"], 0) + sample.value
+    return found
+
+
+def settled_metrics(names, app: str) -> dict:
+    """{name: {replica: value}} once two reads a few report intervals apart agree."""
+    last = None
+    for _ in range(int(METRICS_WAIT_S / (4 * METRICS_REPORT_MS / 1000))):
+        now = {name: ray_metrics(name, app) for name in names}
+        if now == last:
+            return now
+        last = now
+        time.sleep(4 * METRICS_REPORT_MS / 1000)
+    raise AssertionError(f"Ray's metrics did not settle: {last}")
+
+
 def replica_actors() -> list:
     """The live replica actors of the application, through Ray's named actors."""
     import ray
@@ -266,7 +302,13 @@ def replica_actors() -> list:
 
 # -- tests -----------------------------------------------------------------------------------
 
+COUNTED = ("listenloop_sessions_served_total", "listenloop_replies_total", "listenloop_chunks_decided_total")
+
+
 def test_eight_clients_on_two_replicas_get_the_single_process_events(cluster, expected):
+    from listenloop.server.cluster import APP_NAME
+
+    before = settled_metrics(COUNTED, APP_NAME)
     runs, _ = run(_all_open_then_stream(cluster))
     for r in runs:
         assert not isinstance(r, BaseException), r
@@ -275,6 +317,19 @@ def test_eight_clients_on_two_replicas_get_the_single_process_events(cluster, ex
     # what the comparison covers: replies and, on /v1/realtime, every listenloop.* event
     assert any(e.get("text") == "Someone is at the door." for r in runs for e in r.events)
     assert any(e["type"] == "listenloop.decision" for r in runs if r.protocol == "realtime" for e in r.events)
+
+    # each replica counted what its own clients were sent, on Ray's metrics endpoint
+    def sent(kinds):
+        return sum(1 for r in runs for e in r.events if e.get("event", e.get("type")) in kinds)
+
+    after = settled_metrics(COUNTED, APP_NAME)
+    served = {replica: n - before["listenloop_sessions_served_total"].get(replica, 0)
+              for replica, n in after["listenloop_sessions_served_total"].items()}
+    assert sorted(served.values()) == [0] * (len(served) - REPLICAS) + [SESSIONS_PER_REPLICA] * REPLICAS, served
+    for name, kinds in (("listenloop_replies_total", ("ReplyEnded", "response.done")),
+                        ("listenloop_chunks_decided_total", ("Decision", "listenloop.decision"))):
+        delta = sum(after[name].values()) - sum(before[name].values())
+        assert delta == sent(kinds) > 0, name
 
 
 async def _past_the_cap(url):
@@ -343,6 +398,13 @@ def test_a_killed_replica_closes_its_clients_and_the_others_finish(cluster, expe
 
 async def _page_and_checks(url, port):
     async with aiohttp.ClientSession() as http:
+        # the probes of `listenloop serve`, each answered by the replica the router picks
+        health = await http.get(f"{url}/healthz")
+        assert health.status == 200 and await health.json() == {"status": "ok"}
+        ready = await http.get(f"{url}/readyz")
+        assert ready.status == 200 and await ready.json() == {"status": "ready"}
+        assert (await http.get(f"{url}/readyz", headers={"Origin": "https://evil.example"})).status == 403
+        assert (await http.get(f"{url}/metrics")).status == 404  # Ray's metrics endpoint has them
         page = await http.get(f"{url}/")
         assert page.status == 200 and "<html" in (await page.text()).lower()
         assert (await http.get(f"{url}/static/.hidden")).status == 404
@@ -358,6 +420,87 @@ async def _page_and_checks(url, port):
 
 def test_the_page_and_the_checks_of_the_single_process_server(cluster):
     run(_page_and_checks(cluster, int(cluster.rsplit(":", 1)[1])))
+
+
+async def _drain(url: str, notice, stop) -> tuple:
+    """A /v1/realtime and a /v1/pcm session open while the replica drains, then is stopped."""
+    import ray
+
+    async with aiohttp.ClientSession() as http:
+        realtime = await http.ws_connect(f"{url}/v1/realtime")
+        assert (await realtime.receive_json(timeout=60))["type"] == "session.created"
+        pcm = await http.ws_connect(f"{url}/v1/pcm")
+        assert (await pcm.receive_json(timeout=60))["event"] == "Ready"
+        await asyncio.to_thread(ray.get, notice.drain.remote())
+        for _ in range(300):  # the replica follows the notice at once; generous for a busy machine
+            ready = await http.get(f"{url}/readyz")
+            if ready.status == 503:
+                break
+            await asyncio.sleep(0.1)
+        assert ready.status == 503 and await ready.json() == {"status": "unavailable", "reason": "draining"}
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:  # no new sessions ...
+            await http.ws_connect(f"{url}/v1/pcm")
+        assert refused.value.status == 503
+        await pcm.send_bytes(np.zeros(CHUNK_SAMPLES, "<f4").tobytes())  # ... the open ones run on
+        decision = await pcm.receive_json(timeout=60)
+        while decision["event"] != "Decision":
+            decision = await pcm.receive_json(timeout=60)
+        stopping = asyncio.create_task(asyncio.to_thread(stop))
+        closed = await asyncio.gather(_closed(realtime), _closed(pcm))
+        await asyncio.wait_for(stopping, 60)
+    return closed
+
+
+async def _closed(ws) -> tuple:
+    """(events, close code, close reason) once the server closed `ws`."""
+    events = []
+    while (msg := await ws.receive(timeout=60)).type == aiohttp.WSMsgType.TEXT:
+        events.append(json.loads(msg.data))
+    return events, ws.close_code, msg.extra if msg.type == aiohttp.WSMsgType.CLOSE else None
+
+
+def test_stopping_drains_the_replicas_and_closes_what_is_left_with_1001(ray_serve):
+    from ray import serve
+
+    from listenloop.server.cluster import build, new_drain_notice, stop_application
+
+    notice = new_drain_notice(DRAIN_APP)
+    serve.run(build(1, max_sessions=4, drain_timeout_s=DRAIN_S), name=DRAIN_APP, route_prefix=DRAIN_PREFIX)
+    try:
+        (realtime_events, *realtime_close), (pcm_events, *pcm_close) = run(_drain(
+            f"{ray_serve}{DRAIN_PREFIX}", notice, lambda: stop_application(DRAIN_APP, notice)))
+    finally:
+        serve.delete(DRAIN_APP)
+    # the Realtime client is told why in its protocol, then both get 1001 (not Ray's 1006)
+    assert realtime_events[-1]["type"] == "error", realtime_events[-3:]
+    assert realtime_events[-1]["error"]["code"] == "server_shutting_down"
+    assert realtime_close == pcm_close == [1001, "server shutting down"]
+    assert not [e for e in pcm_events if e["event"] in ("Error", "Fault")]
+
+
+async def _sigterm(server) -> tuple:
+    await server.ready(timeout=150)  # a Ray of its own, and a replica that loads the model
+    async with aiohttp.ClientSession() as http:
+        realtime = await http.ws_connect(f"{server.url}/v1/realtime")
+        assert (await realtime.receive_json(timeout=60))["type"] == "session.created"
+        server.signal(signal.SIGTERM)
+        closed = await _closed(realtime)
+    return closed, await server.exit_code(60)
+
+
+@pytest.mark.timeout(300)  # a Ray of its own starts and stops
+def test_sigterm_of_serve_replicas_drains_then_closes_with_1001_and_exits_143():
+    from test_server_ops import ServeProcess
+
+    server = ServeProcess("--replicas", "1", "--drain-timeout", "1")
+    try:
+        (events, *close), code = run(_sigterm(server), timeout=240)
+    finally:
+        err = server.close()
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "server_shutting_down", events[-3:]
+    assert close == [1001, "server shutting down"]
+    assert code == 143, err
+    assert "Traceback" not in err
 
 
 # -- without a running Ray -------------------------------------------------------------------
@@ -408,7 +551,7 @@ def test_the_single_process_server_never_imports_ray():
     import sys
 
     code = ("import sys, listenloop, listenloop.cli\n"
-            "from listenloop.server import app, connection, pcm, realtime, transport\n"
+            "from listenloop.server import app, connection, drain, health, metrics, pcm, realtime, state, transport\n"
             "listenloop.cli._parser()\n"
             "print(sorted(m for m in ('ray', 'fastapi', 'starlette') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
