@@ -106,13 +106,14 @@ class ListenloopServer:
     async def _follow_drain_notice(self) -> None:
         """Drain when the application's DrainNotice says so; without one (an application that
         `serve run` or a config file started) Ray's own shutdown is all there is."""
-        import ray
-
         try:
             notice = ray.get_actor(notice_name(serve.get_replica_context().app_name), namespace=NOTICE_NAMESPACE)
         except ValueError:
             return
-        await asyncio.wrap_future(notice.draining.remote().future())
+        try:
+            await asyncio.wrap_future(notice.draining.remote().future())
+        except ray.exceptions.RayActorError:  # the command ended without stopping (killed): Ray's shutdown only
+            return
         hurry = notice.closing.remote().future()
         await drain_sessions(self.state, self.drain_timeout_s, hurry.done)
 
