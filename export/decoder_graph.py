@@ -278,7 +278,7 @@ class ExportDecoder(nn.Module):
 
     def _slots_forward(self, inputs_embeds, past_lengths, new_lengths, logits_index, *cache):
         """slots: inputs_embeds [S,STEP,H], past_lengths [S], new_lengths [S], logits_index [S]
-        (a row of each slot's STEP), past_key/value.{i} [S,KVH,C+1,D] -> logits [S,V],
+        (a row of each slot's STEP), past_key/value.{i} [S,KVH,C+STEP,D] -> logits [S,V],
         present_key/value.{i} (the same buffers)."""
         S, T, H = inputs_embeds.shape
         positions = past_lengths[:, None] + torch.arange(T, device=inputs_embeds.device)[None, :]  # [S, T]

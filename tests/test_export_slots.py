@@ -38,7 +38,7 @@ class SlotRunner:
         dec = package.decoder
         self.session = _session(package.slot_decoder_path)
         self.layers, self.vocab, self.hidden = dec["num_layers"], dec["vocab_size"], dec["hidden_size"]
-        self.cache = np.zeros((2 * self.layers, SLOTS, dec["num_kv_heads"], CAPACITY + 1, dec["head_dim"]), np.float32)
+        self.cache = np.zeros((2 * self.layers, SLOTS, dec["num_kv_heads"], CAPACITY + STEP, dec["head_dim"]), np.float32)
         self.embeds = np.zeros((SLOTS, STEP, self.hidden), np.float32)
 
     def run(self, past, new, index):

@@ -63,9 +63,9 @@ class Model:
         if self.slots:
             from .slot_pool import SlotPool
 
-            if available is not None and self.slots * (self.capacity + 1) * per_token > available:
+            if available is not None and self.slots * (self.capacity + STEP) * per_token > available:
                 raise DeviceError(f"profile {self.profile.name!r}: {self.slots} slots of {self.capacity} tokens need "
-                                  f"{self.slots * (self.capacity + 1) * per_token / 1e9:.1f} GB of KV cache, "
+                                  f"{self.slots * (self.capacity + STEP) * per_token / 1e9:.1f} GB of KV cache, "
                                   f"{available / 1e9:.1f} GB are available; lower \"slots\" or max_context")
             self.slot_pool = SlotPool(self, self.slots)
 
@@ -158,10 +158,10 @@ class Model:
         ids = [t["KEEP_SILENCE"], t["AUDIO_BEGIN"], *[t["PAD"]] * VECTORS_PER_CHUNK, t["ASSISTANT"]]
         embeds = np.array(self.package.embeddings()[ids], dtype=io)
         embeds[2:2 + VECTORS_PER_CHUNK] = audio[0].astype(io)
-        if self.slots:  # one slot: a cached row, this step's 13 and the scratch row
+        if self.slots:  # one slot: a cached row, this step's 13 and the 13 scratch rows
             feeds = {"inputs_embeds": embeds[None], "past_lengths": np.array([1]), "new_lengths": np.array([STEP]),
                      "logits_index": np.array([STEP - 1])}
-            past = np.zeros((1, dec["num_kv_heads"], STEP + 2, dec["head_dim"]), io)
+            past = np.zeros((1, dec["num_kv_heads"], 1 + 2 * STEP, dec["head_dim"]), io)
         else:
             feeds = {"inputs_embeds": embeds[None], "position_ids": np.arange(STEP, dtype=np.int64)[None] + 1,
                      "logits_index": np.zeros((1,), np.int64)}

@@ -498,7 +498,7 @@ def _expected_decoder_io(package: ModelPackage) -> tuple[dict, dict]:
 
 
 def _expected_slot_io(package: ModelPackage) -> tuple[dict, dict]:
-    """The slot decoder's inputs/outputs: S slots of STEP rows, caches [S, KVH, C + 1, D]."""
+    """The slot decoder's inputs/outputs: S slots of STEP rows, caches [S, KVH, C + 13, D]."""
     dec = package.decoder
     io, i64 = _ORT_TYPES[dec["io_dtype"]], _ORT_TYPES["int64"]
     inputs = {"inputs_embeds": (io, [None, STEP, dec["hidden_size"]]), "past_lengths": (i64, [None]),

@@ -2,7 +2,7 @@
 (docs/DESIGN.md, "Fixed-slot batching").
 
 `SlotPool` (one per Model, when the profile sets `"slots"`) owns, for every layer, one key and
-one value buffer `[S, KVH, C + 1, D]` and the staging of the slot decoder (export/slot_graph.py):
+one value buffer `[S, KVH, C + 13, D]` and the staging of the slot decoder (export/slot_graph.py):
 `[S, 13, H]` input rows, per-slot past length, new length and logits row, and `[S, V]` logits.
 Every binding is made once: shapes and addresses never change, which is what a CUDA graph
 capture needs. `step()` runs one call; slots that staged nothing run with no real rows and
@@ -39,7 +39,7 @@ class SlotPool:
     def __init__(self, model, slots: int):
         m = self.model = model
         self.slots = slots
-        self.rows = m.capacity + 1  # the last row takes the rows that are not real (slot_graph.py)
+        self.rows = m.capacity + STEP  # the last 13 take the rows that are not real (slot_graph.py)
         self.io_dtype = m.io_dtype
         self.shape = (slots, m.kv_heads, self.rows, m.head_dim)
         self.bytes_per_slot = 2 * m.layers * m.kv_heads * self.rows * m.head_dim * self.io_dtype.itemsize
@@ -112,8 +112,8 @@ class SlotPool:
                     self.new_lengths[slot] = 0
                     self._clear(slot)
                     return slot, self._generation[slot]
-        raise CapacityError(f"all {self.slots} slots of this model are in use (profile {self.model.profile.name!r}, "
-                            f"\"slots\": {self.slots}); close a session first, or use a profile with more slots")
+        raise CapacityError(f"no free KV-cache slot: profile {self.model.profile.name!r} has \"slots\": {self.slots}, "
+                            "every one in use; close a session first, or use a profile with more slots")
 
     def release(self, slot: int, generation: int) -> None:
         with self._lock:
@@ -211,7 +211,7 @@ class SlotCache:
 
     @property
     def array(self):
-        """This slot's buffers [2 * layers, KVH, C + 1, D] (a view), or None on a device."""
+        """This slot's buffers [2 * layers, KVH, C + 13, D] (a view), or None on a device."""
         return None if self._pool.array is None else self._pool.array[:, self.slot]
 
     def run(self, T: int):

@@ -17,7 +17,7 @@ import socket
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..errors import Error
+from ..errors import CapacityError, Error
 
 log = logging.getLogger("listenloop.server")
 
@@ -83,6 +83,10 @@ class Connection:
         try:
             try:
                 self.open_session(**self.policy)
+            except CapacityError as exc:  # every slot of the model's shared KV cache is taken
+                from .app import json_error
+
+                return json_error(503, f"{exc}; try again later", "session_limit")
             except Error as exc:
                 from .app import json_error
 
