@@ -36,7 +36,10 @@ SLOT_GRAPH_ID = 1  # the CUDA graph id of the one captured step
 
 
 class SlotPool:
-    def __init__(self, model, slots: int):
+    """`graph_id`: the CUDA graph id of this pool's step (pools of other sizes on one session,
+    as a benchmark makes them, each need their own: a graph is replayed at its captured shapes)."""
+
+    def __init__(self, model, slots: int, graph_id: int = SLOT_GRAPH_ID):
         m = self.model = model
         self.slots = slots
         self.rows = m.capacity + STEP  # the last 13 take the rows that are not real (slot_graph.py)
@@ -69,7 +72,7 @@ class SlotPool:
             import onnxruntime as ort
 
             options = ort.RunOptions()
-            options.add_run_config_entry("gpu_graph_id", str(SLOT_GRAPH_ID))
+            options.add_run_config_entry("gpu_graph_id", str(graph_id))
         self._binder = Binder(m.decoder, options)
         self._staging = _DeviceStaging(self, self._device) if m.cuda_graphs else None
         self._bind(pointers)
