@@ -26,23 +26,26 @@ import weakref
 
 import numpy as np
 
+from .protocol import STEP
+
 ONNX_FLOAT, ONNX_INT32, ONNX_INT64, ONNX_FLOAT16 = 1, 6, 7, 10  # onnx.TensorProto element types
 # CUDA graph id of each captured step kind (T) of a per-stream gqa graph: the listening step
 # and the reply token.
-from .protocol import STEP
-
 _CAPTURED_STEPS = {STEP: 1, 1: 2}
 
 
 def drive(steps, make_step=None):
-    """Run the generator `steps` to its end and return its value; `make_step()` runs each shared
-    step it waits for. A failed step is raised inside the generator, where the decoder call would
-    have raised, so the stream's state stays as it was before that call."""
+    """Run the generator `steps` to its end and return its value; `make_step()` makes each shared
+    step it waits for (None: a cache that never waits). A failed step is raised inside the
+    generator, where the decoder call would have raised, so the stream's state stays as it was
+    before that call."""
     while True:
         try:
             next(steps)
         except StopIteration as done:
             return done.value
+        if make_step is None:
+            raise RuntimeError("a stream waited for a shared decoder step, but its cache makes none")
         try:
             make_step()
         except BaseException as exc:  # noqa: BLE001 - re-raised through the generator
