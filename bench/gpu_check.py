@@ -29,9 +29,19 @@ and what really ran: the providers of both graphs, whether CUDA graphs are on (M
 the KV cache device, and every warning the runtime logged (a CUDA profile falls back to CPU with
 one). Counts (chunks, reply rounds, steps) are cut to fit --cell-seconds after a warm-up step.
 
+Streams per call (`streams`, per precision the slot decoder is exported at: fp32, fp16): the
+package also gets the slot decoder (`--slots`), and one Model on the first profile, with the
+slot decoder and a capacity of --streams-context, runs listenloop.benchmarks.slots for each of
+--stream-counts streams (a pool of that many slots, every chunk arriving at once, each encoded
+alone, one shared listening step, one scripted reply per round):
+    streams_real_time         the most streams kept in real time: p99 TTFR (arrival -> first reply
+                              token) <= 60 ms and every round's work <= 0.4 s; 0: none
+    counts[]                  per count: ttfr_ms, round_ms, listening_step_ms (medians and p99)
+
 Top level: "gpu" is true when a CUDA session really runs on this machine; "complete" is true only
 when every cell was measured on CUDAExecutionProvider (both graphs) and got the CUDA graphs its
-profile asks for. On a machine without CUDA the same code runs on the provider it falls back to.
+profile asks for (the streams section says where it ran in its own "ran"). On a machine without
+CUDA the same code runs on the provider it falls back to.
 """
 from __future__ import annotations
 
@@ -49,6 +59,7 @@ import sys
 import time
 from pathlib import Path
 
+from listenloop.package import SLOT_PRECISIONS
 from listenloop.protocol import PRECISIONS
 
 CUDA = "CUDAExecutionProvider"
@@ -60,6 +71,8 @@ FIGURES = ("ttfr_p50_ms", "ttfr_end_to_end_p50_ms", "listening_step_ms", "encode
 FULL = {"chunks": 40, "rounds": 8, "reply_tokens": 32, "context_steps": 10, "session_chunks": 10, "cell_seconds": 30}
 QUICK = {"chunks": 10, "rounds": 3, "reply_tokens": 4, "context_steps": 3, "session_chunks": 5, "cell_seconds": 20}
 LOAD_SECONDS = {"real": 90, "tiny": 30}  # allowance for the model load of a cell, on top of cell_seconds
+STREAM_COUNTS = "1,8,32,64,128,256"
+CHUNK_SECONDS_OF_MELS = 0.4 * 64  # 64 chunks of synthetic audio for the streams runs
 
 
 def one_line(exc: BaseException) -> str:
@@ -170,7 +183,43 @@ def job_export(spec: dict, result: dict, save) -> None:
 
     # int4 with float16 activations and KV: CUDA's GroupQueryAttention runs float16 only
     export_package(spec["checkpoint"], spec["out"], precision=spec["precision"], max_context=spec["max_context"],
-                   attention="gqa", kv_dtype="float16" if spec["precision"] == "int4" else None)
+                   attention="gqa", kv_dtype="float16" if spec["precision"] == "int4" else None,
+                   slots=spec.get("slots", False))
+
+
+def job_streams(spec: dict, result: dict, save) -> None:
+    """The slot decoder's streams per call on one Model (listenloop.benchmarks.slots)."""
+    from listenloop.benchmarks import inputs
+    from listenloop.benchmarks.slots import measure_slot_streams
+    from listenloop.model import Model
+    from listenloop.profiles import load_profile, profiles_dir
+
+    warnings = result["ran"]["warnings"]
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            warnings.append(record.getMessage()[:500])
+
+    logging.getLogger("listenloop").addHandler(Collect(logging.WARNING))
+    # the cell's profile with the slot decoder on; the Model's own pool is the smallest, since the
+    # measurement makes a pool per count
+    source = Path(spec["profile"]) if spec["profile"].endswith(".json") else profiles_dir() / f"{spec['profile']}.json"
+    data = json.loads(source.read_text())
+    data.update(name=f"{load_profile(spec['profile']).name}-slots", slots=1)
+    profile = Path(spec["work"]) / f"{data['name']}.json"
+    write_json(profile, data)
+    result["phase"] = "load"
+    save()
+    model = Model(spec["package"], str(profile), max_context=spec["context"])
+    result["ran"].update(providers=list(model.providers), encoder_providers=list(model.encoder.get_providers()),
+                         cuda_graphs=bool(model.cuda_graphs), kv_cache_device=model.profile.kv_cache_device,
+                         profile=model.profile.name, slot_decoder=bool(model.slots))
+    result["phase"] = "streams"
+    save()
+    mels = inputs.chunk_mels(inputs.synthetic_audio(CHUNK_SECONDS_OF_MELS, seed=0))
+    measured = measure_slot_streams(model, mels, spec["counts"], spec["rounds"], spec["reply_tokens"],
+                                    seconds=spec["seconds"], log=lambda line: print(line, file=sys.stderr))
+    result.update(measured)
 
 
 class NotMeasured(Exception):
@@ -299,7 +348,7 @@ def job_cell(spec: dict, result: dict, save) -> None:
         runtime.close()
 
 
-JOBS = {"checkpoint": job_checkpoint, "export": job_export, "cell": job_cell}
+JOBS = {"checkpoint": job_checkpoint, "export": job_export, "cell": job_cell, "streams": job_streams}
 
 
 def run_job(spec_path: str) -> int:
@@ -346,8 +395,13 @@ class Check:
             "layers": args.layers if args.dims == "real" else None,
             "settings": dict(settings, context_tokens=CONTEXT_TOKENS, deadline_s=args.deadline, seed=SEED,
                              attention="gqa", max_context=args.max_context),
-            "environment": None, "phases": {"checkpoint": None, "export": {}}, "cells": [], "error": None,
-            "seconds_total": None}
+            "environment": None, "phases": {"checkpoint": None, "export": {}}, "cells": [], "streams": {},
+            "error": None, "seconds_total": None}
+        for precision in args.precisions if args.stream_counts else ():
+            self.report["streams"][precision] = {
+                "status": "pending", "error": None, "phase": None, "profile": args.profiles[0],
+                "context": args.streams_context, "ran": {"providers": None, "warnings": []},
+                "streams_real_time": None, "counts": [], "skipped": {}, "wall_seconds": None}
         for precision in args.precisions:
             for profile in args.profiles:
                 self.report["cells"].append({
@@ -427,6 +481,9 @@ class Check:
         os.replace(partial, path)  # only a finished checkpoint gets the name that is reused
         return path
 
+    def wants_slots(self, precision: str) -> bool:
+        return bool(self.args.stream_counts) and precision in SLOT_PRECISIONS
+
     def package(self, precision: str) -> tuple[Path | None, str | None]:
         out = self.package_dir(precision)
         exports = self.report["phases"]["export"]
@@ -439,7 +496,8 @@ class Check:
         self.say(f"export {precision} (gqa) -> {out}")
         free = shutil.disk_usage(self.root).free / 1e9
         r = self.job("export", {"checkpoint": str(checkpoint), "out": str(out), "precision": precision,
-                                "max_context": self.args.max_context}, self.left() - 5)
+                                "max_context": self.args.max_context, "slots": self.wants_slots(precision)},
+                     self.left() - 5)
         exports[precision] = {"path": str(out), "reused": False, "seconds": r["wall_seconds"], "error": r.get("error"),
                               "disk_free_gb_before": free}
         for leftover in self.root.glob(f".{out.name}.partial-*"):  # a killed export's temporary folder
@@ -461,6 +519,29 @@ class Check:
         if cell["status"] == "ok":
             cell["phase"] = None
 
+    def streams(self, precision: str, package: Path) -> None:
+        entry = self.report["streams"][precision]
+        if precision not in SLOT_PRECISIONS:
+            entry.update(status="skipped", error=f"the slot decoder is exported at {' or '.join(SLOT_PRECISIONS)} only")
+            return
+        manifest = json.loads((package / "manifest.json").read_text())
+        if "slot_decoder" not in manifest:
+            entry.update(status="skipped", error=f"{package} has no slot decoder (an older export: remove it from "
+                                                 "--work to export it again)")
+            return
+        self.say(f"streams {precision} / {entry['profile']}: {self.args.stream_counts}")
+        limit = min(self.left() - 2, LOAD_SECONDS[self.args.dims] + 1.5 * self.settings["cell_seconds"] + 10)
+        spec = {"package": str(package), "profile": entry["profile"], "context": self.args.streams_context,
+                "counts": self.args.stream_counts, "rounds": self.settings["rounds"],
+                "reply_tokens": min(self.settings["reply_tokens"], 8), "seconds": self.settings["cell_seconds"],
+                "work": str(self.root)}
+        r = self.job("streams", spec, limit, {"ran": entry["ran"]})
+        for key in ("ran", "status", "error", "phase", "wall_seconds", "streams_real_time", "counts", "skipped"):
+            if key in r:
+                entry[key] = r[key]
+        if entry["status"] == "ok":
+            entry["phase"] = None
+
     def run(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
         self.report["environment"] = environment(self.work)
@@ -476,12 +557,21 @@ class Check:
             self.raise_if_stopped()
             if package is None:
                 self.skip(mine, problem)
+                if precision in self.report["streams"]:
+                    self.report["streams"][precision].update(status="skipped", error=problem)
                 continue
             for cell in mine:
                 if self.left() < 10:
                     self.skip([cell], "out of time (--deadline)")
                     continue
                 self.cell(cell)
+                self.save()
+                self.raise_if_stopped()
+            if precision in self.report["streams"]:
+                if self.left() < 10:
+                    self.report["streams"][precision].update(status="skipped", error="out of time (--deadline)")
+                else:
+                    self.streams(precision, package)
                 self.save()
                 self.raise_if_stopped()
 
@@ -531,6 +621,13 @@ def summary(report: dict, path=None) -> str:
                      f"{_num(f['decode_tokens_per_s'], 1):>8s}  {status}")
     lines.append("  (ms; TTFR p50: encoder + listening step + first token on a stream; e2e: through a Session "
                  "in real time; listen: mel + encoder + decoder step per chunk; @2000: with ~2000 tokens cached)")
+    for precision, entry in (report.get("streams") or {}).items():
+        ran = (entry["ran"].get("providers") or ["-"])[0]
+        counts = ", ".join(f"{row['streams']}: {_num(row['ttfr_ms'].get('p99'), 1)}"
+                           + ("" if row["real_time"] else " (missed)") for row in entry.get("counts") or [])
+        status = entry["status"] + (f": {entry['error']}" if entry.get("error") else "")
+        lines.append(f"  streams {precision} / {entry['profile']} on {ran}: streams_real_time="
+                     f"{entry.get('streams_real_time')}  [streams: p99 TTFR ms] {counts or '-'}  {status}")
     return "\n".join(lines)
 
 
@@ -559,11 +656,22 @@ def parse_args(argv):
                        ("cell_seconds", "time budget of one cell's measurements, after its model load")):
         p.add_argument("--" + key.replace("_", "-"), dest=key, type=int, default=None,
                        help=f"{help_} (default {FULL[key]}; --quick {QUICK[key]})")
+    p.add_argument("--stream-counts", default=STREAM_COUNTS,
+                   help=f"streams per decoder call to try with the slot decoder (default {STREAM_COUNTS}; "
+                        "\"\" skips them and exports without the slot decoder)")
+    p.add_argument("--streams-context", type=int, default=1024,
+                   help="KV capacity of each stream in the streams runs (default 1024)")
     p.add_argument("--summary", metavar="JSON", help="print the table of a finished run's JSON and exit")
     p.add_argument("--job", help=argparse.SUPPRESS)  # internal: one step in a child process
     args = p.parse_args(argv)
     args.precisions = [x for x in args.precisions.split(",") if x]
     args.profiles = [x for x in args.profiles.split(",") if x]
+    try:
+        args.stream_counts = sorted({int(x) for x in args.stream_counts.split(",") if x.strip()})
+    except ValueError:
+        p.error(f"--stream-counts takes comma-separated whole numbers, got {args.stream_counts!r}")
+    if any(n < 1 for n in args.stream_counts):
+        p.error("--stream-counts must be >= 1 each")
     if not args.precisions or not args.profiles:
         p.error("--precisions and --profiles need at least one name each")
     bad = [x for x in args.precisions if x not in PRECISIONS]
@@ -595,6 +703,9 @@ def main(argv=None) -> int:
         for cell in check.report["cells"]:
             if cell["status"] == "pending":
                 cell.update(status="skipped", error="the check stopped before this cell")
+        for entry in check.report["streams"].values():
+            if entry["status"] == "pending":
+                entry.update(status="skipped", error="the check stopped before the streams run")
         status = exc.code if stopped and isinstance(exc.code, int) else 1
     finally:
         check.save()

@@ -26,6 +26,9 @@ def build_parser(prog: str = "python -m listenloop.export") -> argparse.Argument
                              "int4 takes float16 too, which GPUs want)")
     parser.add_argument("--reply-set", metavar="FILE",
                         help="JSON list of {\"emotion\", \"text\"}: the only replies the package may decode")
+    parser.add_argument("--slots", action="store_true",
+                        help="also write the slot decoder, which runs many streams' steps in one call (GPUs; "
+                             "profiles with \"slots\"); fp32 and fp16 only")
     parser.add_argument("--verify", action="store_true", help="run the parity report against PyTorch; fail if off")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     return parser
@@ -40,7 +43,7 @@ def main(argv=None, prog: str = "python -m listenloop.export") -> int:
         out = export_package(args.checkpoint_dir, args.out_dir, precision=args.precision,
                              encoder_precision=args.encoder_precision, decoder_precision=args.decoder_precision,
                              max_context=args.max_context, force=args.force, attention=args.attention,
-                             kv_dtype=args.kv_dtype, reply_set=args.reply_set)
+                             kv_dtype=args.kv_dtype, reply_set=args.reply_set, slots=args.slots)
         print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
         if args.verify:
             from .parity import parity_report

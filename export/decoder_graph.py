@@ -26,6 +26,10 @@ Two attention kinds (manifest `decoder.attention`; docs/DESIGN.md lists both con
   past and present, with per-row lengths (`seqlens_k`). Every step binds the same addresses
   and shapes, which is what CUDA graphs need; one-token steps of rows of different lengths
   share one call.
+
+A third graph, the slot decoder (`slots`, slot_graph.py), is exported beside either of them by
+`--slots`: S streams' steps of 13 rows in one call over one shared buffer per cache, for GPUs
+(docs/DESIGN.md, "Fixed-slot batching").
 """
 from __future__ import annotations
 
@@ -36,8 +40,15 @@ import torch
 from torch import nn
 
 from listenloop.package import ATTENTIONS
+from listenloop.protocol import STEP
+
+from .slot_graph import slot_attention, write_rows
 
 OPSET = 17
+# The slot decoder (slot_graph.py): S streams' steps of STEP token rows in one call, a third
+# kind of graph beside the package's attention kinds, exported to its own file.
+SLOTS = "slots"
+GRAPH_KINDS = (*ATTENTIONS, SLOTS)
 
 
 def rope_inv_freq(head_dim: int, base: float) -> torch.Tensor:
@@ -130,6 +141,8 @@ class DecoderLayer(nn.Module):
         if self.attention == "gqa":
             attn, *written = GroupQueryAttention.apply(
                 q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1), *cache, self.n_head, self.n_kv)
+        elif self.attention == SLOTS:
+            attn, *written = slot_attention(q, k, v, *cache, self.head_dim ** -0.5)
         else:
             attn = grouped_attention(q, k, v, *cache, causal, self.head_dim ** -0.5)
             written = [k, v]
@@ -224,8 +237,8 @@ class ExportDecoder(nn.Module):
 
     def __init__(self, lm_state: dict, cfg: dict, attention: str = "grouped"):
         super().__init__()
-        if attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        if attention not in GRAPH_KINDS:
+            raise ValueError(f"attention must be one of {', '.join(GRAPH_KINDS)}, got {attention!r}")
         self.attention = attention
         self.num_layers = cfg["n_layer"]
         self.groups = cfg["n_head"] // cfg["n_query_groups"]
@@ -236,6 +249,8 @@ class ExportDecoder(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg["head_size"], float(cfg["rope_base"])), persistent=False)
 
     def forward(self, inputs_embeds, position_ids, logits_index, *rest):
+        if self.attention == SLOTS:
+            return self._slots_forward(inputs_embeds, position_ids, logits_index, *rest)
         B, T, H = inputs_embeds.shape
         angles = round_positions(position_ids)[..., None] * self.inv_freq  # [B, T, D/2]
         angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]
@@ -253,17 +268,41 @@ class ExportDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, cos, sin, causal, (past[2 * i], past[2 * i + 1], *lengths))
             written += kv
-        rows = x.reshape(1, B * T, H).index_select(1, logits_index)  # only the requested rows reach lm_head
+        return (self._logits(x, logits_index), *written)
+
+    def _logits(self, x, flat_index):
+        B, T, H = x.shape
+        rows = x.reshape(1, B * T, H).index_select(1, flat_index)  # only the requested rows reach lm_head
         # 3-D input makes lm_head a MatMul (not a Gemm), which the weight quantizers handle.
-        logits = self.lm_head(self.norm(rows))[0].float()
-        return (logits, *written)
+        return self.lm_head(self.norm(rows))[0].float()
+
+    def _slots_forward(self, inputs_embeds, past_lengths, new_lengths, logits_index, *cache):
+        """slots: inputs_embeds [S,STEP,H], past_lengths [S], new_lengths [S], logits_index [S]
+        (a row of each slot's STEP), past_key/value.{i} [S,KVH,C+STEP,D] -> logits [S,V],
+        present_key/value.{i} (the same buffers)."""
+        S, T, H = inputs_embeds.shape
+        positions = past_lengths[:, None] + torch.arange(T, device=inputs_embeds.device)[None, :]  # [S, T]
+        angles = round_positions(positions)[..., None] * self.inv_freq
+        angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]
+        cos, sin = angles.cos().to(inputs_embeds.dtype), angles.sin().to(inputs_embeds.dtype)
+        written_at = write_rows(past_lengths, new_lengths, T, cache[0].shape[2])
+        x = inputs_embeds
+        written = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, None, (cache[2 * i], cache[2 * i + 1], positions, written_at))
+            written += kv
+        flat = torch.arange(S, device=x.device) * T + logits_index
+        return (self._logits(x, flat), *written)
 
 
 def io_names(num_layers: int, attention: str = "grouped") -> tuple[list, list]:
-    inputs = ["inputs_embeds", "position_ids", "logits_index"]
+    if attention == SLOTS:
+        inputs = ["inputs_embeds", "past_lengths", "new_lengths", "logits_index"]
+    else:
+        inputs = ["inputs_embeds", "position_ids", "logits_index"]
     if attention == "gqa":
         inputs += ["seqlens_k", "total_sequence_length"]
-    written = "present" if attention == "gqa" else "new"
+    written = "present" if attention in ("gqa", SLOTS) else "new"
     outputs = ["logits"]
     for i in range(num_layers):
         inputs += [f"past_key.{i}", f"past_value.{i}"]
@@ -288,6 +327,9 @@ def _trace_to_onnx(module: ExportDecoder, path: Path, cfg: dict, export_params: 
     n_kv, d, h = cfg["n_query_groups"], cfg["head_size"], cfg["n_embd"]
     T, P = 3, 5
     attention = module.attention
+    if attention == SLOTS:
+        _trace_slots_to_onnx(module, path, cfg, export_params)
+        return
     if attention == "gqa":  # a buffer of capacity C holding P cached rows
         C = P + T + 2
         cache = [torch.zeros(1, n_kv, C, d) for _ in range(2 * module.num_layers)]
@@ -314,6 +356,23 @@ def _trace_to_onnx(module: ExportDecoder, path: Path, cfg: dict, export_params: 
                           dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, do_constant_folding=True,
                           export_params=export_params,
                           custom_opsets={"com.microsoft": 1} if attention == "gqa" else None)
+
+
+def _trace_slots_to_onnx(module: ExportDecoder, path: Path, cfg: dict, export_params: bool) -> None:
+    """The slot graph: S and the buffer's rows dynamic, STEP rows per slot static."""
+    n_kv, d, h = cfg["n_query_groups"], cfg["head_size"], cfg["n_embd"]
+    S, rows = 2, 2 * STEP + 1
+    cache = [torch.zeros(S, n_kv, rows, d) for _ in range(2 * module.num_layers)]
+    args = (torch.zeros(S, STEP, h), torch.tensor([0, 3]), torch.tensor([STEP, 1]), torch.tensor([STEP - 1, 0]), *cache)
+    inputs, outputs = io_names(module.num_layers, SLOTS)
+    dynamic = {"inputs_embeds": {0: "S"}, "past_lengths": {0: "S"}, "new_lengths": {0: "S"},
+               "logits_index": {0: "S"}, "logits": {0: "S"}}
+    for name in inputs[4:] + outputs[1:]:
+        dynamic[name] = {0: "S", 2: "C"}
+    with torch.no_grad(), weights_hidden_from_shape_inference(module, hide=not export_params):
+        torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
+                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, do_constant_folding=True,
+                          export_params=export_params)
 
 
 @contextlib.contextmanager

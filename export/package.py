@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from listenloop.errors import CheckpointError, ExportError
-from listenloop.package import ATTENTIONS, AUDIO, FORMAT, FORMAT_VERSION, IO_DTYPES_OF, file_sha256
-from listenloop.protocol import EMOTION_NAMES, FRAMES_PER_CHUNK, MAX_REPLY_TOKENS, N_MELS, PREFIX_HEAD, TOKEN_NAMES
+from listenloop.package import (ATTENTIONS, AUDIO, FORMAT, FORMAT_VERSION, IO_DTYPES_OF, SLOT_DECODER_FILE,
+                                SLOT_PRECISIONS, file_sha256)
+from listenloop.protocol import EMOTION_NAMES, FRAMES_PER_CHUNK, MAX_REPLY_TOKENS, N_MELS, PREFIX_HEAD, STEP, TOKEN_NAMES
 
 from . import quantize
 from .checkpoint import TRAINED_CONTEXT, validate_checkpoint
@@ -126,14 +127,15 @@ def _scale(chunk_encoder) -> float:
         return float(chunk_encoder(torch.zeros(1, N_MELS, FRAMES_PER_CHUNK)).abs().max())
 
 
-def _export_decoder(checkpoint, work: Path, out: Path, precision: str, attention: str, io_dtype: str) -> None:
+def _export_decoder(checkpoint, work: Path, out: Path, precision: str, attention: str, io_dtype: str,
+                    file: str = "decoder.onnx") -> None:
     """Streamed (decoder_graph.export_decoder_streamed, quantize.convert): the weights pass
     through memory one at a time, so a real-size export fits in a few GB."""
     from .decoder_graph import export_decoder_streamed
 
     cfg = checkpoint.llm_config
     if precision == "fp32":  # the fp32 graph is the package's graph: write it in place
-        _finish_in_place(export_decoder_streamed(checkpoint.lm_state, out / "decoder.onnx", cfg, attention))
+        _finish_in_place(export_decoder_streamed(checkpoint.lm_state, out / file, cfg, attention))
         return
     fp32 = export_decoder_streamed(checkpoint.lm_state, work / "decoder.fp32.onnx", cfg, attention)
     keep = ["logits"]  # float16 decoders: float16 embeddings and KV, float32 logits (contract)
@@ -143,7 +145,7 @@ def _export_decoder(checkpoint, work: Path, out: Path, precision: str, attention
         fp32.unlink()
         Path(f"{fp32}.data").unlink(missing_ok=True)
         fp32 = fp16
-    quantize.convert(fp32, out / "decoder.onnx", precision, keep_float32_io=keep)
+    quantize.convert(fp32, out / file, precision, keep_float32_io=keep)
 
 
 def _write_embeddings(lm_state, path: Path, dtype) -> None:
@@ -159,7 +161,7 @@ def _write_embeddings(lm_state, path: Path, dtype) -> None:
 
 
 def _manifest(checkpoint, out: Path, enc_precision: str, dec_precision: str, max_context: int, name: str,
-              attention: str, io_dtype: str, replies=None) -> dict:
+              attention: str, io_dtype: str, replies=None, slots: bool = False) -> dict:
     from tokenizers import Tokenizer
 
     cfg = checkpoint.llm_config
@@ -190,6 +192,7 @@ def _manifest(checkpoint, out: Path, enc_precision: str, dec_precision: str, max
                    "prefix_ids": prefix_ids(tokens, tokenizer, checkpoint.system_prompt)},
         "sampling": dict(SAMPLING),
         **({"reply_set": reply_set_ids(replies, tokens, tokenizer)} if replies else {}),
+        **({"slot_decoder": {"file": SLOT_DECODER_FILE, "step_tokens": STEP}} if slots else {}),
         "files": files,
     }
 
@@ -219,7 +222,7 @@ def _running(pid: int) -> bool:
 
 
 def _build(checkpoint_dir: Path, tmp: Path, enc_precision: str, dec_precision: str, max_context: int,
-           attention: str, io_dtype: str, replies=None) -> None:
+           attention: str, io_dtype: str, replies=None, slots: bool = False) -> None:
     from .checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_dir, lazy=True)
@@ -230,10 +233,16 @@ def _build(checkpoint_dir: Path, tmp: Path, enc_precision: str, dec_precision: s
     work.mkdir()
     _export_decoder(checkpoint, work, tmp, dec_precision, attention, io_dtype)
     shutil.rmtree(work)
+    if slots:  # the batched graph beside it (docs/DESIGN.md, "Fixed-slot batching")
+        from .decoder_graph import SLOTS
+
+        work.mkdir()
+        _export_decoder(checkpoint, work, tmp, dec_precision, SLOTS, io_dtype, SLOT_DECODER_FILE)
+        shutil.rmtree(work)
     _write_embeddings(checkpoint.lm_state, tmp / "embeddings.npy", np.dtype(io_dtype))
     shutil.copyfile(checkpoint.tokenizer_path, tmp / "tokenizer.json")
     manifest = _manifest(checkpoint, tmp, enc_precision, dec_precision, max_context, checkpoint.name, attention,
-                         io_dtype, replies)
+                         io_dtype, replies, slots)
     _write_manifest(tmp, manifest)
 
 
@@ -243,13 +252,15 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
 
 def export_package(checkpoint_dir, out_dir, precision: str = "fp32", encoder_precision: str | None = None,
                    decoder_precision: str | None = None, max_context: int = 4096, force: bool = False,
-                   attention: str = "grouped", kv_dtype: str | None = None, reply_set=None) -> Path:
+                   attention: str = "grouped", kv_dtype: str | None = None, reply_set=None,
+                   slots: bool = False) -> Path:
     """Export the checkpoint at `checkpoint_dir` to a model package folder `out_dir`. `attention`:
     the decoder graph's attention, "grouped" (CPUs) or "gqa" (GPUs), see decoder_graph.py.
     `kv_dtype`: the decoder's KV cache, embeddings and activations, "float32" or "float16"
     (default: float16 for fp16, else float32; int4 takes either: float16 is what GPU kernels
     such as CUDA's GroupQueryAttention run). `reply_set`: a reply-set file (read_reply_set) whose
-    replies are the only ones the package may decode."""
+    replies are the only ones the package may decode. `slots`: also write the slot decoder, which
+    runs S streams' steps in one call (decoder_slots.onnx; fp32 and fp16 decoders only)."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir).expanduser().absolute()
     enc_precision, dec_precision = _resolve_precisions(precision, encoder_precision, decoder_precision)
     if attention not in ATTENTIONS:
@@ -257,6 +268,10 @@ def export_package(checkpoint_dir, out_dir, precision: str = "fp32", encoder_pre
     io_dtype = kv_dtype or IO_DTYPES_OF[dec_precision][0]
     if io_dtype not in IO_DTYPES_OF[dec_precision]:
         raise ExportError(f"kv_dtype {io_dtype}: a {dec_precision} decoder takes {' or '.join(IO_DTYPES_OF[dec_precision])}")
+    if slots and dec_precision not in SLOT_PRECISIONS:
+        raise ExportError(f"--slots: the slot decoder is exported at {' or '.join(SLOT_PRECISIONS)}, not {dec_precision} "
+                          "(int8 quantizes activations with one scale per call, which would mix the slots' rows; "
+                          "int4's row independence is not checked yet)")
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir}: already exists (pass --force to replace it)")
     if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
@@ -266,12 +281,13 @@ def export_package(checkpoint_dir, out_dir, precision: str = "fp32", encoder_pre
     if max_context <= 0 or max_context > cfg["block_size"]:
         raise ExportError(f"max_context {max_context}: must be in 1..{cfg['block_size']} (block_size)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _check_disk(out_dir, *_parameter_counts(cfg, audio))
+    lm_params, enc_params = _parameter_counts(cfg, audio)
+    _check_disk(out_dir, lm_params * (2 if slots else 1), enc_params)  # the slot decoder holds the weights again
     _remove_stale_partials(out_dir)
     tmp = out_dir.parent / f"{_partial_prefix(out_dir)}{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     try:
-        _build(checkpoint_dir, tmp, enc_precision, dec_precision, max_context, attention, io_dtype, replies)
+        _build(checkpoint_dir, tmp, enc_precision, dec_precision, max_context, attention, io_dtype, replies, slots)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -19,18 +19,19 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_package_at(tiny_checkpoint, tmp_path_factory):
-    """Factory: precision ("fp32", "fp16", "int8", "int4") and attention ("grouped", "gqa") ->
-    path of the exported package."""
+    """Factory: precision ("fp32", "fp16", "int8", "int4"), attention ("grouped", "gqa") and
+    slots (also the slot decoder) -> path of the exported package."""
     from listenloop.export.package import export_package
 
     cache = {}
     root = tmp_path_factory.mktemp("packages")
 
-    def build(precision: str = "fp32", attention: str = "grouped"):
-        key = (precision, attention)
+    def build(precision: str = "fp32", attention: str = "grouped", slots: bool = False):
+        key = (precision, attention, slots)
         if key not in cache:
-            cache[key] = export_package(tiny_checkpoint, root / f"{precision}-{attention}", precision=precision,
-                                        attention=attention)
+            name = f"{precision}-{attention}" + ("-slots" if slots else "")
+            cache[key] = export_package(tiny_checkpoint, root / name, precision=precision, attention=attention,
+                                        slots=slots)
         return cache[key]
 
     return build

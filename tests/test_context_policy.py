@@ -48,15 +48,15 @@ def test_every_accepted_context_runs_correctly(capacity, long_stream, caplog):
     with runtime.session(stats_every=1) as session:
         stream = session.stream
         fed_prompt_at = []
-        real_run = stream._run
+        real_ran = stream._ran  # called after each decoder call, with the position before it
 
         def watch(T):  # every decoder call: the prompt goes in only at position 0
             if stream._ids[:len(prefix)].tolist() == prefix and T >= len(prefix):
                 fed_prompt_at.append(stream.position)
-            real_run(T)
+            real_ran(T)
             assert stream.position <= capacity
 
-        stream._run = watch
+        stream._ran = watch
         session.accept_waveform(long_stream)
         session.finish(timeout=120)
         events = list(session.events())

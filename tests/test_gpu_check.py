@@ -17,7 +17,7 @@ pytest.importorskip("torch")  # the check exports its packages
 ROOT = Path(__file__).resolve().parents[1]
 CHECK_SH = ROOT / "scripts" / "gpu" / "check.sh"
 CPU = "CPUExecutionProvider"
-TINY = ["--dims", "tiny", "--profiles", "cpu", "--precisions", "fp32,int4", "--quick"]
+TINY = ["--dims", "tiny", "--profiles", "cpu", "--precisions", "fp32,int4", "--quick", "--stream-counts", "1,2,4"]
 
 
 def load_gpu_check():
@@ -80,11 +80,29 @@ def test_tiny_run_records_every_figure_of_every_cell(tiny_run):
         assert cell["details"]["environment"]["precision"] == cell["precision"]
 
 
+def test_tiny_run_reports_streams_real_time_through_the_slot_decoder(tiny_run):
+    _, report = tiny_run
+    fp32, int4 = report["streams"]["fp32"], report["streams"]["int4"]
+    assert fp32["status"] == "ok" and fp32["error"] is None, fp32
+    assert fp32["ran"]["slot_decoder"] is True and fp32["ran"]["providers"][0] == CPU
+    measured = [row["streams"] for row in fp32["counts"]]
+    assert measured and measured == sorted(measured) and set(measured) | set(map(int, fp32["skipped"])) == {1, 2, 4}
+    for row in fp32["counts"]:
+        p99 = row["ttfr_ms"]["p99"]
+        assert row["ttfr_ms"]["n"] == row["rounds"] >= 3 and math.isfinite(p99) and p99 > 0
+        assert row["real_time"] == (row["ttfr_ms"]["p99"] <= 60 and row["round_ms"]["max"] <= 400)
+    kept = [row["streams"] for row in fp32["counts"] if row["real_time"]]
+    assert fp32["streams_real_time"] == (max(kept) if kept else 0)
+    assert int4["status"] == "skipped" and "fp32 or fp16" in int4["error"]  # int4 has no slot decoder
+    assert json.loads((Path(report["phases"]["export"]["fp32"]["path"]) / "manifest.json").read_text())["slot_decoder"]
+
+
 def test_check_sh_allow_cpu_passes_through_and_prints_the_summary(tiny_run, tmp_path):
     proc, report = tiny_run
     assert "GPU check: gpu=false complete=false" in proc.stdout or has_cuda_provider()
     assert "not GPU figures" in proc.stdout or has_cuda_provider()
     assert "JSON: " in proc.stdout and "precision profile" in proc.stdout
+    assert "streams fp32 / cpu" in proc.stdout and "streams_real_time=" in proc.stdout
     # --summary prints the same table from the file
     path = tmp_path / "report.json"
     path.write_text(json.dumps(report))

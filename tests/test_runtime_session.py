@@ -236,16 +236,16 @@ def test_a_failed_decoder_step_skips_the_chunk_and_goes_on(runtime_package, monk
     from listenloop.stream import DecoderStream
 
     rt = listenloop.Runtime(runtime_package, speak_bias=-1e4)
-    real_listen = DecoderStream.listen
+    real_listen = DecoderStream.listen_steps  # what the session drives
     calls = {"n": 0}
 
     def flaky(self, audio, *args):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("transient device error")
-        return real_listen(self, audio, *args)
+        return (yield from real_listen(self, audio, *args))
 
-    monkeypatch.setattr(DecoderStream, "listen", flaky)
+    monkeypatch.setattr(DecoderStream, "listen_steps", flaky)
     with rt.session() as s:
         events = _chunk_by_chunk(s, 5)  # so every chunk takes the single-step path
     faults = _kinds(events, "Fault")
@@ -271,16 +271,16 @@ def test_nan_logits_are_a_fault_and_the_stream_goes_on(runtime_package, monkeypa
     from listenloop.stream import DecoderStream
 
     rt = listenloop.Runtime(runtime_package, speak_bias=-1e4)
-    real_run = DecoderStream._run
+    real_ran = DecoderStream._ran  # called once the decoder step of T tokens is done
     calls = {"n": 0}
 
     def poisoned(self, T):
-        real_run(self, T)
+        real_ran(self, T)
         calls["n"] += 1
         if calls["n"] == 3:
             self._logits[...] = np.nan
 
-    monkeypatch.setattr(DecoderStream, "_run", poisoned)
+    monkeypatch.setattr(DecoderStream, "_ran", poisoned)
     with rt.session() as s:
         events = _chunk_by_chunk(s, 6)
     faults = _kinds(events, "Fault")
@@ -296,14 +296,14 @@ def test_nan_reply_logits_end_the_reply_as_a_fault(runtime_package, monkeypatch)
 
     rt = listenloop.Runtime(runtime_package, speak_bias=1e4,
                             sampler=ScriptedSampler([ord("a"), ord("b"), ord("c"), T["TEXT_END"]] * 4))
-    real_run = DecoderStream._run
+    real_ran = DecoderStream._ran
 
     def poisoned(self, T):
-        real_run(self, T)
+        real_ran(self, T)
         if T == 1 and self._reply_left == self.policy.max_reply_tokens - 2:  # the second reply token
             self._logits[...] = np.inf
 
-    monkeypatch.setattr(DecoderStream, "_run", poisoned)
+    monkeypatch.setattr(DecoderStream, "_ran", poisoned)
     with rt.session() as s:
         events = _chunk_by_chunk(s, 1)
     faults = _kinds(events, "Fault")

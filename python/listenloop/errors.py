@@ -39,6 +39,10 @@ class DeviceError(Error):
     """An audio device or execution provider that cannot be used."""
 
 
+class CapacityError(Error):
+    """A new stream that does not fit: every slot of a model's shared KV cache is taken."""
+
+
 class ConfigError(Error, ValueError):
     """A stream option (speak bias, sampling, threshold, reply cap, history) outside its range."""
 

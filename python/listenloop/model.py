@@ -4,6 +4,10 @@ A Model holds what never changes while streams run: the ONNX Runtime sessions of
 and decoder, the embedding table, the tokenizer's byte table, the protocol ids and the device
 profile. ONNX Runtime sessions may be run from several threads, and nothing here is written
 after construction, so any number of DecoderStreams (stream.py) can share one Model.
+
+When the profile sets `"slots"` and the package has a slot decoder, the decoder session is the
+slot decoder and the Model also holds the SlotPool whose slots its streams take (slot_pool.py;
+docs/DESIGN.md, "Fixed-slot batching"); the pool is the one thing streams share that changes.
 """
 from __future__ import annotations
 
@@ -14,8 +18,8 @@ from dataclasses import replace
 import numpy as np
 
 from .context import check_capacity
-from .errors import ModelOutputError, ModelPackageError
-from .package import ModelPackage, check_graphs, resolve_package
+from .errors import DeviceError, ModelOutputError, ModelPackageError
+from .package import ModelPackage, check_graphs, check_slot_graph, resolve_package
 from .profiles import CPU, Profile, cpu_fallback, load_profile, provider_arguments, resolve_providers, session_options
 from .protocol import FRAMES_PER_CHUNK, N_MELS, STEP, VECTORS_PER_CHUNK
 from .reply_set import ReplySet
@@ -29,6 +33,7 @@ class Model:
         pkg, dec = self.package, self.package.decoder
         self.profile = resolve_providers(load_profile(profile))
         self.attention = pkg.attention
+        self.slots = self._slot_count()
         self.cuda_graphs = self._cuda_graphs()
         self._create_sessions()
 
@@ -56,21 +61,44 @@ class Model:
                                        kv_bytes_per_token=per_token, available_bytes=available)
         self.embeddings = pkg.embeddings()
         self.reply_set = ReplySet(pkg.reply_set) if pkg.reply_set else None  # None: free text
+        self.slot_pool = None
+        if self.slots:
+            from .slot_pool import SlotPool
+
+            if available is not None and self.slots * (self.capacity + STEP) * per_token > available:
+                raise DeviceError(f"profile {self.profile.name!r}: {self.slots} slots of {self.capacity} tokens need "
+                                  f"{self.slots * (self.capacity + STEP) * per_token / 1e9:.1f} GB of KV cache, "
+                                  f"{available / 1e9:.1f} GB are available; lower \"slots\" or max_context")
+            self.slot_pool = SlotPool(self, self.slots)
 
     # -- set-up --------------------------------------------------------------------------
 
+    def _slot_count(self) -> int:
+        """Slots of the shared KV cache (0: one stream per decoder call): the profile's `slots`
+        when the package has a slot decoder; otherwise one warning line and 0."""
+        wanted = self.profile.slots
+        if not wanted:
+            return 0
+        if self.package.slot_decoder_path is None:
+            log.warning("profile %r asks for %d slots, but this package has no slot decoder (export it with "
+                        "`--slots`): running one stream per decoder call", self.profile.name, wanted)
+            return 0
+        return wanted
+
     def _cuda_graphs(self) -> bool:
         """Whether decoder steps are captured as CUDA graphs: the profile asks for it in the
-        decoder's CUDA options (`enable_cuda_graph`), which only a gqa graph can serve (fixed
-        shapes per step kind). Otherwise the option is dropped with one warning line."""
+        decoder's CUDA options (`enable_cuda_graph`), which only a gqa graph or the slot decoder
+        can serve (fixed shapes per step kind). Otherwise the option is dropped with one warning
+        line."""
         providers = self.profile.providers_for("decoder")
         name, options = providers[0]
         if name != "CUDAExecutionProvider" or not options.get("enable_cuda_graph"):
             return False
-        if self.attention == "gqa" and self.profile.kv_cache_device == "cuda":
+        if (self.attention == "gqa" or self.slots) and self.profile.kv_cache_device == "cuda":
             return True
-        log.warning("profile %r: CUDA graphs need a package exported with `--attention gqa` and the KV cache on "
-                    "the device; this package's decoder is %r: running without them", self.profile.name, self.attention)
+        log.warning("profile %r: CUDA graphs need a package exported with `--attention gqa` (or a slot decoder "
+                    "and a profile with \"slots\") and the KV cache on the device; this package's decoder is %r: "
+                    "running without them", self.profile.name, self.attention)
         kept = ((name, {k: v for k, v in options.items() if k != "enable_cuda_graph"}),) + tuple(providers[1:])
         graphs = dict(self.profile.graph_providers, decoder=kept)
         self.profile = replace(self.profile, graph_providers=graphs)
@@ -88,7 +116,7 @@ class Model:
             log.warning("profile %r: %s failed its start-up self-test (%s); running on CPUExecutionProvider",
                         self.profile.name, self.profile.primary, str(exc).splitlines()[0][:200])
             self.profile = cpu_fallback(self.profile)
-            self.cuda_graphs = False
+            self.cuda_graphs, self.slots = False, 0
             self._open_sessions(self.profile)
             self._self_test()
 
@@ -97,7 +125,10 @@ class Model:
 
         opts = session_options(profile)
         sessions = []
-        for graph, path in (("encoder", self.package.encoder_path), ("decoder", self.package.decoder_path)):
+        # with slots the slot decoder is the decoder: the per-stream graph is not loaded (on a GPU
+        # it would hold the weights a second time)
+        decoder_path = self.package.slot_decoder_path if self.slots else self.package.decoder_path
+        for graph, path in (("encoder", self.package.encoder_path), ("decoder", decoder_path)):
             names, options = provider_arguments(profile, graph)
             try:
                 sessions.append(ort.InferenceSession(str(path), sess_options=opts, providers=names, provider_options=options))
@@ -106,7 +137,11 @@ class Model:
                     raise
                 raise ModelPackageError(f"{path.name}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0][:200]})") from None
         self.encoder, self.decoder = sessions
-        check_graphs(self.package, self.encoder, self.decoder)
+        if self.slots:
+            check_graphs(self.package, self.encoder, None)
+            check_slot_graph(self.package, self.decoder)
+        else:
+            check_graphs(self.package, self.encoder, self.decoder)
         self.providers = tuple(self.decoder.get_providers())
 
     def _self_test(self) -> None:
@@ -125,14 +160,18 @@ class Model:
         ids = [t["KEEP_SILENCE"], t["AUDIO_BEGIN"], *[t["PAD"]] * VECTORS_PER_CHUNK, t["ASSISTANT"]]
         embeds = np.array(self.package.embeddings()[ids], dtype=io)
         embeds[2:2 + VECTORS_PER_CHUNK] = audio[0].astype(io)
-        feeds = {"inputs_embeds": embeds[None],
-                 "position_ids": np.arange(STEP, dtype=np.int64)[None] + 1, "logits_index": np.zeros((1,), np.int64)}
-        if self.package.attention == "gqa":  # one cached row and this step's, in a buffer of that size
+        if self.slots:  # one slot: a cached row, this step's 13 and the 13 scratch rows
+            feeds = {"inputs_embeds": embeds[None], "past_lengths": np.array([1]), "new_lengths": np.array([STEP]),
+                     "logits_index": np.array([STEP - 1])}
+            past = np.zeros((1, dec["num_kv_heads"], 1 + 2 * STEP, dec["head_dim"]), io)
+        else:
+            feeds = {"inputs_embeds": embeds[None], "position_ids": np.arange(STEP, dtype=np.int64)[None] + 1,
+                     "logits_index": np.zeros((1,), np.int64)}
+            past = np.zeros((1, 1, dec["num_kv_heads"], dec["head_dim"]), io)
+        if not self.slots and self.package.attention == "gqa":  # one cached row and this step's, in a buffer of that size
             feeds["seqlens_k"] = np.array([STEP], np.int32)
             feeds["total_sequence_length"] = np.array(STEP + 1, np.int32)
             past = np.zeros((1, dec["num_kv_heads"], STEP + 1, dec["head_dim"]), io)
-        else:
-            past = np.zeros((1, 1, dec["num_kv_heads"], dec["head_dim"]), io)
         for i in range(dec["num_layers"]):
             feeds[f"past_key.{i}"] = past
             feeds[f"past_value.{i}"] = past
@@ -184,6 +223,17 @@ class Model:
         if not np.isfinite(audio).all():
             raise ModelOutputError("the encoder computed NaN or infinite audio vectors")
         return audio
+
+    def new_cache(self, stream):
+        """The KV cache of a new stream (kv_cache.py): its slot in the pool when there is one
+        (CapacityError when every slot is taken), else its own buffers."""
+        if self.slot_pool is not None:
+            from .slot_pool import SlotCache
+
+            return SlotCache(self.slot_pool, stream)
+        from .kv_cache import StreamBuffer
+
+        return StreamBuffer(stream)
 
     def policy(self, **options):
         """A checked stream.Policy: the package's defaults with `options` over them."""

@@ -35,6 +35,11 @@ READABLE_VERSIONS = (1, 2)
 # docs/DESIGN.md, "Decoder graph contract": `grouped` binds a prefix of a position-major cache,
 # `gqa` binds a whole head-major buffer as past and present (GroupQueryAttention).
 ATTENTIONS = ("grouped", "gqa")
+# The optional slot decoder (docs/DESIGN.md, "Fixed-slot batching"): S streams' steps of STEP
+# rows in one call, in its own file beside decoder.onnx, at a precision whose kernels keep
+# every row to itself (int8's per-call activation scale would not).
+SLOT_DECODER_FILE = "decoder_slots.onnx"
+SLOT_PRECISIONS = ("fp32", "fp16")
 MANIFEST = "manifest.json"
 IO_DTYPES = ("float32", "float16")
 # The decoder's activation, embedding and KV dtype by precision: int8 quantizes float32
@@ -99,6 +104,7 @@ class ModelPackage:
     embeddings_path: Path
     tokenizer_path: Path
     reply_set: tuple = ()  # the listed replies (emotion, text, TEXT_END ids); empty: free text
+    slot_decoder_path: Path | None = None  # the slot decoder, when the package has one
 
     @property
     def name(self) -> str:
@@ -264,6 +270,18 @@ def _validate_decoder(manifest: dict) -> None:
         raise _fail(MANIFEST, "encoder.output_dim", f"{enc['output_dim']} != decoder.hidden_size {dec['hidden_size']}")
 
 
+def _validate_slot_decoder(manifest: dict) -> None:
+    if "slot_decoder" not in manifest:
+        return
+    section = _check_section(manifest, "slot_decoder", {"file": str, "step_tokens": int})
+    if section["step_tokens"] != STEP:
+        raise _fail(MANIFEST, "slot_decoder.step_tokens", f"this runtime's listening step has {STEP} tokens, "
+                                                          f"got {show(section['step_tokens'])}")
+    if manifest["decoder"]["precision"] not in SLOT_PRECISIONS:
+        raise _fail(MANIFEST, "slot_decoder", f"needs a decoder precision of {' or '.join(SLOT_PRECISIONS)}, "
+                                              f"this one is {manifest['decoder']['precision']}")
+
+
 def _token_id(value, field: str, vocab: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _fail(MANIFEST, field, f"must be an integer token id, got {_json_show(value)}")
@@ -374,8 +392,12 @@ def _validate_files(root: Path, manifest: dict) -> dict:
     paths["embeddings"] = _check_file(root, manifest, "embeddings.file", _get(emb, "file", str, "embeddings"))
     tok = _get(manifest, "tokenizer", dict, "")
     paths["tokenizer"] = _check_file(root, manifest, "tokenizer.file", _get(tok, "file", str, "tokenizer"))
+    graphs = [manifest["encoder"]["file"], manifest["decoder"]["file"]]
+    if "slot_decoder" in manifest:
+        graphs.append(manifest["slot_decoder"]["file"])
+        paths["slot_decoder"] = _check_file(root, manifest, "slot_decoder.file", graphs[-1])
     files = _get(manifest, "files", dict, "")
-    for name in (manifest["encoder"]["file"], manifest["decoder"]["file"]):
+    for name in graphs:
         if name not in files:
             raise _fail(MANIFEST, f"files.{name}", "missing")
     for name, entry in files.items():
@@ -453,6 +475,7 @@ def load_package(path) -> ModelPackage:
         _validate_header(manifest)
         _validate_audio(manifest)
         _validate_decoder(manifest)
+        _validate_slot_decoder(manifest)
         tokens, emotions, prefix_ids = _validate_tokens(manifest)
         _validate_sampling(manifest)
         reply_set = _validate_reply_set(manifest, tokens, emotions)
@@ -469,6 +492,7 @@ def load_package(path) -> ModelPackage:
         path=root, manifest=manifest, tokens=tokens, emotions=emotions, prefix_ids=prefix_ids,
         encoder_path=paths["encoder"], decoder_path=paths["decoder"],
         embeddings_path=paths["embeddings"], tokenizer_path=paths["tokenizer"], reply_set=reply_set,
+        slot_decoder_path=paths.get("slot_decoder"),
     )
 
 
@@ -503,6 +527,32 @@ def _expected_decoder_io(package: ModelPackage) -> tuple[dict, dict]:
     return inputs, outputs
 
 
+def _expected_slot_io(package: ModelPackage) -> tuple[dict, dict]:
+    """The slot decoder's inputs/outputs: S slots of STEP rows, caches [S, KVH, C + 13, D]."""
+    dec = package.decoder
+    io, i64 = _ORT_TYPES[dec["io_dtype"]], _ORT_TYPES["int64"]
+    inputs = {"inputs_embeds": (io, [None, STEP, dec["hidden_size"]]), "past_lengths": (i64, [None]),
+              "new_lengths": (i64, [None]), "logits_index": (i64, [None])}
+    outputs = {"logits": (_ORT_TYPES["float32"], [None, dec["vocab_size"]])}
+    cache = [None, dec["num_kv_heads"], None, dec["head_dim"]]
+    for i in range(dec["num_layers"]):
+        for kind in ("key", "value"):
+            inputs[f"past_{kind}.{i}"] = (io, cache)
+            outputs[f"present_{kind}.{i}"] = (io, cache)
+    return inputs, outputs
+
+
+def check_slot_graph(package: ModelPackage, session) -> None:
+    """Check a live session of the slot decoder against the manifest."""
+    try:
+        name = package.slot_decoder_path.name
+        inputs, outputs = _expected_slot_io(package)
+        _compare(name, "input", session.get_inputs(), inputs)
+        _compare(name, "output", session.get_outputs(), outputs)
+    except _Invalid as problem:
+        raise problem.at(package.path) from None
+
+
 def _expected_encoder_io(package: ModelPackage) -> tuple[dict, dict]:
     audio = package.manifest["audio"]
     f32 = _ORT_TYPES["float32"]
@@ -532,7 +582,8 @@ def _compare(file: str, kind: str, actual_args, expected: dict) -> None:
 
 
 def check_graphs(package: ModelPackage, encoder_session, decoder_session) -> None:
-    """Check live ONNX Runtime sessions against the manifest (names, dtypes, static dims)."""
+    """Check live ONNX Runtime sessions against the manifest (names, dtypes, static dims); a
+    `decoder_session` of None is not checked."""
     try:
         _check_graphs(package, encoder_session, decoder_session)
     except _Invalid as problem:
@@ -543,6 +594,8 @@ def _check_graphs(package: ModelPackage, encoder_session, decoder_session) -> No
     enc_in, enc_out = _expected_encoder_io(package)
     _compare(package.encoder_path.name, "input", encoder_session.get_inputs(), enc_in)
     _compare(package.encoder_path.name, "output", encoder_session.get_outputs(), enc_out)
+    if decoder_session is None:  # the slot decoder runs instead (check_slot_graph)
+        return
     dec_in, dec_out = _expected_decoder_io(package)
     _compare(package.decoder_path.name, "input", decoder_session.get_inputs(), dec_in)
     _compare(package.decoder_path.name, "output", decoder_session.get_outputs(), dec_out)

@@ -24,6 +24,7 @@ _EXECUTION_MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 CONTEXT = Bounds(1, MAX_POSITIONS, integer=True)
+SLOTS = Bounds(1, 4096, integer=True)
 
 
 GRAPHS = ("encoder", "decoder")
@@ -40,6 +41,10 @@ class Profile:
     # Per-graph provider lists that replace `providers` for that graph, e.g. TensorRT for the
     # encoder's fixed shapes while the decoder, whose shapes change every step, runs on CUDA.
     graph_providers: dict = field(default_factory=dict)
+    # Streams that share one decoder call (docs/DESIGN.md, "Fixed-slot batching"): the KV
+    # caches of up to `slots` streams in one buffer, all their steps in one call of the
+    # package's slot decoder. None: one stream per call.
+    slots: int | None = None
 
     @property
     def primary(self) -> str:
@@ -261,8 +266,13 @@ def _parse_profile(data, stem: str) -> Profile:
         problem = CONTEXT.problem(max_context)
         if problem:
             raise _Invalid("max_context", f"{problem} (or null)")
+    slots = data.get("slots")
+    if slots is not None:
+        problem = SLOTS.problem(slots)
+        if problem:
+            raise _Invalid("slots", f"{problem} (or null)")
     return Profile(name=name, providers=providers, session=session, kv_cache_device=device,
-                   max_context=max_context, description=description, graph_providers=_graphs(data))
+                   max_context=max_context, description=description, graph_providers=_graphs(data), slots=slots)
 
 
 def load_profile(name_or_path) -> Profile:
@@ -295,7 +305,8 @@ def load_profile(name_or_path) -> Profile:
 
 
 def cpu_fallback(profile: Profile) -> Profile:
-    return replace(profile, providers=((CPU, {}),), kv_cache_device="cpu", graph_providers={})
+    """The profile on CPU alone: one stream per decoder call, as the cpu profile runs."""
+    return replace(profile, providers=((CPU, {}),), kv_cache_device="cpu", graph_providers={}, slots=None)
 
 
 def resolve_providers(profile: Profile) -> Profile:

@@ -3,8 +3,16 @@
 Each round it gives every session with work one unit: one chunk's listening step (encoder
 and decoder call) or one reply token. So sessions are served fairly, each in its own order,
 and a session never waits behind another session's reply for longer than one decoder call.
-Calls are never batched across chunks or sessions, which keeps each stream's numbers a
-function of its own audio alone (docs/DESIGN.md, "Determinism").
+Without slots, calls are never batched across chunks or sessions, which keeps each stream's
+numbers a function of its own audio alone (docs/DESIGN.md, "Determinism").
+
+With a SlotPool (a profile with `"slots"`), a round is one decoder call for every session:
+each session with work starts its unit (its generator runs up to the point where its cache
+waits for the shared step), the pool runs the step, and every waiting unit is resumed. A
+unit that needs several steps (a prompt or a re-prefill, 13 rows per step) stays in flight
+across rounds while the others go on, so no session waits more than one step for its turn.
+The slot decoder computes every slot's rows by themselves, so a stream's numbers are still a
+function of its own audio alone (docs/DESIGN.md, "Fixed-slot batching").
 
 The thread exists while sessions are open and sleeps on one wake signal that every
 session's chunk scheduler, finish() and close() post. At interpreter exit every session is
@@ -26,11 +34,13 @@ _live_sessions: weakref.WeakSet = weakref.WeakSet()
 
 
 class StreamScheduler:
-    def __init__(self, name: str = "listenloop-model"):
+    def __init__(self, name: str = "listenloop-model", pool=None):
         from . import _core
 
         self.wake_signal = _core.WakeSignal()
         self._name = name
+        self._pool = pool  # a SlotPool: batched rounds
+        self._in_flight: dict = {}  # session -> its unit's generator, waiting for the pool's next step
         # re-entrant: a session collected by the GC in this thread while the lock is held
         # removes itself from its __del__
         self._lock = threading.RLock()
@@ -73,16 +83,57 @@ class StreamScheduler:
                 self._sessions = [r for r in self._sessions if r() is not None]
                 if self._stopping or not self._sessions:
                     self._thread = None  # a session opened from now on starts a new thread
+                    for steps in self._in_flight.values():
+                        steps.close()
+                    self._in_flight.clear()
                     return
                 refs = list(self._sessions)
-            worked = False
-            for ref in refs:
-                session = ref()
-                if session is not None and session._work():
-                    worked = True
-                session = None  # a dropped session is collected here, not kept by this loop
+            worked = self._batched_round(refs) if self._pool is not None else self._round(refs)
             if not worked:
                 self.wake_signal.wait(IDLE_WAIT_S)
+
+    @staticmethod
+    def _round(refs) -> bool:
+        worked = False
+        for ref in refs:
+            session = ref()
+            if session is not None and session._work():
+                worked = True
+            session = None  # a dropped session is collected here, not kept by this loop
+        return worked
+
+    def _batched_round(self, refs) -> bool:
+        """Start a unit for every session with work and none in flight, make one shared step
+        if any unit waits for it, and resume those units."""
+        worked = False
+        for ref in refs:
+            session = ref()
+            if session is None or session in self._in_flight:
+                continue
+            steps = session._work_steps()
+            try:
+                next(steps)
+            except StopIteration as done:
+                worked = worked or bool(done.value)
+                continue
+            self._in_flight[session] = steps
+        session = None
+        for closed in [s for s in self._in_flight if s.closed]:  # its slot is already given back
+            self._in_flight.pop(closed).close()
+        if not self._in_flight:
+            return worked
+        failure = None
+        try:
+            self._pool.step()
+        except Exception as exc:  # noqa: BLE001 - raised inside every unit that waited for this step
+            log.warning("listenloop batched decoder step failed: %s", exc)
+            failure = exc
+        for session, steps in list(self._in_flight.items()):
+            try:
+                steps.throw(failure) if failure is not None else next(steps)
+            except StopIteration:
+                del self._in_flight[session]
+        return True
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread after its current unit of work (idempotent)."""

@@ -61,7 +61,7 @@ class Runtime:
         self.package = self.model.package
         self._policy_options = policy
         self.policy = self.model.policy(**policy)  # checked now, not at the first session
-        self._scheduler = StreamScheduler()
+        self._scheduler = StreamScheduler(pool=self.model.slot_pool)
         self._closed = False
 
     @property
@@ -116,6 +116,7 @@ class Runtime:
             "context_capacity": m.capacity, "trained_context": m.trained_context,
             "kv_cache_bytes_per_session": m.kv_bytes, "profile": m.profile.name,
             "providers": list(m.providers), "kv_cache_device": m.profile.kv_cache_device, "cuda_graphs": m.cuda_graphs,
+            "slots": m.slots,
             "onnxruntime": ort.__version__, "onnxruntime_providers": ort.get_available_providers(),
             "cuda": "CUDAExecutionProvider" in ort.get_available_providers(), "core_build": core_info,
         }
@@ -378,6 +379,11 @@ class Session:
 
     def _work(self) -> bool:
         """One unit of model work: a reply token, or one queued chunk. False if there was none."""
+        return self.stream.cache.drive(self._work_steps())
+
+    def _work_steps(self):
+        """_work() as a generator that yields while the stream's cache waits for a shared step
+        (the scheduler's batched rounds drive it) and returns whether there was work."""
         if self._closed or self._fatal is not None or self._ended:
             return False
         try:
@@ -387,14 +393,16 @@ class Session:
             if self._events.backlogged:
                 return False  # a reader this far behind pauses the session (see event_queue.py)
             if self._reply is not None:
-                self._reply_step()
+                yield from self._reply_step()
                 return True
             self._report_queue_drops()
             chunk = self._listen.pop(0.0)
             if chunk is None:
                 return False
-            self._decide(chunk)
+            yield from self._decide(chunk)
             return True
+        except GeneratorExit:  # the scheduler dropped this unit (the session closed meanwhile)
+            raise
         except BaseException as exc:  # noqa: BLE001 - one session's failure must not stop the others
             log.exception("listenloop session stopped")
             self._fatal = exc
@@ -403,7 +411,7 @@ class Session:
             self._progress.notify_all()
             return True
 
-    def _decide(self, chunk) -> None:
+    def _decide(self, chunk):
         started = time.perf_counter()
         stream, index = self.stream, chunk.index
         try:
@@ -412,8 +420,8 @@ class Session:
             self._mel_peak = max(self._mel_peak, chunk.peak)
             mel = chunk.mel
             _core().normalize_log_mel(mel, self._mel_peak)
-            result = stream.listen(self.model.encode(mel[None])[0], chunk_level(mel), chunk.playing,
-                                   self._near_end(chunk))
+            result = yield from stream.listen_steps(self.model.encode(mel[None])[0], chunk_level(mel), chunk.playing,
+                                                    self._near_end(chunk))
         except Exception as exc:  # noqa: BLE001 - skip the chunk, keep the session
             self._fault(index, exc)
             return
@@ -436,11 +444,11 @@ class Session:
         if self._stats_every and self._decided % self._stats_every == 0:
             self._emit(self._stats())
 
-    def _reply_step(self) -> None:
+    def _reply_step(self):
         reply, stream_time = self._reply, self._chunk_time(self._reply_chunk)
         started = time.perf_counter()
         try:
-            step = self.stream.speak_step()
+            step = yield from self.stream.speak_steps()
         except Exception as exc:  # noqa: BLE001 - a failed reply ends it; listening goes on
             log.warning("listenloop reply failed: %s", exc)
             self._emit(ev.Fault(stream_time, time.monotonic(), "speak", str(exc)))
@@ -568,6 +576,7 @@ class Session:
         self._chunker.stop()
         self._listen.close()
         self._scheduler.remove(self)
+        self.stream.close()  # its KV cache slot, if it has one, is free for another session
         self._events.close()
         self._progress.notify_all()
 

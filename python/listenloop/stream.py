@@ -4,24 +4,22 @@
 A stream owns its KV cache, its position, the token to feed back, its recent audio for
 context resets, and its decision policy (speak bias, sampler, reply cap), fixed at creation.
 
-Each layer has one key and one value buffer of the stream's capacity C, which the graph writes
-in place (docs/DESIGN.md, "Decoder graph contract"): nothing is copied or reallocated per step.
-With the `grouped` graph a buffer is position-major `[1, C, KVH, D]` and each call binds
-`past_*` to its first P rows and `new_*` to rows P..P+T. With the `gqa` graph it is head-major
-`[1, KVH, C, D]`, bound whole as both past and present; the listening step and the reply step
-each keep their own binding, so a step only writes positions and `seqlens_k` into staging
-that never moves (fixed shapes and addresses: what CUDA graphs capture).
+The KV cache is the one the profile chooses (kv_cache.py): the stream's own buffers, written
+in place by one decoder call per step, or its slot in buffers shared by S streams, whose steps
+run together (slot_pool.py). The stream stages its tokens the same way for both and reads its
+logits from the same row; `listen_steps` and `speak_steps` are generators that yield while a
+shared step is pending, and `listen` and `speak_step` drive them to their end.
 
-Every decoder call feeds exactly one chunk (or one reply token), so a stream's numbers never
+Every step carries one chunk (or one reply token) of this stream's, so its numbers never
 depend on what other chunks or streams exist: int8 graphs quantize activations per call, and
-one chunk per call keeps that a function of the chunk alone.
+one chunk per call keeps that a function of the chunk alone; the slot decoder computes every
+slot's rows by themselves (docs/DESIGN.md, "Fixed-slot batching").
 
 Not thread-safe: one thread drives a stream at a time (different streams may run in parallel).
 """
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -32,14 +30,11 @@ import numpy as np
 from .context import (HISTORY_CHUNKS, LEVEL_FLOOR_CHUNKS, LEVEL_MARGIN, QUIET_CHUNKS, QUIET_P_SPEAK, ContextPolicy,
                       reply_reserve)
 from .errors import ModelOutputError, ProtocolError
+from .kv_cache import allocate_host
 from .protocol import BLOCK, STEP, VECTORS_PER_CHUNK
 from .sampling import NEAR_END_SHARE, PLAYBACK_BIAS, Sampler, SamplingConfig
 
 log = logging.getLogger("listenloop")
-
-_ONNX_FLOAT, _ONNX_INT32, _ONNX_INT64, _ONNX_FLOAT16 = 1, 6, 7, 10  # onnx.TensorProto element types
-# CUDA graph id of each captured step kind (T): the listening step and the reply token.
-_CAPTURED_STEPS = {STEP: 1, 1: 2}
 
 
 class ListenResult:
@@ -72,94 +67,6 @@ class SpeakStep:
 
     token: int
     logits: np.ndarray
-
-
-class _Binder:
-    """IOBinding calls with the device objects made once.
-
-    The public IOBinding methods build an OrtDevice on every call, which costs more than the
-    bind itself at 4 bindings per layer per step; the C-level binding takes it prebuilt.
-    Falls back to the public API if this onnxruntime lays its wrapper out differently.
-    """
-
-    def __init__(self, session, run_options=None):
-        self.io = session.io_binding()
-        self.bound_T = None  # the step length this binding's staging inputs are bound for
-        self.staging = None  # a _GraphStaging when this step kind is captured as a CUDA graph
-        self._c_io = getattr(self.io, "_iobinding", None)
-        self._c_sess = getattr(session, "_sess", None)
-        self._devices = {}
-        try:
-            from onnxruntime.capi.onnxruntime_inference_collection import OrtDevice
-
-            for kind in ("cpu", "cuda"):
-                try:
-                    self._devices[kind] = OrtDevice.make(kind, 0)._get_c_device()
-                except Exception:  # noqa: BLE001 - a build without that device type
-                    pass
-        except ImportError:
-            pass
-        self.fast = self._c_io is not None and self._c_sess is not None and "cpu" in self._devices
-        # bind_input/bind_output(name, device, element_type, shape, ptr), with `device` from
-        # device(kind): the same signature on both paths, so the per-step loop has one form.
-        if self.fast:
-            self.bind_input, self.bind_output = self._c_io.bind_input, self._c_io.bind_output
-            self.run = functools.partial(self._c_sess.run_with_iobinding, self._c_io, run_options)
-        else:
-            io = self.io
-            self.bind_input = lambda name, device, dtype, shape, ptr: io.bind_input(name, device, 0, dtype, shape, ptr)
-            self.bind_output = lambda name, device, dtype, shape, ptr: io.bind_output(name, device, 0, dtype, shape, ptr)
-            self.run = functools.partial(session.run_with_iobinding, io, run_options)
-
-    def device(self, kind: str):
-        """The device argument of bind_input/bind_output for "cpu" or "cuda"."""
-        return self._devices[kind] if self.fast else kind
-
-
-class _GraphStaging:
-    """Inputs and logits of one captured step kind in device memory (gqa graphs on CUDA with
-    CUDA graphs): a replayed graph reads and writes fixed device addresses, so the host staging
-    is copied into these buffers before each run and the logits copied back after it."""
-
-    def __init__(self, stream, T: int, device: str):
-        import onnxruntime as ort
-
-        def on_device(array):
-            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
-
-        self.embeds_host = stream._embeds[:T][None]
-        self.positions_host = stream._positions[:T][None]
-        self.embeds = on_device(self.embeds_host)
-        self.positions = on_device(self.positions_host)
-        self.seqlens = on_device(stream._seqlens)
-        self.logits_index = on_device(np.array([T - 1], np.int64))  # fixed per kind: the last row
-        self.logits = on_device(stream._logits)
-        self._stream = stream
-
-    def bind(self, binder) -> None:
-        io = binder.io
-        io.bind_ortvalue_input("inputs_embeds", self.embeds)
-        io.bind_ortvalue_input("position_ids", self.positions)
-        io.bind_ortvalue_input("logits_index", self.logits_index)
-        io.bind_ortvalue_input("seqlens_k", self.seqlens)
-        io.bind_ortvalue_output("logits", self.logits)
-
-    def before(self) -> None:
-        self.embeds.update_inplace(self.embeds_host)
-        self.positions.update_inplace(self.positions_host)
-        self.seqlens.update_inplace(self._stream._seqlens)
-
-    def after(self) -> None:
-        # OrtValue offers no copy into an existing host array: one [1, V] array per step.
-        self._stream._logits[...] = self.logits.numpy()
-
-
-def _allocate_host(nbytes: int) -> tuple[np.ndarray, object]:
-    """Page-locked memory from listenloop._core (async-capable CUDA copies), as a uint8 array."""
-    from . import _core
-
-    buf = _core.PinnedBuffer(nbytes)
-    return np.frombuffer(buf, dtype=np.uint8, count=nbytes), buf
 
 
 @dataclass(frozen=True)
@@ -281,22 +188,7 @@ class DecoderStream:
         """Every buffer a step touches, allocated once."""
         m, C, H = self.model, self.capacity, self.model.hidden
         self.io_dtype = m.io_dtype
-        self._io_type = _ONNX_FLOAT16 if self.io_dtype == np.float16 else _ONNX_FLOAT
-        self._row_bytes = m.kv_heads * m.head_dim * self.io_dtype.itemsize
-        self._kv_device = m.profile.kv_cache_device
-        self._shared_cache = m.attention == "gqa"
-        if self._kv_device == "cuda":
-            import onnxruntime as ort
-
-            self._kv_values = [ort.OrtValue.ortvalue_from_shape_and_type(list(m.kv_shape), self.io_dtype, "cuda", 0)
-                               for _ in range(2 * m.layers)]
-            kv_ptrs = [v.data_ptr() for v in self._kv_values]
-            self.kv_cache = None
-        else:
-            raw, self._kv_owner = _allocate_host(m.kv_bytes)
-            self.kv_cache = raw.view(self.io_dtype).reshape(2 * m.layers, *m.kv_shape)
-            kv_ptrs = [self.kv_cache[j].ctypes.data for j in range(2 * m.layers)]
-        emb_raw, self._emb_owner = _allocate_host(C * H * self.io_dtype.itemsize)
+        emb_raw, self._emb_owner = allocate_host(C * H * self.io_dtype.itemsize)
         self._embeds = emb_raw.view(self.io_dtype).reshape(C, H)
         self._ids = np.zeros(C, np.int64)
         # position_ids are always P..P+T-1: the grouped graph binds that window of this array
@@ -311,18 +203,11 @@ class DecoderStream:
         self._row = self._logits[0]
         self._history = np.zeros((self.context.history_chunks, VECTORS_PER_CHUNK, H), self.io_dtype)
         self._step_audio = self._embeds[2:2 + VECTORS_PER_CHUNK]  # the PAD rows of the steady step
-        binder = self._binder = _Binder(m.decoder)
-        self._bind_in, self._bind_out = binder.bind_input, binder.bind_output
-        self._cpu_dev, self._kv_dev = binder.device("cpu"), binder.device(self._kv_device)
         self._steady_staged = False  # staging holds the [KEEP_SILENCE] + block layout
-        self._kv_ptrs = kv_ptrs
-        self._layer_bindings = [(f"past_key.{i}", f"new_key.{i}", f"past_value.{i}", f"new_value.{i}",
-                                 kv_ptrs[2 * i], kv_ptrs[2 * i + 1]) for i in range(m.layers)]
-        # gqa: one binding per step kind (the listening step, a reply token), made on first use,
-        # and one for every other length (prompt and re-prefill), rebound when its T changes.
-        self._step_binders = {}
-        self._graph_capture = m.cuda_graphs
         self._last = (0, 0)  # (P, T) of the last decoder call, for inspection
+        # the KV cache the profile chooses (kv_cache.py): the stream's own buffers, or its slot
+        # in buffers shared by S streams; nothing below depends on which
+        self.cache = m.new_cache(self)
 
     # -- public state --------------------------------------------------------------------
 
@@ -336,7 +221,16 @@ class DecoderStream:
 
     @property
     def kv_bytes(self) -> int:
-        return self.model.kv_bytes
+        return self.cache.nbytes
+
+    @property
+    def kv_cache(self):
+        """The KV buffers as a host array (None when they live on a device); for tests."""
+        return self.cache.array
+
+    def close(self) -> None:
+        """Give the KV cache back (a slot becomes free for another stream); idempotent."""
+        self.cache.close()
 
     def reset(self) -> None:
         """Empty the KV cache; the next listen feeds the prompt prefix first."""
@@ -360,87 +254,11 @@ class DecoderStream:
 
     # -- decoder calls -------------------------------------------------------------------
 
-    def _run(self, T: int) -> None:
-        """Run the decoder on the staged T tokens, appending them to the cache at P."""
-        if self._shared_cache:
-            self._run_shared(T)
-        else:
-            self._run_prefix(T)
+    def _ran(self, T: int) -> None:
+        """The staged T tokens went through the cache (`yield from self.cache.run(T)`, which
+        yields while a shared step is pending): they now sit at P..P+T."""
         self._last = (self._position, T)
         self._position += T
-
-    def _run_prefix(self, T: int) -> None:
-        """grouped graph: past = the first P rows of each buffer, new = rows P..P+T."""
-        P = self._position
-        bind_in, bind_out, cpu, dtype = self._bind_in, self._bind_out, self._cpu_dev, self._io_type
-        if self._binder.bound_T != T:  # staging pointers never change; only shapes do
-            bind_in("inputs_embeds", cpu, dtype, [1, T, self.model.hidden], self._embeds.ctypes.data)
-            bind_in("logits_index", cpu, _ONNX_INT64, [1], self._logits_index.ctypes.data)
-            bind_out("logits", cpu, _ONNX_FLOAT, [1, self.model.vocab], self._logits.ctypes.data)
-            self._binder.bound_T = T
-        bind_in("position_ids", cpu, _ONNX_INT64, [1, T], self._arange.ctypes.data + 8 * P)  # int64 P..P+T-1
-        m = self.model
-        past_shape, new_shape = [1, P, m.kv_heads, m.head_dim], [1, T, m.kv_heads, m.head_dim]
-        offset, dev = P * self._row_bytes, self._kv_dev
-        for pk, nk, pv, nv, kp, vp in self._layer_bindings:  # most of the per-step overhead
-            bind_in(pk, dev, dtype, past_shape, kp)
-            bind_out(nk, dev, dtype, new_shape, kp + offset)
-            bind_in(pv, dev, dtype, past_shape, vp)
-            bind_out(nv, dev, dtype, new_shape, vp + offset)
-        self._binder.run()
-
-    def _run_shared(self, T: int) -> None:
-        """gqa graph: every buffer whole as past and present; the new rows go to P..P+T."""
-        P = self._position
-        np.add(self._arange[:T], P, out=self._positions[:T])
-        self._seqlens[0] = P + T - 1
-        binder = self._shared_binder(T)
-        staging = binder.staging
-        if staging is None:
-            binder.run()
-        else:
-            staging.before()
-            binder.run()
-            staging.after()
-
-    def _shared_binder(self, T: int) -> "_Binder":
-        """The binding of T's step kind. With CUDA graphs the listening step and the reply token
-        are captured as graphs 1 and 2 (their shapes and addresses never change); other lengths
-        run uncaptured (graph id -1)."""
-        kind = T if T in _CAPTURED_STEPS else 0
-        binder = self._step_binders.get(kind)
-        if binder is None:
-            options = None
-            if self._graph_capture:
-                import onnxruntime as ort
-
-                options = ort.RunOptions()
-                options.add_run_config_entry("gpu_graph_id", str(_CAPTURED_STEPS.get(kind, -1)))
-            binder = self._step_binders[kind] = _Binder(self.model.decoder, options)
-            binder.staging = _GraphStaging(self, T, self._kv_device) if self._graph_capture and kind else None
-        if binder.bound_T != T:
-            self._bind_shared(binder, T)
-            binder.bound_T = T
-        return binder
-
-    def _bind_shared(self, binder: "_Binder", T: int) -> None:
-        m, cpu, dtype = self.model, binder.device("cpu"), self._io_type
-        bind_in, bind_out = binder.bind_input, binder.bind_output
-        if binder.staging is not None:  # a captured step kind reads and writes device staging
-            binder.staging.bind(binder)
-        else:
-            bind_in("inputs_embeds", cpu, dtype, [1, T, m.hidden], self._embeds.ctypes.data)
-            bind_in("position_ids", cpu, _ONNX_INT64, [1, T], self._positions.ctypes.data)
-            bind_in("logits_index", cpu, _ONNX_INT64, [1], self._logits_index.ctypes.data)
-            bind_in("seqlens_k", cpu, _ONNX_INT32, [1], self._seqlens.ctypes.data)
-            bind_out("logits", cpu, _ONNX_FLOAT, [1, m.vocab], self._logits.ctypes.data)
-        bind_in("total_sequence_length", cpu, _ONNX_INT32, [], self._total.ctypes.data)  # a CPU input either way
-        shape, dev = list(m.kv_shape), binder.device(self._kv_device)
-        for i in range(m.layers):
-            for j, kind in enumerate(("key", "value")):
-                ptr = self._kv_ptrs[2 * i + j]
-                bind_in(f"past_{kind}.{i}", dev, dtype, shape, ptr)
-                bind_out(f"present_{kind}.{i}", dev, dtype, shape, ptr)
 
     def _stage(self, lead, blocks) -> int:
         """Stage `lead` token ids, then one listening block per audio array with KEEP_SILENCE
@@ -465,7 +283,7 @@ class DecoderStream:
         self._logits_index[0] = n - 1
         return n
 
-    def _steady_step(self, audio: np.ndarray) -> None:
+    def _stage_steady(self, audio: np.ndarray) -> int:
         """The common step, [KEEP_SILENCE] + block: its 13 token ids never change, so their
         embeddings stay staged between steps and only the audio rows and positions are written."""
         if self._steady_staged:
@@ -473,7 +291,7 @@ class DecoderStream:
         else:
             self._stage((self._silence_id,), (audio,))
             self._steady_staged = True
-        self._run(STEP)
+        return STEP
 
     def _history_chunks(self) -> list:
         n, size = self._history_count, self.context.history_chunks
@@ -514,6 +332,7 @@ class DecoderStream:
         self._speaking, self._previous, self._position, self._steady_staged = False, None, 0, False
         self._history_count = self._quiet_run = 0
         self._heard_playback = self._heard_voice_over_playback = False
+        self.cache.clear()
 
     def _decision(self, row: np.ndarray, playing: bool, near_end: bool) -> tuple[bool, float]:
         silence = row.item(self._silence_id)  # a Python float, without a NumPy scalar in between
@@ -539,6 +358,20 @@ class DecoderStream:
         `level` (context.chunk_level of the chunk's mel), when given, keeps the context policy
         from taking a loud chunk for a quiet moment. `playing`: the device's playback could echo
         into this chunk (the own-voice policy applies); `near_end`: someone seems to talk over it."""
+        return self.cache.drive(self.listen_steps(audio_embeds, level, playing, near_end))
+
+    def listen_steps(self, audio_embeds: np.ndarray, level: float | None = None, playing: bool = False,
+                     near_end: bool = False):
+        """listen() as a generator that yields while its cache waits for a shared step and
+        returns the ListenResult: what a scheduler that batches streams drives."""
+        audio_embeds, T, reason = self._stage_listen(audio_embeds, playing, near_end)
+        yield from self.cache.run(T)  # the decoder call (with slots: one or more shared steps)
+        self._ran(T)
+        return self._decide(audio_embeds, level, playing, near_end, reason)
+
+    def _stage_listen(self, audio_embeds, playing: bool, near_end: bool) -> tuple:
+        """Everything before a listening step's decoder call: checks, the context policy, the
+        staged tokens. -> (the audio vectors, tokens staged, why the context is rebuilt or None)."""
         if type(audio_embeds) is not np.ndarray or audio_embeds.shape != self._audio_shape:
             audio_embeds = np.asarray(audio_embeds)
             if audio_embeds.shape != self._audio_shape:
@@ -552,7 +385,7 @@ class DecoderStream:
         self._heard_playback = self._heard_playback or playing
         self._heard_voice_over_playback = self._heard_voice_over_playback or (playing and near_end)
         if reason is None and self._previous == self._silence_id:
-            self._steady_step(audio_embeds)  # the steady state: every 0.4 s for the whole stream
+            T = self._stage_steady(audio_embeds)  # the steady state: every 0.4 s for the whole stream
         else:
             if reason is not None:
                 history = self._history_chunks()
@@ -563,7 +396,11 @@ class DecoderStream:
             else:
                 blocks = [audio_embeds]
             lead = self._prefix if self._previous is None else (self._previous,)
-            self._run(self._stage(lead, blocks))
+            T = self._stage(lead, blocks)
+        return audio_embeds, T, reason
+
+    def _decide(self, audio_embeds, level, playing: bool, near_end: bool, reason) -> ListenResult:
+        """Everything after a listening step's decoder call: the decision and its bookkeeping."""
         spoke, p_speak = self._decision(self._row, playing, near_end)
         loud = False
         if level is not None:
@@ -588,6 +425,10 @@ class DecoderStream:
         """The next reply token after a TEXT_BEGIN decision: one decoder call; None once the
         reply is over (TEXT_END was returned by the previous call, or the cap or the context
         capacity ended it, in which case TEXT_END is fed back and `reply_truncated` is set)."""
+        return self.cache.drive(self.speak_steps())
+
+    def speak_steps(self):
+        """speak_step() as a generator (see listen_steps)."""
         if not self._speaking:
             raise ProtocolError("speak_step() needs a TEXT_BEGIN decision from listen() first")
         if self._reply_left <= 0 or self._position + 1 + STEP > self.capacity:
@@ -600,7 +441,8 @@ class DecoderStream:
         self._steady_staged = False
         self._embeds[0] = self._table[token]
         self._logits_index[0] = 0
-        self._run(1)
+        yield from self.cache.run(1)
+        self._ran(1)
         self._reply_left -= 1
         if not np.isfinite(self._row).all():
             self._restart_context()

@@ -4,8 +4,9 @@
 #   scripts/gpu/check.sh [--allow-cpu] [bench/gpu_check.py options...]
 # Writes ONE JSON ($OUT: a file, or a folder to hold gpu_check.json; default gpu_check.json in the
 # repository root) with TTFR p50, the listening step and 1-token decode speed of real-dimension
-# random weights at fp16 and int4, with and without CUDA graphs (bench/gpu_check.py says what
-# each figure is), and prints a summary table.
+# random weights at fp16 and int4, with and without CUDA graphs, and streams_real_time: the most
+# streams (of 1, 8, 32, 64, 128, 256) whose steps share the slot decoder with p99 TTFR <= 60 ms
+# (fp16; bench/gpu_check.py says what each figure is), and prints a summary table.
 # Checkpoint and packages go to $WORK (default /tmp/listenloop-gpu-check) and are reused.
 # Exit status: 2 when onnxruntime has no CUDAExecutionProvider (--allow-cpu runs anyway, on the
 # CPU fallback), 3 when listenloop cannot be imported, else that of bench/gpu_check.py (124: the

@@ -14,7 +14,7 @@ import json
 import logging
 import secrets
 
-from ..errors import Error
+from ..errors import CapacityError, Error
 from .transport import Channel, CloseCode
 
 log = logging.getLogger("listenloop.server")
@@ -87,6 +87,9 @@ class Connection:
         try:
             try:
                 self.open_session(**self.policy)
+            except CapacityError as exc:  # every slot of the model's shared KV cache is taken
+                await channel.refuse(503, "session_limit", f"{exc}; try again later")
+                return channel.response
             except Error as exc:
                 await channel.refuse(400, "invalid_option", str(exc))
                 return channel.response
