@@ -8,8 +8,9 @@ evaluation split). Each scene runs once with a silent device (the reference repl
 its replies spoken at a speaker-to-microphone gain of -10, 0 and +6 dB and a bulk delay of 0,
 120 and 250 ms (RT60 drawn per scene from 0.2-0.8 s), in three set-ups: no canceller; the
 canceller with the own-voice bias off (playback_bias=0); the runtime's defaults (canceller and
-own-voice policy). Counted: replies the silent run does not give (extra, per 10 minutes), and
-the silent run's replies still given (same text within 2 s).
+own-voice policy). Counted: replies the silent run does not give (extra, per 10 minutes), those of them
+decided while the device's own voice could echo (per set-up and speaker gain), and the silent
+run's replies still given (same text within 2 s).
 
 Barge-in: `--barge-in` scenes where a command is spoken while the device still speaks its
 reply to a sound event (demo/kiosk.py, barge_in_scene), at 0 dB and 50 ms: the share of
@@ -66,6 +67,8 @@ def main(argv=None) -> int:
     started = time.time()
     totals = {name: {"extra": 0, "extra_while_playing": 0, "kept": 0, "reference": 0, "seconds": 0.0, "examples": []}
               for name in SETUPS}
+    # per set-up and speaker gain: replies decided while the device's own voice could echo, and seconds
+    own_by_gain = {name: {f"{g:+.0f} dB": [0, 0.0] for g in GAINS_DB} for name in SETUPS}
     scene_list = scenes(args.streams)
     for i, (name, audio) in enumerate(scene_list):
         reference = kiosk.run(runtime, audio, None)
@@ -82,6 +85,9 @@ def main(argv=None) -> int:
                 t["seconds"] += len(audio) / SAMPLE_RATE
                 t["examples"] += [f"{name} {gain:+.0f} dB {1000 * delay:.0f} ms: {r.text!r} at {r.time_s:.1f} s"
                                   for r in result.extra]
+                own = own_by_gain[setup][f"{gain:+.0f} dB"]
+                own[0] += sum(r.while_playing for r in result.extra)
+                own[1] += len(audio) / SAMPLE_RATE
     scene_minutes = sum(len(a) for _, a in scene_list) / SAMPLE_RATE / 60
     print(f"{len(scene_list)} scenes, {scene_minutes:.1f} min; each run with {len(GAINS_DB) * len(DELAYS_S)} rooms "
           f"({totals['default']['seconds'] / 60:.0f} min per set-up)")
@@ -89,6 +95,9 @@ def main(argv=None) -> int:
     for setup, t in totals.items():
         print(f"{setup:<16}{t['extra']:>14}{600 * t['extra'] / t['seconds']:>11.2f}{t['extra_while_playing']:>14}"
               f"{t['kept']:>6}/{t['reference']:<4}{100 * t['kept'] / max(t['reference'], 1):>5.1f} %")
+    print("replies to its own voice per 10 min, by speaker-to-microphone gain:")
+    for setup, by_gain in own_by_gain.items():
+        print(f"  {setup:<16}" + "".join(f"{gain}: {600 * n / max(sec, 1e-9):5.2f}   " for gain, (n, sec) in by_gain.items()))
     for line in totals["default"]["examples"]:
         print("  default, extra:", line)  # "while playing": decided while the device's own voice could echo
 
@@ -110,8 +119,10 @@ def main(argv=None) -> int:
             print(f"{when:<18}" + "".join(f"{n:>9}/{args.barge_in} {100 * n / args.barge_in:>3.0f}%" for n in counts.values()))
     print(f"took {time.time() - started:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"totals": totals, "barge_in": barge, "scenes": len(scene_list),
-                                         "scene_minutes": scene_minutes}, indent=1))
+        own = {setup: {gain: {"replies": n, "seconds": sec} for gain, (n, sec) in by_gain.items()}
+               for setup, by_gain in own_by_gain.items()}
+        args.json.write_text(json.dumps({"totals": totals, "own_voice_by_gain": own, "barge_in": barge,
+                                         "scenes": len(scene_list), "scene_minutes": scene_minutes}, indent=1))
     return 0
 
 
