@@ -296,7 +296,7 @@ def test_a_gain_plays_a_window_louder():
 
 
 def test_feature_sets_are_the_documented_kinds():
-    assert dataset.SETS == ("train", "eval", "pairs")
+    assert dataset.SETS == ("train", "eval", "pairs", "real", "own", "real-eval")
     with pytest.raises(ValueError, match="set must be one of"):
         dataset.build("test", 0, 1)
 

@@ -173,8 +173,11 @@ def test_a_device_that_plays_in_bursts_places_each_burst_at_the_microphone_posit
 
 
 @needs_espeak
-def test_a_speaking_device_does_not_answer_itself_with_the_reference_and_does_without(runtime, kitchen):
-    """The closed loop (demo/kiosk.py): every reply spoken back at 0 dB through a room."""
+def test_a_speaking_device_does_not_answer_itself_with_or_without_the_reference(runtime, kitchen):
+    """The closed loop (demo/kiosk.py): every reply spoken back at 0 dB through a room. The
+    demo model was trained on its own replies heard back, so even with no canceller and no
+    own-voice bias it does not take them for commands; with both it keeps the silent run's
+    replies."""
     from demo import kiosk
     from demo.rooms import Room
 
@@ -184,7 +187,7 @@ def test_a_speaking_device_does_not_answer_itself_with_the_reference_and_does_wi
     reference = kiosk.run(runtime, scene, None)
     assert len(reference) >= 4
     without = kiosk.compare(reference, kiosk.run(runtime, scene, room, cancel=False, playback_bias=0.0))
-    assert len(without.extra) >= 2  # it answers its own voice
+    assert without.extra == []  # nothing the silent device did not say: its own voice is no command
     with_reference = kiosk.compare(reference, kiosk.run(runtime, scene, room))
     assert with_reference.extra == []
     assert with_reference.kept >= with_reference.reference - 1
