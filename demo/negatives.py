@@ -96,8 +96,8 @@ def make_real_stream(seed: int, split: str = "train") -> streams.Stream:
         bed = set_rms(augment.reverb(rng, bed, rt60_s=rng.uniform(0.2, 0.8), wet=rng.uniform(0.2, 0.6))[:n], 1.0)
     placed = _stream_items(rng, n, settings) if rng.random() < P_ITEMS else []
     # Without items the real audio is the foreground; with items it is their background.
-    bed_snr = (rng.uniform(5.0, 25.0),) if placed else (rng.uniform(-3.0, 3.0),)
-    return streams.mix_stream(rng, n_chunks, placed, "train", settings, seed=seed, bed=bed, bed_snr_db=bed_snr[0])
+    bed_snr_db = rng.uniform(5.0, 25.0) if placed else rng.uniform(-3.0, 3.0)
+    return streams.mix_stream(rng, n_chunks, placed, "train", settings, seed=seed, bed=bed, bed_snr_db=bed_snr_db)
 
 
 def _random_room(rng: np.random.Generator) -> Room:
