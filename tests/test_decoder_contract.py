@@ -16,7 +16,7 @@ def _vectors(n: int, hidden: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(0, 1, (n, 10, hidden)).astype(np.float32)
 
 
-def _run(engine: Engine, chunks: np.ndarray, reply_tokens: int = 6) -> list:
+def engine_events(engine: Engine, chunks: np.ndarray, reply_tokens: int = 6) -> list:
     """Decisions (p_speak) and reply tokens, chunk by chunk."""
     out = []
     for audio in chunks:
@@ -26,17 +26,22 @@ def _run(engine: Engine, chunks: np.ndarray, reply_tokens: int = 6) -> list:
     return out
 
 
+def assert_same_engine_events(a: list, b: list, precision: str) -> None:
+    """Two graphs' engine_events: replies and resets happened, every decision, reset and reply
+    token is the same, and p_speak agrees to the precision's parity tolerance."""
+    assert sum(row[0] for row in a) >= 3 and sum(row[2] for row in a) >= 2  # replies and resets happened
+    assert [(s, r, t) for s, _, r, t in a] == [(s, r, t) for s, _, r, t in b]
+    tolerance = 2e-3 if precision == "fp16" else 1e-4
+    np.testing.assert_allclose([row[1] for row in a], [row[1] for row in b], atol=tolerance)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int4"])
 def test_gqa_and_grouped_graphs_give_the_same_events(tiny_package_at, precision):
     grouped, gqa = (Engine(tiny_package_at(precision, attention), speak_bias=2.0, max_context=302)
                     for attention in ("grouped", "gqa"))
     assert grouped.model.attention == "grouped" and gqa.model.attention == "gqa"
     chunks = _vectors(60, grouped.model.hidden)  # 60 chunks through 302 positions: resets too
-    a, b = _run(grouped, chunks), _run(gqa, chunks)
-    assert sum(row[0] for row in a) >= 3 and sum(row[2] for row in a) >= 2  # replies and resets happened
-    assert [(s, r, t) for s, _, r, t in a] == [(s, r, t) for s, _, r, t in b]
-    tolerance = 2e-3 if precision == "fp16" else 1e-4
-    np.testing.assert_allclose([row[1] for row in a], [row[1] for row in b], atol=tolerance)
+    assert_same_engine_events(engine_events(grouped, chunks), engine_events(gqa, chunks), precision)
 
 
 def test_gqa_steps_bind_once_per_kind_at_fixed_addresses(tiny_package_at, monkeypatch):
@@ -50,7 +55,7 @@ def test_gqa_steps_bind_once_per_kind_at_fixed_addresses(tiny_package_at, monkey
     cache = stream.kv_cache.ctypes.data
     assert stream.kv_cache.shape[1:] == (1, engine.model.kv_heads, 400, engine.model.head_dim)  # head-major
     chunks = _vectors(20, engine.model.hidden, seed=1)
-    events = _run(engine, chunks)
+    events = engine_events(engine, chunks)
     assert sum(row[0] for row in events) >= 2
     steady, reply = binds.count(STEP), binds.count(1)
     assert steady == 1 and reply == 1, binds  # each step kind bound once, then only values change
@@ -71,7 +76,7 @@ def test_captured_step_kinds_run_from_fixed_device_staging(tiny_package_at):
     captured.model.cuda_graphs = True  # what a CUDA profile with enable_cuda_graph sets
     captured.stream.cache._graph_capture = True
     chunks = _vectors(24, plain.model.hidden, seed=2)
-    a, b = _run(plain, chunks), _run(captured, chunks)
+    a, b = engine_events(plain, chunks), engine_events(captured, chunks)
     assert sum(row[0] for row in a) >= 2
     assert [(s, t) for s, _, _, t in a] == [(s, t) for s, _, _, t in b]
     np.testing.assert_allclose([row[1] for row in a], [row[1] for row in b], atol=1e-6)
@@ -79,7 +84,7 @@ def test_captured_step_kinds_run_from_fixed_device_staging(tiny_package_at):
     assert binders[STEP].staging is not None and binders[1].staging is not None
     staged = binders[STEP].staging
     addresses = (staged.embeds.data_ptr(), staged.positions.data_ptr(), staged.logits.data_ptr())
-    _run(captured, chunks[:4])
+    engine_events(captured, chunks[:4])
     assert (staged.embeds.data_ptr(), staged.positions.data_ptr(), staged.logits.data_ptr()) == addresses
 
 

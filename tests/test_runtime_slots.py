@@ -19,6 +19,7 @@ from listenloop.engine import Engine
 from listenloop.errors import CapacityError, DeviceError, SessionClosedError
 from listenloop.model import Model
 from listenloop.profiles import load_profile, profiles_dir
+from test_decoder_contract import assert_same_engine_events, engine_events
 from test_determinism import signature, _tiny_audio
 
 pytest.importorskip("torch")
@@ -141,15 +142,6 @@ def test_a_dropped_stream_gives_its_slot_back(package, tmp_path):
     assert engine.model.stream().cache.slot == 1
 
 
-def _engine_events(engine, chunks, reply_tokens=6) -> list:
-    out = []
-    for audio in chunks:
-        result = engine.listen(audio)
-        tokens = [step.token for step in engine.speak(reply_tokens)] if result.spoke else []
-        out.append((result.spoke, result.p_speak, result.context_reset is not None, tokens))
-    return out
-
-
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_slot_path_matches_the_one_stream_path(tiny_package_at, tmp_path, precision):
     """Through Engine (a caller driving one stream: each step is made alone). Not bit for bit:
@@ -161,11 +153,7 @@ def test_slot_path_matches_the_one_stream_path(tiny_package_at, tmp_path, precis
     slots = Engine(package, _profile(tmp_path), max_context=CONTEXT, speak_bias=2.0)
     assert plain.model.slots == 0 and slots.model.slots == SLOTS
     chunks = np.random.default_rng(0).normal(0, 1, (60, 10, plain.model.hidden)).astype(np.float32)
-    a, b = _engine_events(plain, chunks), _engine_events(slots, chunks)
-    assert sum(row[0] for row in a) >= 3 and sum(row[2] for row in a) >= 2  # replies and resets happened
-    assert [(s, r, t) for s, _, r, t in a] == [(s, r, t) for s, _, r, t in b]
-    tolerance = 2e-3 if precision == "fp16" else 1e-4
-    np.testing.assert_allclose([row[1] for row in a], [row[1] for row in b], atol=tolerance)
+    assert_same_engine_events(engine_events(plain, chunks), engine_events(slots, chunks), precision)
 
 
 def test_runtime_events_match_the_one_stream_path(package, runtime):
@@ -198,7 +186,7 @@ def test_captured_step_runs_from_fixed_device_staging(package, tmp_path):
     assert pool._staging is not None
     addresses = [v.data_ptr() for v in pool._staging._values] + [pool._staging.logits.data_ptr()]
     chunks = np.random.default_rng(2).normal(0, 1, (24, 10, plain.model.hidden)).astype(np.float32)
-    a, b = _engine_events(plain, chunks), _engine_events(captured, chunks)
+    a, b = engine_events(plain, chunks), engine_events(captured, chunks)
     assert sum(row[0] for row in a) >= 2
     assert a == b
     assert [v.data_ptr() for v in pool._staging._values] + [pool._staging.logits.data_ptr()] == addresses
