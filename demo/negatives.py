@@ -67,18 +67,6 @@ def real_bed(rng: np.random.Generator, n: int, split: str) -> tuple[np.ndarray, 
     return set_rms(audio, 1.0), bed
 
 
-def _stream_items(rng: np.random.Generator, n: int, settings: streams.StreamSettings) -> list[tuple[streams.Item, int]]:
-    """Synthetic training items (sound events, commands, distractors) placed as make_stream does."""
-    placed = []
-    start = seconds(rng.uniform(*settings.lead_quiet_s))
-    while True:
-        item = streams.vary_tempo(rng, streams.render_item(rng, *streams._random_item(rng, settings), "train"), settings)
-        if start + len(item.audio) + seconds(settings.min_tail_s) > n:
-            return placed
-        placed.append((item, start))
-        start += len(item.audio) + seconds(rng.uniform(*settings.gap_s))
-
-
 def make_real_stream(seed: int, split: str = "train") -> streams.Stream:
     """One reproducible stream on real recordings of `split` (see the module's doc)."""
     if split not in _REAL_SALT:
@@ -94,7 +82,7 @@ def make_real_stream(seed: int, split: str = "train") -> streams.Stream:
         return streams.Stream(seed=seed, split="real", audio=audio.astype(np.float32))
     if rng.random() < settings.p_reverb:
         bed = set_rms(augment.reverb(rng, bed, rt60_s=rng.uniform(0.2, 0.8), wet=rng.uniform(0.2, 0.6))[:n], 1.0)
-    placed = _stream_items(rng, n, settings) if rng.random() < P_ITEMS else []
+    placed = streams.place_items(rng, n, settings, "train") if rng.random() < P_ITEMS else []
     # Without items the real audio is the foreground; with items it is their background.
     bed_snr_db = rng.uniform(5.0, 25.0) if placed else rng.uniform(-3.0, 3.0)
     return streams.mix_stream(rng, n_chunks, placed, "train", settings, seed=seed, bed=bed, bed_snr_db=bed_snr_db)
@@ -131,7 +119,7 @@ def make_own_stream(seed: int) -> streams.Stream:
     background = streams.make_background(rng, n, "train") * db_to_amplitude(rng.uniform(-60.0, -40.0))
     mic = mic + background.astype(np.float32)
     if rng.random() < P_USER:
-        for item, start in _stream_items(rng, n, settings):
+        for item, start in streams.place_items(rng, n, settings, "train"):
             wet = set_rms(item.audio, db_to_amplitude(rng.uniform(*settings.foreground_db)))
             mic[start:start + len(wet)] += wet[: n - start]
             segments.append(streams.Segment(item.kind, item.name, item.text, start, start + len(item.audio), item.reply))

@@ -249,16 +249,21 @@ def make_stream(seed: int, split: str = "train") -> Stream:
     rng = np.random.default_rng([seed, _SPLIT_SALT[split]])
     n_chunks = int(rng.integers(settings.min_chunks, settings.max_chunks + 1))
     n = n_chunks * CHUNK_SAMPLES
-    placed: list[tuple[Item, int]] = []
-    if rng.random() >= settings.p_empty:
-        start = seconds(rng.uniform(*settings.lead_quiet_s))
-        while True:
-            item = vary_tempo(rng, render_item(rng, *_random_item(rng, settings), split), settings)
-            if start + len(item.audio) + seconds(settings.min_tail_s) > n:
-                break  # the next item would eat the quiet tail: the stream is full
-            placed.append((item, start))
-            start += len(item.audio) + seconds(rng.uniform(*settings.gap_s))
+    placed = place_items(rng, n, settings, split) if rng.random() >= settings.p_empty else []
     return mix_stream(rng, n_chunks, placed, split, settings, seed=seed)
+
+
+def place_items(rng: np.random.Generator, n: int, settings: StreamSettings, split: str) -> list[tuple[Item, int]]:
+    """Random items of `split` and their start samples in a stream of n samples: a quiet lead,
+    then items separated by gaps until the next one would eat the quiet tail."""
+    placed: list[tuple[Item, int]] = []
+    start = seconds(rng.uniform(*settings.lead_quiet_s))
+    while True:
+        item = vary_tempo(rng, render_item(rng, *_random_item(rng, settings), split), settings)
+        if start + len(item.audio) + seconds(settings.min_tail_s) > n:
+            return placed  # the next item would eat the quiet tail: the stream is full
+        placed.append((item, start))
+        start += len(item.audio) + seconds(rng.uniform(*settings.gap_s))
 
 
 def make_pair_stream(seed: int) -> Stream:
