@@ -268,10 +268,11 @@ def export_package(checkpoint_dir, out_dir, precision: str = "fp32", encoder_pre
     io_dtype = kv_dtype or IO_DTYPES_OF[dec_precision][0]
     if io_dtype not in IO_DTYPES_OF[dec_precision]:
         raise ExportError(f"kv_dtype {io_dtype}: a {dec_precision} decoder takes {' or '.join(IO_DTYPES_OF[dec_precision])}")
-    if slots and dec_precision not in SLOT_PRECISIONS:
-        raise ExportError(f"--slots: the slot decoder is exported at {' or '.join(SLOT_PRECISIONS)}, not {dec_precision} "
-                          "(int8 quantizes activations with one scale per call, which would mix the slots' rows; "
-                          "int4's row independence is not checked yet)")
+    for part, part_precision in (("decoder", dec_precision), ("encoder", enc_precision)):
+        if slots and part_precision not in SLOT_PRECISIONS:  # with slots, the encoder batches the slots' chunks too
+            raise ExportError(f"--slots: the slot {part} is exported at {' or '.join(SLOT_PRECISIONS)}, not "
+                              f"{part_precision} (int8 quantizes activations with one scale per call, which would mix "
+                              "the slots' rows; int4's row independence is not checked yet)")
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir}: already exists (pass --force to replace it)")
     if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):

@@ -118,3 +118,21 @@ def test_slots_refused_for_int8(tiny_checkpoint, tmp_path):
     with pytest.raises(ExportError, match="slot decoder is exported at fp32 or fp16, not int8"):
         export_package(tiny_checkpoint, tmp_path / "p", precision="int8", slots=True)
     assert not (tmp_path / "p").exists()
+    # the chunks of a round are encoded in one call too, so the encoder may not be int8 either
+    with pytest.raises(ExportError, match="slot encoder is exported at fp32 or fp16, not int8"):
+        export_package(tiny_checkpoint, tmp_path / "p", precision="fp32", encoder_precision="int8", slots=True)
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_package_whose_slot_decoder_has_an_int8_encoder_is_refused(package, tmp_path):
+    import shutil
+
+    from listenloop.errors import ModelPackageError
+
+    copy = tmp_path / "p"
+    shutil.copytree(package.path, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["encoder"]["precision"] = "int8"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelPackageError, match=r"slot_decoder: needs the encoder at fp32 or fp16, this one is int8"):
+        load_package(copy)

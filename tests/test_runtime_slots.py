@@ -55,17 +55,26 @@ def _events(session, pcm, piece=16000) -> list:
     return signature(session.events(timeout=5))
 
 
-def _count_shared_steps(pool) -> list:
-    """Record how many slots each step of `pool` carried."""
-    carried = []
-    real_step = pool.step
+def _count_shared_calls(pool) -> tuple[list, list]:
+    """Record how many slots each decoder step and each encoder call of `pool` carried."""
+    carried, encoded, staged = [], [], set()
+    real_step, real_stage, real_encode = pool.step, pool.stage_chunk, pool.encode
 
     def step():
         carried.append(int((pool.new_lengths > 0).sum()))
         real_step()
 
-    pool.step = step
-    return carried
+    def stage_chunk(slot, generation, mel):
+        staged.add(slot)
+        real_stage(slot, generation, mel)
+
+    def encode():
+        encoded.append(len(staged))
+        staged.clear()
+        real_encode()
+
+    pool.step, pool.stage_chunk, pool.encode = step, stage_chunk, encode
+    return carried, encoded
 
 
 def _kinds(events) -> list:
@@ -79,7 +88,7 @@ def test_events_are_the_same_alone_and_among_streams_joining_and_leaving(runtime
         assert s.stream.cache.slot == 0
     kinds = _kinds(alone)
     assert "ReplyEnded" in kinds and "ContextReset" in kinds and kinds.count("Decision") == 40
-    carried = _count_shared_steps(runtime.model.slot_pool)
+    carried, encoded = _count_shared_calls(runtime.model.slot_pool)
 
     a, b = runtime.session(), runtime.session()  # slots 0 and 1
     feeders = [threading.Thread(target=_feed_until_closed, args=(s, _tiny_audio(16.0, seed=seed)))
@@ -102,6 +111,24 @@ def test_events_are_the_same_alone_and_among_streams_joining_and_leaving(runtime
         s.close()
     assert among == alone
     assert max(carried) >= 3, carried  # steps really were shared by several streams
+    assert max(encoded) >= 2, encoded  # and so were encoder calls (mostly the streams are replying)
+
+
+def test_a_chunks_vectors_do_not_depend_on_the_other_rows_of_the_encoder_batch(runtime):
+    from listenloop.encoder import ChunkBatch
+
+    model = runtime.model
+    mels = np.random.default_rng(5).normal(size=(SLOTS + 1, 128, 40)).astype(np.float32)
+    batch = ChunkBatch(model, SLOTS)
+    batch.stage(0, mels[0])
+    batch.run()
+    alone = batch.vectors(0)
+    for row in range(SLOTS):  # the same chunk in every row, the other rows holding other chunks
+        for other in range(SLOTS):
+            batch.stage(other, mels[0] if other == row else mels[1 + other])
+        batch.run()
+        assert np.array_equal(batch.vectors(row), alone)
+    np.testing.assert_allclose(alone, model.encode(mels[0])[0], rtol=0, atol=1e-5)  # B = 1, other kernels
 
 
 def _feed_until_closed(session, pcm) -> None:
@@ -228,7 +255,7 @@ def test_demo_model_events_alone_among_others_and_against_the_one_stream_path(de
     with listenloop.Runtime(demo_package, _profile(tmp_path), max_context=768) as rt:
         with rt.session() as s:
             alone = _events(s, recordings[0])
-        carried = _count_shared_steps(rt.model.slot_pool)
+        carried, encoded = _count_shared_calls(rt.model.slot_pool)
         sessions = [rt.session() for _ in names]
         results = [None] * len(names)
 
@@ -244,7 +271,7 @@ def test_demo_model_events_alone_among_others_and_against_the_one_stream_path(de
             s.close()
     assert sum(e["event"] == "ReplyEnded" for e in alone) >= 2
     assert results[0] == alone
-    assert max(carried) >= 3, carried
+    assert max(carried) >= 3 and max(encoded) >= 3, (carried, encoded)
     stripped = [{k: v for k, v in e.items() if k not in ("p_speak", "kv_bytes")} for e in alone]
     assert stripped == [{k: v for k, v in e.items() if k not in ("p_speak", "kv_bytes")} for e in reference]
     np.testing.assert_allclose([e["p_speak"] for e in alone if "p_speak" in e],

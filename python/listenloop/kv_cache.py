@@ -12,9 +12,12 @@ What a DecoderStream asks of its cache, whichever it is:
   and leaves that row's logits in the stream's `_logits[0]`. It yields each time it waits for
   a shared step (a StreamBuffer never does: it runs the call at once and returns `()`);
   whoever drives the stream makes that step and resumes it.
-- `drive(steps)`: runs a generator of the stream's (`listen_steps`, `speak_steps`) to its end
-  and returns its value, making any shared step itself: the plain `listen()` and
-  `speak_step()`, for callers that drive one stream on their own.
+- `encode_steps(mel)`: an iterable that returns one chunk's audio vectors [10, H] from its
+  normalised log-mel [128, 40]. A StreamBuffer encodes at once; a SlotCache stages the chunk
+  in its pool's encoder batch and yields until the round's shared encoder call.
+- `drive(steps)`: runs a generator of the stream's (`encode_steps`, `listen_steps`,
+  `speak_steps`) to its end and returns its value, making any shared call itself: the plain
+  `listen()` and `speak_step()`, for callers that drive one stream on their own.
 - `clear()`: forget what the buffer holds (after NaN or infinite outputs).
 - `close()`: give the memory back (a slot becomes free for another stream).
 - `nbytes`, `array` (a host view of the buffers, or None when they live on a device).
@@ -29,25 +32,27 @@ import numpy as np
 from .protocol import STEP
 
 ONNX_FLOAT, ONNX_INT32, ONNX_INT64, ONNX_FLOAT16 = 1, 6, 7, 10  # onnx.TensorProto element types
+# What a waiting stream yields: the shared call it waits for.
+ENCODER_CALL, DECODER_STEP = "encoder call", "decoder step"
 # CUDA graph id of each captured step kind (T) of a per-stream gqa graph: the listening step
 # and the reply token.
 _CAPTURED_STEPS = {STEP: 1, 1: 2}
 
 
-def drive(steps, make_step=None):
-    """Run the generator `steps` to its end and return its value; `make_step()` makes each shared
-    step it waits for (None: a cache that never waits). A failed step is raised inside the
-    generator, where the decoder call would have raised, so the stream's state stays as it was
-    before that call."""
+def drive(steps, make_call=None):
+    """Run the generator `steps` to its end and return its value; `make_call(what)` makes each
+    shared call it waits for (ENCODER_CALL or DECODER_STEP; None: a cache that never waits). A
+    failed call is raised inside the generator, where the model call would have raised, so the
+    stream's state stays as it was before that call."""
     while True:
         try:
-            next(steps)
+            waiting_for = next(steps)
         except StopIteration as done:
             return done.value
-        if make_step is None:
-            raise RuntimeError("a stream waited for a shared decoder step, but its cache makes none")
+        if make_call is None:
+            raise RuntimeError("a stream waited for a shared model call, but its cache makes none")
         try:
-            make_step()
+            make_call(waiting_for)
         except BaseException as exc:  # noqa: BLE001 - re-raised through the generator
             try:
                 steps.throw(exc)
@@ -200,6 +205,12 @@ class StreamBuffer:
         else:
             self._run_prefix(T)
         return ()
+
+    def encode_steps(self, mel: np.ndarray):
+        """The chunk's audio vectors, encoded at once: a generator that never waits."""
+        audio = self.model.encode(mel[None])[0]
+        yield from ()
+        return audio
 
     def drive(self, steps):
         return drive(steps)

@@ -12,7 +12,9 @@ docs/DESIGN.md, "Fixed-slot batching"); the pool is the one thing streams share 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -33,15 +35,19 @@ class Model:
         pkg, dec = self.package, self.package.decoder
         self.profile = resolve_providers(load_profile(profile))
         self.attention = pkg.attention
+        self.layers, self.kv_heads, self.head_dim = dec["num_layers"], dec["num_kv_heads"], dec["head_dim"]
+        self.hidden, self.vocab = dec["hidden_size"], dec["vocab_size"]
         self.slots = self._slot_count()
         self.cuda_graphs = self._cuda_graphs()
+        self.encoder_graphs = self._encoder_graphs()
+        self._encoder_graph_ids = itertools.count(1)
+        self._single_chunk = None  # the ChunkBatch of one chunk, when the encoder is captured
+        self._single_chunk_lock = threading.Lock()
         self._create_sessions()
 
         self.tokens = pkg.tokens
         self.emotions = pkg.emotions
         self.prefix_ids = np.asarray(pkg.prefix_ids, dtype=np.int64)
-        self.layers, self.kv_heads, self.head_dim = dec["num_layers"], dec["num_kv_heads"], dec["head_dim"]
-        self.hidden, self.vocab = dec["hidden_size"], dec["vocab_size"]
         self.io_dtype = pkg.io_dtype
         self.sampling_defaults = dict(pkg.manifest["sampling"])
         self.trained_context = int(dec.get("trained_context", dec["max_context"]))
@@ -104,6 +110,25 @@ class Model:
         self.profile = replace(self.profile, graph_providers=graphs)
         return False
 
+    def _encoder_graphs(self) -> bool:
+        """Whether encoder calls are captured as CUDA graphs: the profile asks for it in the
+        encoder's CUDA options (`enable_cuda_graph`). Every captured call runs a ChunkBatch
+        (encoder.py): one chunk, or a slot pool's S chunks."""
+        name, options = self.profile.providers_for("encoder")[0]
+        return name == "CUDAExecutionProvider" and bool(options.get("enable_cuda_graph"))
+
+    def _drop_encoder_graphs(self, reason: str) -> None:
+        log.warning("profile %r: the encoder cannot be captured as a CUDA graph (%s): running it without",
+                    self.profile.name, reason)
+        (name, options), *rest = self.profile.providers_for("encoder")
+        kept = ((name, {k: v for k, v in options.items() if k != "enable_cuda_graph"}), *rest)
+        self.profile = replace(self.profile, graph_providers=dict(self.profile.graph_providers, encoder=kept))
+        self.encoder_graphs = False
+
+    def encoder_graph_id(self) -> int:
+        """A CUDA graph id of the encoder session not given out before (one per ChunkBatch)."""
+        return next(self._encoder_graph_ids)
+
     def _create_sessions(self) -> None:
         try:
             self._open_sessions(self.profile)
@@ -116,7 +141,8 @@ class Model:
             log.warning("profile %r: %s failed its start-up self-test (%s); running on CPUExecutionProvider",
                         self.profile.name, self.profile.primary, str(exc).splitlines()[0][:200])
             self.profile = cpu_fallback(self.profile)
-            self.cuda_graphs, self.slots = False, 0
+            self.cuda_graphs, self.encoder_graphs, self.slots = False, False, 0
+            self._single_chunk = None
             self._open_sessions(self.profile)
             self._self_test()
 
@@ -129,9 +155,18 @@ class Model:
         # it would hold the weights a second time)
         decoder_path = self.package.slot_decoder_path if self.slots else self.package.decoder_path
         for graph, path in (("encoder", self.package.encoder_path), ("decoder", decoder_path)):
-            names, options = provider_arguments(profile, graph)
+            def load():
+                names, options = provider_arguments(self.profile, graph)
+                return ort.InferenceSession(str(path), sess_options=opts, providers=names, provider_options=options)
+
             try:
-                sessions.append(ort.InferenceSession(str(path), sess_options=opts, providers=names, provider_options=options))
+                try:
+                    sessions.append(load())
+                except Exception as exc:  # noqa: BLE001 - ORT refuses a capture with nodes off the GPU
+                    if graph != "encoder" or not self.encoder_graphs:
+                        raise
+                    self._drop_encoder_graphs(str(exc).splitlines()[0][:200])
+                    sessions.append(load())
             except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
                 if profile.primary != CPU:
                     raise
@@ -152,7 +187,7 @@ class Model:
         and P cancel out of that key, so the first run's T decides which step length gets
         preplanned buffers. The 13-token step recurs every 0.4 s.
         """
-        audio = self.encoder.run(None, {"mel": np.zeros((1, N_MELS, FRAMES_PER_CHUNK), np.float32)})[0]
+        audio = self.encode(np.zeros((1, N_MELS, FRAMES_PER_CHUNK), np.float32), check=False)
         dec = self.package.decoder
         io = np.dtype(dec["io_dtype"])
         # the steady listening step's own tokens, so broken embedding rows fail here too
@@ -211,16 +246,29 @@ class Model:
             return (1, self.kv_heads, self.capacity, self.head_dim)
         return (1, self.capacity, self.kv_heads, self.head_dim)
 
-    def encode(self, mel: np.ndarray) -> np.ndarray:
-        """[B,128,40] float32 mel -> [B,10,H] float32 audio vectors (chunks are independent)."""
+    def encode(self, mel: np.ndarray, *, check: bool = True) -> np.ndarray:
+        """[B,128,40] float32 mel -> [B,10,H] float32 audio vectors (chunks are independent).
+        With a captured encoder each chunk runs through the one-chunk ChunkBatch."""
         mel = np.asarray(mel)
         if mel.ndim == 2:
             mel = mel[None]
         if mel.ndim != 3 or mel.shape[1:] != (N_MELS, FRAMES_PER_CHUNK):
             raise ValueError(f"mel must be [B, {N_MELS}, {FRAMES_PER_CHUNK}], got {list(mel.shape)}")
         mel = np.ascontiguousarray(mel, dtype=np.float32)
-        audio = self.encoder.run(["audio_embeds"], {"mel": mel})[0]
-        if not np.isfinite(audio).all():
+        if self.encoder_graphs:
+            audio = np.empty((len(mel), VECTORS_PER_CHUNK, self.hidden), np.float32)
+            with self._single_chunk_lock:  # one staging for every thread
+                if self._single_chunk is None:
+                    from .encoder import ChunkBatch
+
+                    self._single_chunk = ChunkBatch(self, 1, self.encoder_graph_id())
+                for i, chunk in enumerate(mel):
+                    self._single_chunk.stage(0, chunk)
+                    self._single_chunk.run()
+                    audio[i] = self._single_chunk.audio[0]
+        else:
+            audio = self.encoder.run(["audio_embeds"], {"mel": mel})[0]
+        if check and not np.isfinite(audio).all():
             raise ModelOutputError("the encoder computed NaN or infinite audio vectors")
         return audio
 

@@ -277,9 +277,10 @@ def _validate_slot_decoder(manifest: dict) -> None:
     if section["step_tokens"] != STEP:
         raise _fail(MANIFEST, "slot_decoder.step_tokens", f"this runtime's listening step has {STEP} tokens, "
                                                           f"got {show(section['step_tokens'])}")
-    if manifest["decoder"]["precision"] not in SLOT_PRECISIONS:
-        raise _fail(MANIFEST, "slot_decoder", f"needs a decoder precision of {' or '.join(SLOT_PRECISIONS)}, "
-                                              f"this one is {manifest['decoder']['precision']}")
+    for part in ("decoder", "encoder"):  # with slots, the encoder batches the slots' chunks too
+        if manifest[part]["precision"] not in SLOT_PRECISIONS:
+            raise _fail(MANIFEST, "slot_decoder", f"needs the {part} at {' or '.join(SLOT_PRECISIONS)}, "
+                                                  f"this one is {manifest[part]['precision']}")
 
 
 def _token_id(value, field: str, vocab: int) -> int:

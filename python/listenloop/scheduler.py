@@ -6,12 +6,13 @@ and a session never waits behind another session's reply for longer than one dec
 Without slots, calls are never batched across chunks or sessions, which keeps each stream's
 numbers a function of its own audio alone (docs/DESIGN.md, "Determinism").
 
-With a SlotPool (a profile with `"slots"`), a round is one decoder call for every session:
-each session with work starts its unit (its generator runs up to the point where its cache
-waits for the shared step), the pool runs the step, and every waiting unit is resumed. A
-unit that needs several steps (a prompt or a re-prefill, 13 rows per step) stays in flight
-across rounds while the others go on, so no session waits more than one step for its turn.
-The slot decoder computes every slot's rows by themselves, so a stream's numbers are still a
+With a SlotPool (a profile with `"slots"`), a round is one encoder call and one decoder call
+for every session: each session with work starts its unit (its generator runs up to the point
+where its cache waits for a shared call), the pool encodes every staged chunk at once, resumes
+those units, runs the decoder step, and resumes every unit that waited for it. A unit that
+needs several steps (a prompt or a re-prefill, 13 rows per step) stays in flight across rounds
+while the others go on, so no session waits more than one step for its turn. The encoder and
+the slot decoder compute every slot's rows by themselves, so a stream's numbers are still a
 function of its own audio alone (docs/DESIGN.md, "Fixed-slot batching").
 
 The thread exists while sessions are open and sleeps on one wake signal that every
@@ -40,7 +41,7 @@ class StreamScheduler:
         self.wake_signal = _core.WakeSignal()
         self._name = name
         self._pool = pool  # a SlotPool: batched rounds
-        self._in_flight: dict = {}  # session -> its unit's generator, waiting for the pool's next step
+        self._in_flight: dict = {}  # session -> [its unit's generator, the pool's call it waits for]
         # re-entrant: a session collected by the GC in this thread while the lock is held
         # removes itself from its __del__
         self._lock = threading.RLock()
@@ -83,7 +84,7 @@ class StreamScheduler:
                 self._sessions = [r for r in self._sessions if r() is not None]
                 if self._stopping or not self._sessions:
                     self._thread = None  # a session opened from now on starts a new thread
-                    for steps in self._in_flight.values():
+                    for steps, _ in self._in_flight.values():
                         steps.close()
                     self._in_flight.clear()
                     return
@@ -103,8 +104,8 @@ class StreamScheduler:
         return worked
 
     def _batched_round(self, refs) -> bool:
-        """Start a unit for every session with work and none in flight, make one shared step
-        if any unit waits for it, and resume those units."""
+        """Start a unit for every session with work and none in flight, make the shared calls
+        the waiting units need (SlotPool.round), and keep the units that wait for later steps."""
         worked = False
         for ref in refs:
             session = ref()
@@ -112,27 +113,15 @@ class StreamScheduler:
                 continue
             steps = session._work_steps()
             try:
-                next(steps)
+                self._in_flight[session] = [steps, next(steps)]
             except StopIteration as done:
                 worked = worked or bool(done.value)
-                continue
-            self._in_flight[session] = steps
         session = None
         for closed in [s for s in self._in_flight if s.closed]:  # its slot is already given back
-            self._in_flight.pop(closed).close()
+            self._in_flight.pop(closed)[0].close()
         if not self._in_flight:
             return worked
-        failure = None
-        try:
-            self._pool.step()
-        except Exception as exc:  # noqa: BLE001 - raised inside every unit that waited for this step
-            log.warning("listenloop batched decoder step failed: %s", exc)
-            failure = exc
-        for session, steps in list(self._in_flight.items()):
-            try:
-                steps.throw(failure) if failure is not None else next(steps)
-            except StopIteration:
-                del self._in_flight[session]
+        self._pool.round(self._in_flight)  # units that ended leave it
         return True
 
     def close(self, timeout: float = 10.0) -> None:

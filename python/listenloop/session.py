@@ -382,7 +382,7 @@ class Session:
         return self.stream.cache.drive(self._work_steps())
 
     def _work_steps(self):
-        """_work() as a generator that yields while the stream's cache waits for a shared step
+        """_work() as a generator that yields while the stream's cache waits for a shared call
         (the scheduler's batched rounds drive it) and returns whether there was work."""
         if self._closed or self._fatal is not None or self._ended:
             return False
@@ -420,8 +420,8 @@ class Session:
             self._mel_peak = max(self._mel_peak, chunk.peak)
             mel = chunk.mel
             _core().normalize_log_mel(mel, self._mel_peak)
-            result = yield from stream.listen_steps(self.model.encode(mel[None])[0], chunk_level(mel), chunk.playing,
-                                                    self._near_end(chunk))
+            audio = yield from stream.cache.encode_steps(mel)
+            result = yield from stream.listen_steps(audio, chunk_level(mel), chunk.playing, self._near_end(chunk))
         except Exception as exc:  # noqa: BLE001 - skip the chunk, keep the session
             self._fault(index, exc)
             return

@@ -8,10 +8,15 @@ Every binding is made once: shapes and addresses never change, which is what a C
 capture needs. `step()` runs one call; slots that staged nothing run with no real rows and
 their results are ignored.
 
-`SlotCache` is one stream's slot behind the interface of kv_cache.py: `run(T)` stages the
-stream's tokens in pieces of up to 13 rows, one piece per step (a prompt or a re-prefill takes
-several steps, a listening step one, a reply token one), and yields after each for the step
-to be made.
+The pool also owns a ChunkBatch of S rows (encoder.py): the chunks of one scheduler round are
+encoded in one call, each in its stream's slot row.
+
+`SlotCache` is one stream's slot behind the interface of kv_cache.py: `encode_steps(mel)`
+stages a chunk in the slot's encoder row and yields for the shared encoder call; `run(T)`
+stages the stream's tokens in pieces of up to 13 rows, one piece per step (a prompt or a
+re-prefill takes several steps, a listening step one, a reply token one), and yields after
+each for the step to be made. `round()` makes the shared calls that waiting streams need and
+resumes them: the scheduler's batched rounds and the benchmarks drive streams with it.
 
 A stream's numbers do not depend on its slot index or on what the other slots hold: the graph
 computes each slot's rows by themselves with the same kernels at the same shapes. A slot given
@@ -23,14 +28,18 @@ own streams); opening and closing streams from other threads is safe (one lock).
 """
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 
 import numpy as np
 
+from .encoder import ChunkBatch
 from .errors import CapacityError, ProtocolError, SessionClosedError
-from .kv_cache import ONNX_FLOAT, ONNX_FLOAT16, ONNX_INT64, Binder, allocate_host, drive
+from .kv_cache import DECODER_STEP, ENCODER_CALL, ONNX_FLOAT, ONNX_FLOAT16, ONNX_INT64, Binder, allocate_host, drive
 from .protocol import STEP
+
+log = logging.getLogger("listenloop")
 
 SLOT_GRAPH_ID = 1  # the CUDA graph id of the one captured step
 
@@ -76,6 +85,7 @@ class SlotPool:
         self._binder = Binder(m.decoder, options)
         self._staging = _DeviceStaging(self, self._device) if m.cuda_graphs else None
         self._bind(pointers)
+        self.chunks = ChunkBatch(m, slots, m.encoder_graph_id() if m.encoder_graphs else None)
 
     def _host(self, shape, dtype) -> np.ndarray:
         """Zeroed page-locked host memory (async-capable copies to a GPU)."""
@@ -158,6 +168,53 @@ class SlotPool:
             self.embeds[slot, :n] = embeds
             self.past_lengths[slot], self.new_lengths[slot], self.logits_index[slot] = past, n, row
 
+    def stage_chunk(self, slot: int, generation: int, mel: np.ndarray) -> None:
+        """Slot `slot`'s chunk [128, 40] for the next encoder call."""
+        with self._lock:
+            self._check(slot, generation)
+            self.chunks.stage(slot, mel)
+
+    def encode(self) -> None:
+        """One encoder call for every slot's row (rows that staged nothing are ignored)."""
+        with self._lock:
+            self.chunks.run()
+
+    def make(self, call: str) -> None:
+        """The shared call a stream waits for: ENCODER_CALL or DECODER_STEP."""
+        self.encode() if call == ENCODER_CALL else self.step()
+
+    def round(self, waiting: dict) -> dict:
+        """One round for the units waiting on this pool. `waiting` maps a key to
+        [generator, the call it waits for]. The encoder call is made while any unit waits for
+        it, then one decoder step; each waiting unit is resumed after its call. Units that end
+        leave `waiting`, and their values are returned as {key: value}. A failed call is raised
+        inside every unit that waited for it."""
+        ended = {}
+
+        def call(kind, make) -> bool:
+            keys = [key for key, (_, waits_for) in waiting.items() if waits_for == kind]
+            if not keys:
+                return False
+            failure = None
+            try:
+                make()
+            except Exception as exc:  # noqa: BLE001 - raised inside every unit that waited for it
+                log.warning("listenloop batched %s failed: %s", kind, exc)
+                failure = exc
+            for key in keys:
+                steps = waiting[key][0]
+                try:
+                    waiting[key][1] = steps.throw(failure) if failure is not None else next(steps)
+                except StopIteration as done:
+                    ended[key] = done.value
+                    del waiting[key]
+            return True
+
+        while call(ENCODER_CALL, self.encode):
+            pass
+        call(DECODER_STEP, self.step)
+        return ended
+
     def step(self) -> None:
         """One decoder call for every slot that staged rows; none are staged afterwards."""
         with self._lock:
@@ -217,6 +274,13 @@ class SlotCache:
         """This slot's buffers [2 * layers, KVH, C + 13, D] (a view), or None on a device."""
         return None if self._pool.array is None else self._pool.array[:, self.slot]
 
+    def encode_steps(self, mel: np.ndarray):
+        """Stage the chunk in this slot's encoder row, yield for the shared encoder call, and
+        return the chunk's audio vectors."""
+        self._pool.stage_chunk(self.slot, self._generation, mel)
+        yield ENCODER_CALL
+        return self._pool.chunks.vectors(self.slot)
+
     def run(self, T: int):
         """Stage the stream's T tokens 13 rows at a time, yielding after each for the step."""
         pool, stream = self._pool, self._stream
@@ -225,11 +289,11 @@ class SlotCache:
             stop = min(start + STEP, T)
             pool.stage(self.slot, self._generation, stream._embeds[start:stop], P + start,
                        row - start if start <= row < stop else 0)
-            yield
+            yield DECODER_STEP
         stream._logits[0] = pool.logits[self.slot]  # the pool's row is rewritten by the next step
 
     def drive(self, steps):
-        return drive(steps, self._pool.step)
+        return drive(steps, self._pool.make)
 
     def clear(self) -> None:
         self._pool.clear(self.slot, self._generation)

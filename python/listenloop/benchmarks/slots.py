@@ -4,13 +4,15 @@ when their steps share the slot decoder (docs/DESIGN.md, "Fixed-slot batching").
 For each count N, a SlotPool of N slots on the Model's one slot-decoder session (a pool per N, so
 each step costs what N slots cost) and N scripted streams, all fed at once as the batching
 scheduler feeds them. A round stands for one 0.4 s chunk period: every stream's chunk arrives at
-the same moment (the worst case for waiting), each is encoded alone (B = 1, as the runtime
-encodes), all N listening steps run as one step, and the one stream whose script speaks this
-round (a different one each round) decodes its reply, one step per token, the other slots idle.
+the same moment (the worst case for waiting), all N chunks are encoded in one call (the pool's
+ChunkBatch, as the runtime encodes with slots), all N listening steps run as one step, and the
+one stream whose script speaks this round (a different one each round) decodes its reply, one
+step per token, the other slots idle.
 
-    ttfr_ms    the speaking stream's chunk arrival -> its first reply token: every encoder call of
-               the round, the shared listening step, the first reply step
-    round_ms   the round's whole work: N encoder calls, the listening step, the reply
+    ttfr_ms            the speaking stream's chunk arrival -> its first reply token: the round's
+                       encoder call, the shared listening step, the first reply step
+    round_ms           the round's whole work: the encoder call, the listening step, the reply
+    listening_step_ms  the encoder call and the shared listening step
 
 A count is kept in real time when the p99 TTFR is at most `ttfr_limit_ms` and no round takes
 longer than the chunk's 0.4 s; `streams_real_time` is the largest such count (0: none).
@@ -46,37 +48,26 @@ class _PoolModel:
         return SlotCache(self.slot_pool, stream)
 
 
-def _resume(steps):
-    """Run a unit to its next shared step: its StopIteration once it is done, else None."""
-    try:
-        next(steps)
-    except StopIteration as done:
-        return done
-    return None
-
-
 def _run_steps(pool, units: list) -> list:
-    """Run the units (generators of the streams') to their ends, one shared step at a time, as
-    the batching scheduler does; their results in order."""
+    """Run the units (generators of the streams') to their ends, one shared call at a time, as
+    the batching scheduler does (SlotPool.round); their results in order."""
     results = [None] * len(units)
-    waiting = []
+    waiting = {}
     for i, unit in enumerate(units):
-        done = _resume(unit)
-        if done is None:
-            waiting.append(i)
-        else:
+        try:
+            waiting[i] = [unit, next(unit)]
+        except StopIteration as done:
             results[i] = done.value
     while waiting:
-        pool.step()
-        still = []
-        for i in waiting:
-            done = _resume(units[i])
-            if done is None:
-                still.append(i)
-            else:
-                results[i] = done.value
-        waiting = still
+        for i, value in pool.round(waiting).items():
+            results[i] = value
     return results
+
+
+def _listen(stream, mel: np.ndarray):
+    """A session's listening unit: the chunk through the shared encoder call, then its step."""
+    audio = yield from stream.cache.encode_steps(mel)
+    return (yield from stream.listen_steps(audio))
 
 
 def measure_count(model, n: int, mels: np.ndarray, rounds: int, reply_tokens: int, graph_id: int) -> dict:
@@ -92,17 +83,14 @@ def measure_count(model, n: int, mels: np.ndarray, rounds: int, reply_tokens: in
     streams = [DecoderStream(view, model.policy(**scripted_policy(model.tokens, reply_tokens, n, i + 2)))
                for i in range(n)]
     try:
-        _run_steps(pool, [s.listen_steps(model.encode(mels[i % len(mels)][None])[0]) for i, s in enumerate(streams)])
+        _run_steps(pool, [_listen(s, mels[i % len(mels)]) for i, s in enumerate(streams)])
         for s in streams:
             s.end_reply()  # the prompt round is untimed: a script that spoke there stops at once
         ttfr, busy, steps_ms = [], [], []
         for r in range(rounds):
             t0 = time.perf_counter()
-            units = [s.listen_steps(model.encode(mels[(r + 1 + i) % len(mels)][None])[0])
-                     for i, s in enumerate(streams)]
-            t1 = time.perf_counter()
-            results = _run_steps(pool, units)
-            steps_ms.append(ms(time.perf_counter() - t1))
+            results = _run_steps(pool, [_listen(s, mels[(r + 1 + i) % len(mels)]) for i, s in enumerate(streams)])
+            steps_ms.append(ms(time.perf_counter() - t0))
             speakers = [i for i, result in enumerate(results) if result.spoke]
             if len(speakers) != 1:
                 raise Error(f"{len(speakers)} streams spoke in round {r} of {n} streams; the script wants one")
