@@ -25,15 +25,18 @@ Per cell, on one Model loaded by listenloop.benchmarks.latency.measure_startup (
                               measured when the cell's time budget allows it
     listening_step_at_2000_ms encoder_ms + decoder_step_at_2000_ms (sum of medians)
     decode_tokens_per_s       1-token reply decode steps per second (latency.measure_reply)
-and what really ran: the providers of both graphs, whether CUDA graphs are on (Model.cuda_graphs),
-the KV cache device, and every warning the runtime logged (a CUDA profile falls back to CPU with
-one). Counts (chunks, reply rounds, steps) are cut to fit --cell-seconds after a warm-up step.
+and what really ran: the providers of both graphs, whether CUDA graphs are on for the decoder
+(cuda_graphs) and the encoder (encoder_cuda_graphs), the KV cache device, and every warning the
+runtime logged (a CUDA profile falls back to CPU with one). Cells run one stream per decoder
+call (the profile's "slots" off), so every precision measures the same path; the slot decoder is
+measured by the streams section. Counts (chunks, reply rounds, steps) are cut to fit
+--cell-seconds after a warm-up step.
 
 Streams per call (`streams`, per precision the slot decoder is exported at: fp32, fp16): the
 package also gets the slot decoder (`--slots`), and one Model on the first profile, with the
 slot decoder and a capacity of --streams-context, runs listenloop.benchmarks.slots for each of
---stream-counts streams (a pool of that many slots, every chunk arriving at once, each encoded
-alone, one shared listening step, one scripted reply per round):
+--stream-counts streams (a pool of that many slots, every chunk arriving at once, all encoded in
+one call, one shared listening step, one scripted reply per round):
     streams_real_time         the most streams kept in real time: p99 TTFR (arrival -> first reply
                               token) <= 60 ms and every round's work <= 0.4 s; 0: none
     counts[]                  per count: ttfr_ms, round_ms, listening_step_ms (medians and p99)
@@ -187,12 +190,23 @@ def job_export(spec: dict, result: dict, save) -> None:
                    slots=spec.get("slots", False))
 
 
+def profile_with(profile: str, work: Path, suffix: str, **changes) -> str:
+    """A copy of `profile` (a name or a .json) with `changes`, named `<name>-<suffix>`, in `work`."""
+    from listenloop.profiles import load_profile, profiles_dir
+
+    source = Path(profile) if profile.endswith(".json") else profiles_dir() / f"{profile}.json"
+    data = json.loads(source.read_text())
+    data.update(name=f"{load_profile(profile).name}-{suffix}", **changes)
+    path = work / f"{data['name']}.json"
+    write_json(path, data)
+    return str(path)
+
+
 def job_streams(spec: dict, result: dict, save) -> None:
     """The slot decoder's streams per call on one Model (listenloop.benchmarks.slots)."""
     from listenloop.benchmarks import inputs
     from listenloop.benchmarks.slots import measure_slot_streams
     from listenloop.model import Model
-    from listenloop.profiles import load_profile, profiles_dir
 
     warnings = result["ran"]["warnings"]
 
@@ -203,16 +217,13 @@ def job_streams(spec: dict, result: dict, save) -> None:
     logging.getLogger("listenloop").addHandler(Collect(logging.WARNING))
     # the cell's profile with the slot decoder on; the Model's own pool is the smallest, since the
     # measurement makes a pool per count
-    source = Path(spec["profile"]) if spec["profile"].endswith(".json") else profiles_dir() / f"{spec['profile']}.json"
-    data = json.loads(source.read_text())
-    data.update(name=f"{load_profile(spec['profile']).name}-slots", slots=1)
-    profile = Path(spec["work"]) / f"{data['name']}.json"
-    write_json(profile, data)
+    profile = profile_with(spec["profile"], Path(spec["work"]), "slots", slots=1)
     result["phase"] = "load"
     save()
-    model = Model(spec["package"], str(profile), max_context=spec["context"])
+    model = Model(spec["package"], profile, max_context=spec["context"])
     result["ran"].update(providers=list(model.providers), encoder_providers=list(model.encoder.get_providers()),
-                         cuda_graphs=bool(model.cuda_graphs), kv_cache_device=model.profile.kv_cache_device,
+                         cuda_graphs=bool(model.cuda_graphs), encoder_cuda_graphs=bool(model.encoder_graphs),
+                         kv_cache_device=model.profile.kv_cache_device,
                          profile=model.profile.name, slot_decoder=bool(model.slots))
     result["phase"] = "streams"
     save()
@@ -255,14 +266,17 @@ def job_cell(spec: dict, result: dict, save) -> None:
 
     asked, decoder_options = load_profile(spec["profile"]).providers_for("decoder")[0]
     result["ran"]["cuda_graphs_requested"] = bool(decoder_options.get("enable_cuda_graph"))
+    # one stream per decoder call, whatever the profile's slots: every precision's cell measures
+    # the same path (the int4 package has no slot decoder); the streams section measures slots
+    profile = profile_with(spec["profile"], Path(spec["work"]), "one-stream", slots=None)
     t = phase("load")
-    startup, runtime = latency.measure_startup(spec["package"], spec["profile"])
+    startup, runtime = latency.measure_startup(spec["package"], profile)
     seconds["load"] = time.perf_counter() - t
     try:
         model = runtime.model
         result["ran"].update(providers=list(model.providers), encoder_providers=list(model.encoder.get_providers()),
-                             cuda_graphs=bool(model.cuda_graphs), kv_cache_device=model.profile.kv_cache_device,
-                             profile=model.profile.name)
+                             cuda_graphs=bool(model.cuda_graphs), encoder_cuda_graphs=bool(model.encoder_graphs),
+                             kv_cache_device=model.profile.kv_cache_device, profile=model.profile.name)
         details["startup"] = startup
         details["environment"] = machine.environment(model)
         if model.providers[0] != asked and not spec["measure_fallback"]:
@@ -510,7 +524,8 @@ class Check:
         limit = min(self.left() - 2, LOAD_SECONDS[self.args.dims] + 1.5 * self.settings["cell_seconds"] + 10)
         spec = {k: self.settings[k] for k in ("chunks", "rounds", "reply_tokens", "context_steps", "session_chunks",
                                               "cell_seconds")}
-        spec.update(package=cell["package"], profile=cell["profile"], measure_fallback=self.args.dims == "tiny")
+        spec.update(package=cell["package"], profile=cell["profile"], measure_fallback=self.args.dims == "tiny",
+                    work=str(self.root))
         initial = {k: cell[k] for k in ("ran", "figures", "skipped", "seconds", "details")}
         r = self.job("cell", spec, limit, initial)
         for key in ("ran", "figures", "skipped", "seconds", "details", "status", "error", "phase", "wall_seconds"):
