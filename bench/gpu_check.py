@@ -32,7 +32,7 @@ call (the profile's "slots" off), so every precision measures the same path; the
 measured by the streams section. Counts (chunks, reply rounds, steps) are cut to fit
 --cell-seconds after a warm-up step.
 
-Streams per call (`streams`, per precision the slot decoder is exported at: fp32, fp16): the
+Streams per call (`streams`, per precision of --stream-precisions, default fp16): the
 package also gets the slot decoder (`--slots`), and one Model on the first profile, with the
 slot decoder and a capacity of --streams-context, runs listenloop.benchmarks.slots for each of
 --stream-counts streams (a pool of that many slots, every chunk arriving at once, all encoded in
@@ -75,6 +75,7 @@ FULL = {"chunks": 40, "rounds": 8, "reply_tokens": 32, "context_steps": 10, "ses
 QUICK = {"chunks": 10, "rounds": 3, "reply_tokens": 4, "context_steps": 3, "session_chunks": 5, "cell_seconds": 20}
 LOAD_SECONDS = {"real": 90, "tiny": 30}  # allowance for the model load of a cell, on top of cell_seconds
 STREAM_COUNTS = "1,8,32,64,128,256"
+STREAM_PRECISIONS = "fp16"
 CHUNK_SECONDS_OF_MELS = 0.4 * 64  # 64 chunks of synthetic audio for the streams runs
 
 
@@ -411,7 +412,7 @@ class Check:
                              attention="gqa", max_context=args.max_context),
             "environment": None, "phases": {"checkpoint": None, "export": {}}, "cells": [], "streams": {},
             "error": None, "seconds_total": None}
-        for precision in args.precisions if args.stream_counts else ():
+        for precision in [x for x in args.precisions if x in args.stream_precisions] if args.stream_counts else ():
             self.report["streams"][precision] = {
                 "status": "pending", "error": None, "phase": None, "profile": args.profiles[0],
                 "context": args.streams_context, "ran": {"providers": None, "warnings": []},
@@ -496,7 +497,7 @@ class Check:
         return path
 
     def wants_slots(self, precision: str) -> bool:
-        return bool(self.args.stream_counts) and precision in SLOT_PRECISIONS
+        return bool(self.args.stream_counts) and precision in self.args.stream_precisions
 
     def package(self, precision: str) -> tuple[Path | None, str | None]:
         out = self.package_dir(precision)
@@ -536,9 +537,6 @@ class Check:
 
     def streams(self, precision: str, package: Path) -> None:
         entry = self.report["streams"][precision]
-        if precision not in SLOT_PRECISIONS:
-            entry.update(status="skipped", error=f"the slot decoder is exported at {' or '.join(SLOT_PRECISIONS)} only")
-            return
         manifest = json.loads((package / "manifest.json").read_text())
         if "slot_decoder" not in manifest:
             entry.update(status="skipped", error=f"{package} has no slot decoder (an older export: remove it from "
@@ -674,6 +672,10 @@ def parse_args(argv):
     p.add_argument("--stream-counts", default=STREAM_COUNTS,
                    help=f"streams per decoder call to try with the slot decoder (default {STREAM_COUNTS}; "
                         "\"\" skips them and exports without the slot decoder)")
+    p.add_argument("--stream-precisions", default=STREAM_PRECISIONS,
+                   help=f"precisions whose packages get the slot decoder and a streams run, of "
+                        f"{', '.join(SLOT_PRECISIONS)} (default {STREAM_PRECISIONS}: int4 as well adds its slot "
+                        "decoder's export and a second streams run to the check's time)")
     p.add_argument("--streams-context", type=int, default=1024,
                    help="KV capacity of each stream in the streams runs (default 1024)")
     p.add_argument("--summary", metavar="JSON", help="print the table of a finished run's JSON and exit")
@@ -681,6 +683,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.precisions = [x for x in args.precisions.split(",") if x]
     args.profiles = [x for x in args.profiles.split(",") if x]
+    args.stream_precisions = [x for x in args.stream_precisions.split(",") if x]
+    if any(x not in SLOT_PRECISIONS for x in args.stream_precisions):
+        p.error(f"--stream-precisions takes {', '.join(SLOT_PRECISIONS)}, got {','.join(args.stream_precisions)}")
     try:
         args.stream_counts = sorted({int(x) for x in args.stream_counts.split(",") if x.strip()})
     except ValueError:

@@ -28,7 +28,7 @@ def build_parser(prog: str = "python -m listenloop.export") -> argparse.Argument
                         help="JSON list of {\"emotion\", \"text\"}: the only replies the package may decode")
     parser.add_argument("--slots", action="store_true",
                         help="also write the slot decoder, which runs many streams' steps in one call (GPUs; "
-                             "profiles with \"slots\"); fp32 and fp16 only")
+                             "profiles with \"slots\"); fp32, fp16 and int4 only")
     parser.add_argument("--verify", action="store_true", help="run the parity report against PyTorch; fail if off")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     return parser

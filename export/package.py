@@ -260,7 +260,7 @@ def export_package(checkpoint_dir, out_dir, precision: str = "fp32", encoder_pre
     (default: float16 for fp16, else float32; int4 takes either: float16 is what GPU kernels
     such as CUDA's GroupQueryAttention run). `reply_set`: a reply-set file (read_reply_set) whose
     replies are the only ones the package may decode. `slots`: also write the slot decoder, which
-    runs S streams' steps in one call (decoder_slots.onnx; fp32 and fp16 decoders only)."""
+    runs S streams' steps in one call (decoder_slots.onnx; fp32, fp16 and int4 only)."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir).expanduser().absolute()
     enc_precision, dec_precision = _resolve_precisions(precision, encoder_precision, decoder_precision)
     if attention not in ATTENTIONS:
@@ -270,9 +270,9 @@ def export_package(checkpoint_dir, out_dir, precision: str = "fp32", encoder_pre
         raise ExportError(f"kv_dtype {io_dtype}: a {dec_precision} decoder takes {' or '.join(IO_DTYPES_OF[dec_precision])}")
     for part, part_precision in (("decoder", dec_precision), ("encoder", enc_precision)):
         if slots and part_precision not in SLOT_PRECISIONS:  # with slots, the encoder batches the slots' chunks too
-            raise ExportError(f"--slots: the slot {part} is exported at {' or '.join(SLOT_PRECISIONS)}, not "
+            raise ExportError(f"--slots: the slot {part} is exported at one of {', '.join(SLOT_PRECISIONS)}, not "
                               f"{part_precision} (int8 quantizes activations with one scale per call, which would mix "
-                              "the slots' rows; int4's row independence is not checked yet)")
+                              "the slots' rows)")
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir}: already exists (pass --force to replace it)")
     if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):

@@ -75,7 +75,14 @@ def _stream(slot, busy, tokens, package):
     return np.array(outs), runner.cache[:, slot, :, :PIECES[-1][1]].copy()
 
 
-def test_a_slot_is_bitwise_the_same_alone_and_among_busy_slots(package):
+@pytest.fixture(scope="module")
+def int4_package(tiny_package_at):
+    return load_package(tiny_package_at("int4", "grouped", slots=True))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_a_slot_is_bitwise_the_same_alone_and_among_busy_slots(precision, package, int4_package):
+    package = int4_package if precision == "int4" else package  # int4: MatMulNBits keeps rows apart too
     tokens = np.random.default_rng(0).normal(0, 1, (PIECES[-1][1], package.hidden_size)).astype(np.float32)
     alone, alone_cache = _stream(0, False, tokens, package)
     assert np.isfinite(alone).all() and np.abs(alone).max() > 0
@@ -85,7 +92,9 @@ def test_a_slot_is_bitwise_the_same_alone_and_among_busy_slots(package):
         assert np.array_equal(alone_cache, busy_cache), f"slot {slot}: cache rows depend on the other slots"
 
 
-def test_slot_graph_matches_the_unbatched_graph(package):
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_slot_graph_matches_the_unbatched_graph(precision, package, int4_package):
+    package = int4_package if precision == "int4" else package
     tokens = np.random.default_rng(1).normal(0, 1, (PIECES[-1][1], package.hidden_size)).astype(np.float32)
     batched, batched_cache = _stream(2, True, tokens, package)
     dec = package.decoder
@@ -115,11 +124,11 @@ def test_manifest_names_the_slot_decoder(package):
 def test_slots_refused_for_int8(tiny_checkpoint, tmp_path):
     from listenloop.export.package import export_package
 
-    with pytest.raises(ExportError, match="slot decoder is exported at fp32 or fp16, not int8"):
+    with pytest.raises(ExportError, match="slot decoder is exported at one of fp32, fp16, int4, not int8"):
         export_package(tiny_checkpoint, tmp_path / "p", precision="int8", slots=True)
     assert not (tmp_path / "p").exists()
     # the chunks of a round are encoded in one call too, so the encoder may not be int8 either
-    with pytest.raises(ExportError, match="slot encoder is exported at fp32 or fp16, not int8"):
+    with pytest.raises(ExportError, match="slot encoder is exported at one of fp32, fp16, int4, not int8"):
         export_package(tiny_checkpoint, tmp_path / "p", precision="fp32", encoder_precision="int8", slots=True)
     assert not (tmp_path / "p").exists()
 
@@ -134,5 +143,5 @@ def test_a_package_whose_slot_decoder_has_an_int8_encoder_is_refused(package, tm
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["encoder"]["precision"] = "int8"
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ModelPackageError, match=r"slot_decoder: needs the encoder at fp32 or fp16, this one is int8"):
+    with pytest.raises(ModelPackageError, match=r"slot_decoder: needs the encoder at one of fp32, fp16, int4, this one is int8"):
         load_package(copy)

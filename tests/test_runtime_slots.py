@@ -114,10 +114,11 @@ def test_events_are_the_same_alone_and_among_streams_joining_and_leaving(runtime
     assert max(encoded) >= 2, encoded  # and so were encoder calls (mostly the streams are replying)
 
 
-def test_a_chunks_vectors_do_not_depend_on_the_other_rows_of_the_encoder_batch(runtime):
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_a_chunks_vectors_do_not_depend_on_the_other_rows_of_the_encoder_batch(precision, tiny_package_at, tmp_path):
     from listenloop.encoder import ChunkBatch
 
-    model = runtime.model
+    model = Model(tiny_package_at(precision, "grouped", slots=True), _profile(tmp_path), max_context=CONTEXT)
     mels = np.random.default_rng(5).normal(size=(SLOTS + 1, 128, 40)).astype(np.float32)
     batch = ChunkBatch(model, SLOTS)
     batch.stage(0, mels[0])

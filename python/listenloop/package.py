@@ -37,9 +37,9 @@ READABLE_VERSIONS = (1, 2)
 ATTENTIONS = ("grouped", "gqa")
 # The optional slot decoder (docs/DESIGN.md, "Fixed-slot batching"): S streams' steps of STEP
 # rows in one call, in its own file beside decoder.onnx, at a precision whose kernels keep
-# every row to itself (int8's per-call activation scale would not).
+# every row to itself (int8's per-call activation scale would not; int4's MatMulNBits does).
 SLOT_DECODER_FILE = "decoder_slots.onnx"
-SLOT_PRECISIONS = ("fp32", "fp16")
+SLOT_PRECISIONS = ("fp32", "fp16", "int4")
 MANIFEST = "manifest.json"
 IO_DTYPES = ("float32", "float16")
 # The decoder's activation, embedding and KV dtype by precision: int8 quantizes float32
@@ -279,7 +279,7 @@ def _validate_slot_decoder(manifest: dict) -> None:
                                                           f"got {show(section['step_tokens'])}")
     for part in ("decoder", "encoder"):  # with slots, the encoder batches the slots' chunks too
         if manifest[part]["precision"] not in SLOT_PRECISIONS:
-            raise _fail(MANIFEST, "slot_decoder", f"needs the {part} at {' or '.join(SLOT_PRECISIONS)}, "
+            raise _fail(MANIFEST, "slot_decoder", f"needs the {part} at one of {', '.join(SLOT_PRECISIONS)}, "
                                                   f"this one is {manifest[part]['precision']}")
 
 
