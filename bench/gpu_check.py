@@ -41,6 +41,12 @@ one call, one shared listening step, one scripted reply per round):
                               token) <= 60 ms and every round's work <= 0.4 s; 0: none
     counts[]                  per count: ttfr_ms, round_ms, listening_step_ms (medians and p99)
 
+The peer (`peer`, once, after the first precision's cells): PyTorch eager on the same decoder,
+Hugging Face transformers' Qwen2ForCausalLM with SDPA attention, built from the checkpoint's
+config with random weights, float16 on CUDA, in the same run (a fixed, published baseline):
+    listening_step_ms         13-token step after a 32-token prompt (median, p99, n)
+    reply_token_ms            1-token step; decode_tokens_per_s from them
+
 Top level: "gpu" is true when a CUDA session really runs on this machine; "complete" is true only
 when every cell was measured on CUDAExecutionProvider (both graphs) and got the CUDA graphs its
 profile asks for (the streams section says where it ran in its own "ran"). On a machine without
@@ -234,6 +240,77 @@ def job_streams(spec: dict, result: dict, save) -> None:
     result.update(measured)
 
 
+def job_peer(spec: dict, result: dict, save) -> None:
+    """PyTorch eager on the same decoder: Hugging Face transformers' Qwen2ForCausalLM (SDPA
+    attention) built from the checkpoint's config with its own random weights, float16 on CUDA
+    (float32 on a CPU fallback). The work of a cell: a 13-token listening step after a 32-token
+    prompt (each on an untimed copy of the prompt's cache) and 1-token reply steps."""
+    import copy
+
+    import torch
+    import transformers
+    from transformers import Qwen2ForCausalLM
+    from transformers.cache_utils import DynamicCache
+
+    from listenloop.benchmarks.stats import summarize
+    from listenloop.export.checkpoint import hf_qwen2_config, validate_checkpoint
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    result["ran"] = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "dtype": str(dtype).split(".")[-1],
+                     "attention": "sdpa", "torch": torch.__version__, "transformers": transformers.__version__}
+    result["phase"] = "load"
+    save()
+    config = hf_qwen2_config(validate_checkpoint(Path(spec["checkpoint"]))[0])
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(dtype).eval()
+    result["phase"] = "measure"
+    save()
+
+    def timed(fn) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return 1000 * (time.perf_counter() - t)
+
+    prompt_len, hidden = 32, config.hidden_size
+    generator = torch.Generator(device).manual_seed(SEED)
+    with torch.inference_mode():
+        prompt_cache = DynamicCache()
+        model(inputs_embeds=torch.randn(1, prompt_len, hidden, device=device, dtype=dtype, generator=generator),
+              past_key_values=prompt_cache, use_cache=True)
+        step = torch.randn(1, 13, hidden, device=device, dtype=dtype, generator=generator)
+        cache = None
+
+        def listen():
+            model(inputs_embeds=step, past_key_values=cache, use_cache=True)
+
+        token = torch.zeros(1, 1, dtype=torch.long, device=device)
+
+        def reply_token():
+            model(input_ids=token, past_key_values=cache, use_cache=True)
+
+        start = time.perf_counter()
+        listen_ms = []
+        for i in range(3 + spec["steps"]):  # 3 warm-up steps: kernels chosen, memory pools grown
+            if i >= 3 and time.perf_counter() - start > spec["seconds"] / 2:
+                break
+            cache = copy.deepcopy(prompt_cache)
+            elapsed = timed(listen)
+            if i >= 3:
+                listen_ms.append(elapsed)
+        reply_token()
+        token_ms = []
+        while len(token_ms) < spec["tokens"] and time.perf_counter() - start < spec["seconds"]:
+            token_ms.append(timed(reply_token))
+    result["figures"] = {"listening_step_ms": summarize(listen_ms), "reply_token_ms": summarize(token_ms),
+                         "decode_tokens_per_s": 1000 * len(token_ms) / sum(token_ms) if token_ms else None}
+
+
 class NotMeasured(Exception):
     """A cell that would only measure something else than what it is for."""
 
@@ -363,7 +440,7 @@ def job_cell(spec: dict, result: dict, save) -> None:
         runtime.close()
 
 
-JOBS = {"checkpoint": job_checkpoint, "export": job_export, "cell": job_cell, "streams": job_streams}
+JOBS = {"checkpoint": job_checkpoint, "export": job_export, "cell": job_cell, "streams": job_streams, "peer": job_peer}
 
 
 def run_job(spec_path: str) -> int:
@@ -411,6 +488,8 @@ class Check:
             "settings": dict(settings, context_tokens=CONTEXT_TOKENS, deadline_s=args.deadline, seed=SEED,
                              attention="gqa", max_context=args.max_context),
             "environment": None, "phases": {"checkpoint": None, "export": {}}, "cells": [], "streams": {},
+            "peer": {"status": "pending", "error": None, "phase": None, "ran": None, "figures": None,
+                     "wall_seconds": None},
             "error": None, "seconds_total": None}
         for precision in [x for x in args.precisions if x in args.stream_precisions] if args.stream_counts else ():
             self.report["streams"][precision] = {
@@ -535,6 +614,22 @@ class Check:
         if cell["status"] == "ok":
             cell["phase"] = None
 
+    def peer(self) -> None:
+        """PyTorch eager on the same decoder dimensions (job_peer), once, after the first cells."""
+        entry = self.report["peer"]
+        checkpoint = self.checkpoint()
+        if checkpoint is None or self.left() < 20:
+            entry.update(status="skipped", error="no checkpoint" if checkpoint is None else "out of time (--deadline)")
+            return
+        self.say("PyTorch eager peer (transformers Qwen2, SDPA)")
+        spec = {"checkpoint": str(checkpoint), "steps": self.settings["chunks"], "tokens": self.settings["reply_tokens"],
+                "seconds": self.settings["cell_seconds"]}
+        r = self.job("peer", spec, min(self.left() - 2, LOAD_SECONDS[self.args.dims] + self.settings["cell_seconds"]))
+        for key in ("ran", "figures", "status", "error", "phase", "wall_seconds"):
+            if key in r:
+                entry[key] = r[key]
+        self.save()
+
     def streams(self, precision: str, package: Path) -> None:
         entry = self.report["streams"][precision]
         manifest = json.loads((package / "manifest.json").read_text())
@@ -580,6 +675,8 @@ class Check:
                 self.cell(cell)
                 self.save()
                 self.raise_if_stopped()
+            if self.report["peer"]["status"] == "pending":
+                self.peer()
             if precision in self.report["streams"]:
                 if self.left() < 10:
                     self.report["streams"][precision].update(status="skipped", error="out of time (--deadline)")
@@ -634,6 +731,13 @@ def summary(report: dict, path=None) -> str:
                      f"{_num(f['decode_tokens_per_s'], 1):>8s}  {status}")
     lines.append("  (ms; TTFR p50: encoder + listening step + first token on a stream; e2e: through a Session "
                  "in real time; listen: mel + encoder + decoder step per chunk; @2000: with ~2000 tokens cached)")
+    peer = report.get("peer") or {}
+    if peer.get("figures"):
+        f, ran = peer["figures"], peer["ran"]
+        lines.append(f"  PyTorch eager peer (transformers {ran['transformers']}, {ran['dtype']}, SDPA) on {ran['device']}: "
+                     f"listen {_num(f['listening_step_ms'].get('median'))} ms, {_num(f['decode_tokens_per_s'], 1)} tok/s")
+    elif peer:
+        lines.append(f"  PyTorch eager peer: {peer['status']}" + (f": {peer['error']}" if peer.get("error") else ""))
     for precision, entry in (report.get("streams") or {}).items():
         ran = (entry["ran"].get("providers") or ["-"])[0]
         counts = ", ".join(f"{row['streams']}: {_num(row['ttfr_ms'].get('p99'), 1)}"

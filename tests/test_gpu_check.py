@@ -81,6 +81,18 @@ def test_tiny_run_records_every_figure_of_every_cell(tiny_run):
         assert cell["details"]["environment"]["precision"] == cell["precision"]
 
 
+def test_tiny_run_measures_the_pytorch_eager_peer_on_the_same_decoder(tiny_run):
+    _, report = tiny_run
+    peer = report["peer"]
+    assert peer["status"] == "ok" and peer["error"] is None, peer
+    assert peer["ran"]["attention"] == "sdpa" and peer["ran"]["transformers"]
+    if not has_cuda_provider():
+        assert peer["ran"] == dict(peer["ran"], device="cpu", dtype="float32")
+    f = peer["figures"]
+    assert f["listening_step_ms"]["n"] >= 3 and f["reply_token_ms"]["n"] >= 3
+    assert 0 < f["listening_step_ms"]["median"] and math.isfinite(f["decode_tokens_per_s"]) and f["decode_tokens_per_s"] > 0
+
+
 def test_tiny_run_reports_streams_real_time_through_the_slot_decoder(tiny_run):
     _, report = tiny_run
     fp32, int4 = report["streams"]["fp32"], report["streams"].get("int4")
