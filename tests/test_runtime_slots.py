@@ -299,3 +299,21 @@ def test_the_server_refuses_a_connection_beyond_the_slots_with_503(package, tmp_
     with listenloop.Runtime(package, _profile(tmp_path, slots=1), max_context=CONTEXT) as rt:
         with serving(rt, max_sessions=4) as server:
             run(scenario(server.http))
+
+
+def test_a_slot_is_zeroed_in_every_buffer_and_nothing_else():
+    """The device clear's region arithmetic (slot_pool.zero_slot), run with the C library's
+    memset on host buffers of the pool's layout [S, KVH, C + 13, D]; cudaMemset takes the same
+    arguments on a GPU."""
+    import ctypes
+
+    from listenloop.slot_pool import zero_slot
+
+    libc = ctypes.CDLL(None)
+    libc.memset.argtypes, libc.memset.restype = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t], ctypes.c_void_p
+    buffers = [np.full((SLOTS, 2, 7, 3), float(i + 1), np.float16) for i in range(4)]
+    slot_nbytes = buffers[0][0].nbytes
+    zero_slot([b.ctypes.data for b in buffers], 2, slot_nbytes, libc.memset)
+    for i, b in enumerate(buffers):
+        assert (b[2] == 0).all()
+        assert (np.delete(b, 2, axis=0) == i + 1).all()

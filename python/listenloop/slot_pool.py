@@ -42,6 +42,38 @@ from .protocol import STEP
 log = logging.getLogger("listenloop")
 
 SLOT_GRAPH_ID = 1  # the CUDA graph id of the one captured step
+CUDA_RUNTIMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")  # newest first
+
+
+def cuda_memset():
+    """`memset(pointer, byte, nbytes)` for device memory: the CUDA runtime's cudaMemset followed
+    by cudaDeviceSynchronize (so no later step, on whichever stream, reads before it), through
+    ctypes from the CUDA runtime ONNX Runtime's CUDA provider has loaded; None without one."""
+    import ctypes
+
+    for name in CUDA_RUNTIMES:
+        try:
+            cudart = ctypes.CDLL(name)
+        except OSError:
+            continue
+        memset, synchronize = cudart.cudaMemset, cudart.cudaDeviceSynchronize
+        memset.argtypes, memset.restype = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t], ctypes.c_int
+        synchronize.argtypes, synchronize.restype = [], ctypes.c_int
+
+        def device_memset(pointer: int, byte: int, nbytes: int) -> None:
+            if memset(pointer, byte, nbytes) or synchronize():
+                raise RuntimeError(f"cudaMemset of {nbytes} bytes failed")
+
+        return device_memset
+    return None
+
+
+def zero_slot(pointers: list, slot: int, slot_nbytes: int, memset) -> None:
+    """Zero slot `slot`'s region in each buffer [S, ...] at `pointers` (slot-major: a slot's
+    region is `slot_nbytes` contiguous bytes) with `memset(pointer, byte, nbytes)`."""
+    for pointer in pointers:
+        memset(pointer + slot * slot_nbytes, 0, slot_nbytes)
+
 
 
 class SlotPool:
@@ -73,6 +105,10 @@ class SlotPool:
             del zeros
             pointers = [v.data_ptr() for v in self._values]
             self.array = None
+            self._device_memset = cuda_memset()
+            if self._device_memset is None:
+                log.warning("no CUDA runtime library (%s) to clear a slot on the device: a stream that computes "
+                            "NaN may leave it in its slot", ", ".join(CUDA_RUNTIMES))
         else:
             self.array = self._host((2 * m.layers, *self.shape), self.io_dtype)
             pointers = [self.array[j].ctypes.data for j in range(2 * m.layers)]
@@ -84,6 +120,7 @@ class SlotPool:
             options.add_run_config_entry("gpu_graph_id", str(graph_id))
         self._binder = Binder(m.decoder, options)
         self._staging = _DeviceStaging(self, self._device) if m.cuda_graphs else None
+        self._pointers = pointers
         self._bind(pointers)
         self.chunks = ChunkBatch(m, slots, m.encoder_graph_id() if m.encoder_graphs else None)
 
@@ -140,11 +177,12 @@ class SlotPool:
             self._clear(slot)
 
     def _clear(self, slot: int) -> None:
-        # Host buffers only: a device buffer starts from zeros, and a stream's rows above its
-        # length are read with weight zero, so only non-finite values left by a stream that
-        # failed could leak into its own later steps (docs/DESIGN.md, "Fixed-slot batching").
+        # A stream's rows above its length get attention weight zero, but 0 x NaN is NaN: a
+        # slot is zeroed when it changes hands and after NaN (docs/DESIGN.md, "Fixed-slot batching").
         if self.array is not None:
             self.array[:, slot] = 0
+        elif self._device_memset is not None:
+            zero_slot(self._pointers, slot, self.bytes_per_slot // (2 * self.model.layers), self._device_memset)
 
     def in_use(self) -> int:
         with self._lock:
