@@ -75,7 +75,6 @@ def zero_slot(pointers: list, slot: int, slot_nbytes: int, memset) -> None:
         memset(pointer + slot * slot_nbytes, 0, slot_nbytes)
 
 
-
 class SlotPool:
     """`graph_id`: the CUDA graph id of this pool's step (pools of other sizes on one session,
     as a benchmark makes them, each need their own: a graph is replayed at its captured shapes)."""
@@ -112,6 +111,7 @@ class SlotPool:
         else:
             self.array = self._host((2 * m.layers, *self.shape), self.io_dtype)
             pointers = [self.array[j].ctypes.data for j in range(2 * m.layers)]
+            self._device_memset = None
         options = None
         if m.cuda_graphs:
             import onnxruntime as ort
@@ -219,7 +219,10 @@ class SlotPool:
 
     def make(self, call: str) -> None:
         """The shared call a stream waits for: ENCODER_CALL or DECODER_STEP."""
-        self.encode() if call == ENCODER_CALL else self.step()
+        if call == ENCODER_CALL:
+            self.encode()
+        else:
+            self.step()
 
     def round(self, waiting: dict) -> dict:
         """One round for the units waiting on this pool. `waiting` maps a key to
