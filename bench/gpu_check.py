@@ -35,8 +35,9 @@ measured by the streams section. Counts (chunks, reply rounds, steps) are cut to
 Streams per call (`streams`, per precision of --stream-precisions, default fp16): the
 package also gets the slot decoder (`--slots`), and one Model on the first profile, with the
 slot decoder and a capacity of --streams-context, runs listenloop.benchmarks.slots for each of
---stream-counts streams (a pool of that many slots, every chunk arriving at once, all encoded in
-one call, one shared listening step, one scripted reply per round):
+--stream-counts streams (a pool of that many slots, fed from the example recordings, every chunk
+arriving at once, all encoded in one call, one shared listening step, one scripted reply per
+round):
     streams_real_time         the most streams kept in real time: p99 TTFR (arrival -> first reply
                               token) <= 60 ms and every round's work <= 0.4 s; 0: none
     counts[]                  per count: ttfr_ms, round_ms, listening_step_ms (medians and p99)
@@ -82,7 +83,6 @@ QUICK = {"chunks": 10, "rounds": 3, "reply_tokens": 4, "context_steps": 3, "sess
 LOAD_SECONDS = {"real": 90, "tiny": 30}  # allowance for the model load of a cell, on top of cell_seconds
 STREAM_COUNTS = "1,8,32,64,128,256"
 STREAM_PRECISIONS = "fp16"
-CHUNK_SECONDS_OF_MELS = 0.4 * 64  # 64 chunks of synthetic audio for the streams runs
 
 
 def one_line(exc: BaseException) -> str:
@@ -234,7 +234,7 @@ def job_streams(spec: dict, result: dict, save) -> None:
                          profile=model.profile.name, slot_decoder=bool(model.slots))
     result["phase"] = "streams"
     save()
-    mels = inputs.chunk_mels(inputs.synthetic_audio(CHUNK_SECONDS_OF_MELS, seed=0))
+    mels = inputs.chunk_mels(inputs.example_pcm())  # the example recordings, each stream from its own offset
     measured = measure_slot_streams(model, mels, spec["counts"], spec["rounds"], spec["reply_tokens"],
                                     seconds=spec["seconds"], log=lambda line: print(line, file=sys.stderr))
     result.update(measured)

@@ -30,6 +30,23 @@ def synthetic_audio(seconds: float, seed: int = 0) -> np.ndarray:
     return (0.05 * rng.standard_normal(n) + 0.2 * tone).astype(np.float32)
 
 
+def example_pcm() -> np.ndarray:
+    """The example recordings (examples/*.wav: 16-bit PCM, mono, 16 kHz) one after the other as
+    float32, read with the standard library's `wave` (machines without soundfile read them too)."""
+    import wave
+
+    parts = []
+    for path in sorted(examples_dir().glob("*.wav")):
+        with wave.open(str(path)) as w:
+            layout = (w.getsampwidth(), w.getnchannels(), w.getframerate())
+            if layout != (2, 1, SAMPLE_RATE):
+                raise Error(f"{path}: (bytes per sample, channels, rate) {layout}, expected (2, 1, {SAMPLE_RATE})")
+            parts.append(np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768)
+    if not parts:
+        raise Error(f"{examples_dir()}: no example recordings")
+    return np.concatenate(parts)
+
+
 def chunk_mels(audio: np.ndarray) -> np.ndarray:
     """[k,128,40] normalised log-mels of consecutive chunks, as a session feeds the encoder."""
     from .. import _core
