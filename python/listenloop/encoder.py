@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import ModelOutputError
-from .kv_cache import ONNX_FLOAT, Binder, allocate_host
+from .kv_cache import ONNX_FLOAT, Binder, pinned_zeros
 from .protocol import FRAMES_PER_CHUNK, N_MELS, VECTORS_PER_CHUNK
 
 
@@ -24,10 +24,9 @@ class ChunkBatch:
     each batch its own: a graph is replayed at the shapes and addresses it was captured with)."""
 
     def __init__(self, model, batch: int, graph_id: int | None = None):
-        self.batch = batch
-        self._memory = []
-        self.mel = self._host((batch, N_MELS, FRAMES_PER_CHUNK))
-        self.audio = self._host((batch, VECTORS_PER_CHUNK, model.hidden))
+        self._memory = []  # page-locked: async-capable copies to a GPU
+        self.mel = pinned_zeros((batch, N_MELS, FRAMES_PER_CHUNK), np.float32, self._memory)
+        self.audio = pinned_zeros((batch, VECTORS_PER_CHUNK, model.hidden), np.float32, self._memory)
         options = None
         if model.encoder_graphs:
             import onnxruntime as ort
@@ -46,14 +45,6 @@ class ChunkBatch:
             cpu = b.device("cpu")
             b.bind_input("mel", cpu, ONNX_FLOAT, list(self.mel.shape), self.mel.ctypes.data)
             b.bind_output("audio_embeds", cpu, ONNX_FLOAT, list(self.audio.shape), self.audio.ctypes.data)
-
-    def _host(self, shape) -> np.ndarray:
-        """Zeroed page-locked float32 memory (async-capable copies to a GPU)."""
-        raw, owner = allocate_host(int(np.prod(shape)) * 4)
-        self._memory.append(owner)
-        array = raw.view(np.float32).reshape(shape)
-        array[...] = 0
-        return array
 
     def stage(self, row: int, mel: np.ndarray) -> None:
         """One chunk's normalised log-mel [128, 40] into row `row` of the next call."""

@@ -149,6 +149,17 @@ def allocate_host(nbytes: int) -> tuple[np.ndarray, object]:
     return np.frombuffer(buf, dtype=np.uint8, count=nbytes), buf
 
 
+def pinned_zeros(shape, dtype, owners: list) -> np.ndarray:
+    """Zeroed page-locked memory of `shape` and `dtype`; the memory's owner is appended to
+    `owners`, which must outlive the array."""
+    dtype = np.dtype(dtype)
+    raw, owner = allocate_host(int(np.prod(shape)) * dtype.itemsize)
+    owners.append(owner)
+    array = raw.view(dtype).reshape(shape)
+    array[...] = 0
+    return array
+
+
 
 
 class StreamBuffer:

@@ -96,8 +96,7 @@ class Model:
         decoder's CUDA options (`enable_cuda_graph`), which only a gqa graph or the slot decoder
         can serve (fixed shapes per step kind). Otherwise the option is dropped with one warning
         line."""
-        providers = self.profile.providers_for("decoder")
-        name, options = providers[0]
+        name, options = self.profile.providers_for("decoder")[0]
         if name != "CUDAExecutionProvider" or not options.get("enable_cuda_graph"):
             return False
         if (self.attention == "gqa" or self.slots) and self.profile.kv_cache_device == "cuda":
@@ -105,10 +104,14 @@ class Model:
         log.warning("profile %r: CUDA graphs need a package exported with `--attention gqa` (or a slot decoder "
                     "and a profile with \"slots\") and the KV cache on the device; this package's decoder is %r: "
                     "running without them", self.profile.name, self.attention)
-        kept = ((name, {k: v for k, v in options.items() if k != "enable_cuda_graph"}),) + tuple(providers[1:])
-        graphs = dict(self.profile.graph_providers, decoder=kept)
-        self.profile = replace(self.profile, graph_providers=graphs)
+        self._drop_cuda_graph_option("decoder")
         return False
+
+    def _drop_cuda_graph_option(self, graph: str) -> None:
+        """The profile without `enable_cuda_graph` in `graph`'s first provider's options."""
+        (name, options), *rest = self.profile.providers_for(graph)
+        kept = ((name, {k: v for k, v in options.items() if k != "enable_cuda_graph"}), *rest)
+        self.profile = replace(self.profile, graph_providers=dict(self.profile.graph_providers, **{graph: kept}))
 
     def _encoder_graphs(self) -> bool:
         """Whether encoder calls are captured as CUDA graphs: the profile asks for it in the
@@ -120,9 +123,7 @@ class Model:
     def _drop_encoder_graphs(self, reason: str) -> None:
         log.warning("profile %r: the encoder cannot be captured as a CUDA graph (%s): running it without",
                     self.profile.name, reason)
-        (name, options), *rest = self.profile.providers_for("encoder")
-        kept = ((name, {k: v for k, v in options.items() if k != "enable_cuda_graph"}), *rest)
-        self.profile = replace(self.profile, graph_providers=dict(self.profile.graph_providers, encoder=kept))
+        self._drop_cuda_graph_option("encoder")
         self.encoder_graphs = False
 
     def encoder_graph_id(self) -> int:

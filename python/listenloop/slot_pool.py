@@ -36,7 +36,7 @@ import numpy as np
 
 from .encoder import ChunkBatch
 from .errors import CapacityError, ProtocolError, SessionClosedError
-from .kv_cache import DECODER_STEP, ENCODER_CALL, ONNX_FLOAT, ONNX_FLOAT16, ONNX_INT64, Binder, allocate_host, drive
+from .kv_cache import DECODER_STEP, ENCODER_CALL, ONNX_FLOAT, ONNX_FLOAT16, ONNX_INT64, Binder, drive, pinned_zeros
 from .protocol import STEP
 
 log = logging.getLogger("listenloop")
@@ -126,12 +126,7 @@ class SlotPool:
 
     def _host(self, shape, dtype) -> np.ndarray:
         """Zeroed page-locked host memory (async-capable copies to a GPU)."""
-        dtype = np.dtype(dtype)
-        raw, owner = allocate_host(int(np.prod(shape)) * dtype.itemsize)
-        self._memory.append(owner)
-        array = raw.view(dtype).reshape(shape)
-        array[...] = 0
-        return array
+        return pinned_zeros(shape, dtype, self._memory)
 
     def _bind(self, pointers: list) -> None:
         b, m = self._binder, self.model
