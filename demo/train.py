@@ -384,7 +384,9 @@ def main(argv=None) -> None:
         step += 1
         window.append(stats)
         if step % args.log_every == 0:
-            mean = {k: float(np.nanmean([w[k] for w in window])) for k in window[0]}
+            # a head that is off reports NaN every step: left out, as NaN is not JSON
+            mean = {k: float(np.nanmean(values)) for k in window[0]
+                    if not np.isnan(values := np.asarray([w[k] for w in window], np.float64)).all()}
             record = {"step": step, "lr": optimizer.param_groups[0]["lr"],
                       "elapsed_s": round(time.perf_counter() - started, 1), **mean}
             print(f"[train {args.stage}] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -396,6 +398,7 @@ def main(argv=None) -> None:
             model.eval()
             with torch.no_grad():
                 _, stats = batch_loss(model, to_batch(eval_batch), args.speak_weight, heads, *aux, args.text_weight)
+            stats = {k: v for k, v in stats.items() if not np.isnan(v)}
             print(f"[eval {args.stage}] step={step} " + " ".join(f"{k}={v:.4g}" for k, v in stats.items()), flush=True)
             log.write(json.dumps({"step": step, "eval": stats}) + "\n")
             log.flush()
