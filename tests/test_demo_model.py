@@ -5,6 +5,7 @@ holds, training lowers the loss, the encoder's auxiliary heads learn, and the ch
 round-trips through the exporter's loader."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -391,3 +392,27 @@ def test_release_checkpoint_round_trips_through_the_exporter(model, tok, tmp_pat
         torch.testing.assert_close(llm(input_ids=ids).logits, model.llm(input_ids=ids).logits)
     for k, v in model.encoder.state_dict().items():
         torch.testing.assert_close(ckpt.encoder_state[k], v)
+
+
+def test_averaged_release_loads_with_the_mean_of_both_weights(tok, tmp_path):
+    from listenloop.export.checkpoint import load_checkpoint
+
+    from demo.average import average_checkpoints
+    from demo.release import save_release
+
+    tokenizer, t, _ = tok
+    releases = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        releases.append(save_release(DemoModel(TINY, tokenizer.get_vocab_size()), tokenizer, t, tmp_path / f"r{seed}"))
+    average_checkpoints(releases, tmp_path / "mean")
+    a, b, mean = (load_checkpoint(p) for p in (*releases, tmp_path / "mean"))
+    for name in ("lm_state", "encoder_state"):
+        for key, value in getattr(mean, name).items():
+            torch.testing.assert_close(value, (getattr(a, name)[key] + getattr(b, name)[key]) / 2)
+    assert mean.tokens == a.tokens
+
+    wider = save_release(DemoModel(dataclasses.replace(TINY, intermediate=256), tokenizer.get_vocab_size()),
+                         tokenizer, t, tmp_path / "wider")
+    with pytest.raises(SystemExit, match="model.safetensors: .* is \\(256, 64\\) in checkpoint 2"):
+        average_checkpoints([releases[0], wider], tmp_path / "refused")
