@@ -385,8 +385,8 @@ def main(argv=None) -> None:
         window.append(stats)
         if step % args.log_every == 0:
             # a head that is off reports NaN every step: left out, as NaN is not JSON
-            mean = {k: float(np.nanmean(values)) for k in window[0]
-                    if not np.isnan(values := np.asarray([w[k] for w in window], np.float64)).all()}
+            columns = {k: np.asarray([w[k] for w in window], np.float64) for k in window[0]}
+            mean = {k: float(np.nanmean(v)) for k, v in columns.items() if not np.isnan(v).all()}
             record = {"step": step, "lr": optimizer.param_groups[0]["lr"],
                       "elapsed_s": round(time.perf_counter() - started, 1), **mean}
             print(f"[train {args.stage}] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
