@@ -33,7 +33,7 @@ from listenloop.protocol import CHUNK_SAMPLES
 from . import negatives, streams, tasks
 
 FEATURE_DIR = Path(__file__).resolve().parent / ".cache" / "features"
-DATA_VERSION = 4  # bump when stream generation changes, so a stale feature cache is never reused
+DATA_VERSION = 5  # bump when stream generation changes, so a stale feature cache is never reused
 SETS = ("train", "eval", "pairs", "real", "own", "real-eval")
 
 

@@ -122,7 +122,7 @@ def make_own_stream(seed: int) -> streams.Stream:
         for item, start in streams.place_items(rng, n, settings, "train"):
             wet = set_rms(item.audio, db_to_amplitude(rng.uniform(*settings.foreground_db)))
             mic[start:start + len(wet)] += wet[: n - start]
-            segments.append(streams.Segment(item.kind, item.name, item.text, start, start + len(item.audio), item.reply))
+            segments.append(item.segment(start))
     mic = np.clip(mic, -1.0, 1.0).astype(np.float32)
     if rng.random() < P_CANCELLED:
         mic = np.asarray(_core.EchoCanceller().process(mic, played), np.float32)

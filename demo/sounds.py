@@ -1,12 +1,15 @@
 """Household sound events synthesised in NumPy, each with randomised pitch, tempo and length.
 
-Every generator takes a NumPy Generator and returns 16 kHz float32 audio with peak 1.0; the
-stream mixer sets the level. The audio starts and ends where the sound does, so the event's
-end time (which decides the reply's chunk) is the end of the array.
+Every generator takes a NumPy Generator and returns a Sound: 16 kHz float32 audio with peak 1.0
+(the stream mixer sets the level) that starts and ends where the sound does, and its cue, the
+sample by which the sound is recognised, which decides the reply's chunk. The cue is the end of
+the sound, except for an alarm that repeats its pattern: that is answered once, after the first
+round, and its later rounds need no second reply.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -14,7 +17,18 @@ from listenloop.protocol import SAMPLE_RATE
 
 from .dsp import band_filter, fade, normalise_peak, seconds, time_axis
 
-SoundGenerator = Callable[[np.random.Generator], np.ndarray]
+
+class Sound(NamedTuple):
+    audio: np.ndarray
+    cue: int  # samples from the start after which the reply is due (see the module doc)
+
+
+def _whole(audio: np.ndarray) -> Sound:
+    """A sound recognised only once it is over: the reply is due at its end."""
+    return Sound(audio, len(audio))
+
+
+SoundGenerator = Callable[[np.random.Generator], Sound]
 
 
 def _tone(freq_hz: float | np.ndarray, n: int, phase: float = 0.0) -> np.ndarray:
@@ -23,8 +37,9 @@ def _tone(freq_hz: float | np.ndarray, n: int, phase: float = 0.0) -> np.ndarray
     return np.sin(phase + 2 * np.pi * np.cumsum(freq) / SAMPLE_RATE)
 
 
-def smoke_alarm(rng: np.random.Generator) -> np.ndarray:
-    """T3 temporal pattern: three ~0.5 s beeps near 3 kHz, a pause, repeated once or twice."""
+def smoke_alarm(rng: np.random.Generator) -> Sound:
+    """T3 temporal pattern: three ~0.5 s beeps near 3 kHz, a pause, and sometimes a second round
+    (answered after the first)."""
     freq = rng.uniform(2800, 3400)
     beep_s, gap_s = rng.uniform(0.35, 0.6), rng.uniform(0.3, 0.55)
     pause_s = rng.uniform(1.0, 1.6)
@@ -32,16 +47,12 @@ def smoke_alarm(rng: np.random.Generator) -> np.ndarray:
     # a piezo's square-ish wave: odd harmonics above the fundamental
     beep = _tone(freq, beep_n) + 0.3 * _tone(3 * freq, beep_n) * (3 * freq < 7800)
     beep = fade(beep.astype(np.float32), seconds(0.005))
-    parts: list[np.ndarray] = []
-    repeats = int(rng.integers(1, 3))
-    for r in range(repeats):
-        for b in range(3):
-            parts.append(beep)
-            if b < 2:
-                parts.append(np.zeros(seconds(gap_s), np.float32))
-        if r < repeats - 1:
-            parts.append(np.zeros(seconds(pause_s), np.float32))
-    return normalise_peak(np.concatenate(parts))
+    gap = np.zeros(seconds(gap_s), np.float32)
+    first_round = np.concatenate([beep, gap, beep, gap, beep])
+    rounds = [first_round]
+    if int(rng.integers(1, 3)) == 2:
+        rounds += [np.zeros(seconds(pause_s), np.float32), first_round]
+    return Sound(normalise_peak(np.concatenate(rounds)), len(first_round))
 
 
 def _bell_strike(fundamental: float, n: int, decay_s: float) -> np.ndarray:
@@ -55,7 +66,7 @@ def _bell_strike(fundamental: float, n: int, decay_s: float) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def doorbell(rng: np.random.Generator) -> np.ndarray:
+def doorbell(rng: np.random.Generator) -> Sound:
     """Two-tone "ding-dong": a high strike then a lower one (a major or minor third down)."""
     high = rng.uniform(550, 950)
     low = high / rng.choice([1.25, 1.19, 1.33])
@@ -65,10 +76,10 @@ def doorbell(rng: np.random.Generator) -> np.ndarray:
     total = np.zeros(gap + ring, np.float32)
     total[:ring] += _bell_strike(high, ring, decay)
     total[gap:] += _bell_strike(low, ring, decay)
-    return normalise_peak(fade(total, seconds(0.01)))
+    return _whole(normalise_peak(fade(total, seconds(0.01))))
 
 
-def phone_ring(rng: np.random.Generator) -> np.ndarray:
+def phone_ring(rng: np.random.Generator) -> Sound:
     """Dual-tone ring bursts (e.g. 440+480 Hz), optionally warbled, in 2-4 cadences."""
     f1 = rng.uniform(400, 900)
     f2 = f1 + rng.uniform(30, 200)
@@ -89,10 +100,10 @@ def phone_ring(rng: np.random.Generator) -> np.ndarray:
         if c < cadences - 1:
             parts.append(np.zeros(seconds(off_s), np.float32))
     audio = np.concatenate(parts)
-    return normalise_peak(np.trim_zeros(audio, "b"))
+    return _whole(normalise_peak(np.trim_zeros(audio, "b")))
 
 
-def knocking(rng: np.random.Generator) -> np.ndarray:
+def knocking(rng: np.random.Generator) -> Sound:
     """Knuckles on a door: 3-5 short band-passed noise impulses in a rhythm, 1-2 groups."""
     centre = rng.uniform(150, 500)
     interval = rng.uniform(0.14, 0.35)
@@ -112,10 +123,10 @@ def knocking(rng: np.random.Generator) -> np.ndarray:
         i = seconds(onset)
         total[i : i + knock_n] += burst.astype(np.float32) * rng.uniform(0.7, 1.0)
     total = band_filter(total, 60.0, centre * 6, edge_hz=80.0)
-    return normalise_peak(total)
+    return _whole(normalise_peak(total))
 
 
-def glass_break(rng: np.random.Generator) -> np.ndarray:
+def glass_break(rng: np.random.Generator) -> Sound:
     """A broadband crash followed by ringing high partials and a few falling shards."""
     n = seconds(rng.uniform(0.9, 1.8))
     t = time_axis(n)
@@ -134,10 +145,10 @@ def glass_break(rng: np.random.Generator) -> np.ndarray:
         f = rng.uniform(3000, 7500)
         tt = time_axis(tink_n)
         total[i : i + tink_n] += rng.uniform(0.1, 0.3) * np.sin(2 * np.pi * f * tt) * np.exp(-tt / 0.012)
-    return normalise_peak(fade(total.astype(np.float32), seconds(0.003)))
+    return _whole(normalise_peak(fade(total.astype(np.float32), seconds(0.003))))
 
 
-def kettle_whistle(rng: np.random.Generator) -> np.ndarray:
+def kettle_whistle(rng: np.random.Generator) -> Sound:
     """A narrowband whistle whose pitch and level rise, with breathy steam noise."""
     n = seconds(rng.uniform(1.8, 4.0))
     f_start = rng.uniform(1300, 2000)
@@ -149,7 +160,7 @@ def kettle_whistle(rng: np.random.Generator) -> np.ndarray:
     steam = band_filter(rng.standard_normal(n).astype(np.float32), f_start * 0.8, f_end * 1.3, edge_hz=300.0)
     steam *= (0.1 + 0.3 * ramp) * float(rng.uniform(0.5, 1.5)) / max(1e-9, float(np.std(steam)))
     total = whistle + 0.3 * steam
-    return normalise_peak(fade(total.astype(np.float32), seconds(0.1)))
+    return _whole(normalise_peak(fade(total.astype(np.float32), seconds(0.1))))
 
 
 SOUND_EVENTS: dict[str, SoundGenerator] = {

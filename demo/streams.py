@@ -2,11 +2,12 @@
 (sound events, commands, distractor speech) separated by quiet stretches.
 
 Labelling rule (the model was trained with each reply at the last chunk boundary reached by the
-end of the user's turn audio; we make it exact): an item whose audio ends at sample `e` (exclusive,
+end of the user's turn audio; we make it exact): an item whose cue ends at sample `e` (exclusive,
 dry signal, before any reverb tail) gets its reply on chunk k = (e - 1) // 6400, the chunk whose
-end boundary (k + 1)·6400 is the first boundary at or after `e`. The model therefore answers right
-after the chunk in which the item ends: within one chunk (0.4 s) of the end of the sound. Every
-other chunk is labelled silent.
+end boundary (k + 1)·6400 is the first boundary at or after `e`. The cue is the whole item, except
+for an alarm that repeats (sounds.py): that is answered after its first round. The model therefore
+answers right after the chunk in which the item, or its first round, ends: within one chunk
+(0.4 s). Every other chunk is labelled silent.
 
 Train and eval streams differ in seed salt, voices, distractor sentences, level ranges and
 tempo changes (training only); the command phrasings are shared (see tasks.py), so evaluation
@@ -74,10 +75,11 @@ class Segment:
     start: int  # first sample
     end: int  # one past the last sample of the dry sound
     reply: tasks.Reply | None  # None: must stay silent
+    cue_end: int | None = None  # one past the sample the reply waits for, if before `end` (module doc)
 
     @property
     def reply_chunk(self) -> int | None:
-        return reply_chunk(self.end) if self.reply is not None else None
+        return reply_chunk(self.cue_end or self.end) if self.reply is not None else None
 
 
 @dataclass
@@ -130,10 +132,16 @@ class Item:
     name: str  # event type, command name, or "distractor"
     text: str | None
     audio: np.ndarray  # dry, peak 1
+    cue: int | None = None  # samples until the reply is due, if before the end (sounds.Sound)
 
     @property
     def reply(self) -> tasks.Reply | None:
         return item_reply(self.kind, self.name)
+
+    def segment(self, start: int) -> Segment:
+        """This item placed at sample `start` of a stream."""
+        cue_end = start + self.cue if self.cue is not None else None
+        return Segment(self.kind, self.name, self.text, start, start + len(self.audio), self.reply, cue_end)
 
 
 def render_item(rng: np.random.Generator, kind: str, name: str, split: str, text: str | None = None,
@@ -142,7 +150,8 @@ def render_item(rng: np.random.Generator, kind: str, name: str, split: str, text
     "distractor"; `text` picks the phrase (else a random one of the split), `voice` the
     speaker (else a random one of the split)."""
     if kind == "event":
-        return Item(kind, name, None, SOUND_EVENTS[name](rng))
+        sound = SOUND_EVENTS[name](rng)
+        return Item(kind, name, None, sound.audio, sound.cue if sound.cue < len(sound.audio) else None)
     if kind == "command":
         command = next((c for c in tasks.COMMANDS if c.name == name), None)
         if command is None:
@@ -221,7 +230,7 @@ def mix_stream(
         wet = set_rms(wet, db_to_amplitude(foreground_db + rng.uniform(-4.0, 4.0)))
         piece = wet[: n - start]  # a reverb tail may be cut at the stream's end
         audio[start : start + len(piece)] += piece
-        segments.append(Segment(item.kind, item.name, item.text, start, end, item.reply))
+        segments.append(item.segment(start))
     if rng.random() < settings.p_resample:
         audio = augment.resample_artefacts(audio, int(rng.choice([8000, 11025])))
     if rng.random() < settings.p_clip:

@@ -103,8 +103,8 @@ def test_streams_have_documented_length_levels_labels_and_quiet_stretches(split)
         positives = [g for g in s.segments if g.reply is not None]
         assert np.count_nonzero(labels != streams.SILENT) == len(positives)
         for g in positives:
-            k = g.reply_chunk
-            assert k * CHUNK < g.end <= (k + 1) * CHUNK
+            k, due = g.reply_chunk, g.cue_end or g.end
+            assert k * CHUNK < due <= (k + 1) * CHUNK and due <= g.end
             assert labels[k] == tasks.REPLY_INDEX[g.reply]
         replies_seen += len(positives)
         if s.segments:  # quiet lead-in, quiet gaps between items, quiet tail
@@ -124,14 +124,30 @@ def test_streams_have_documented_length_levels_labels_and_quiet_stretches(split)
 @pytest.mark.parametrize("name", sorted(SOUND_EVENTS))
 def test_every_sound_event_renders_with_sane_levels(name):
     for seed in range(3):
-        x = SOUND_EVENTS[name](np.random.default_rng(seed))
+        x, cue = SOUND_EVENTS[name](np.random.default_rng(seed))
+        assert 0.3 * 16000 <= cue <= len(x)
         assert x.dtype == np.float32 and np.isfinite(x).all()
         assert abs(float(np.abs(x).max()) - 1.0) < 1e-5
         assert 0.3 * 16000 <= len(x) <= 8.0 * 16000
         assert np.sqrt(np.mean(x**2)) > 0.02  # audible, not a lone click (glass is peaky)
         assert np.abs(x[-1600:]).max() > 1e-3, "the array must end where the sound ends"
-    a, b = (SOUND_EVENTS[name](np.random.default_rng(s)) for s in (0, 1))
+    a, b = (SOUND_EVENTS[name](np.random.default_rng(s)).audio for s in (0, 1))
     assert len(a) != len(b) or not np.array_equal(a, b), "parameters must be randomised"
+
+
+def test_a_repeating_smoke_alarm_is_answered_once_after_its_first_round():
+    alarms = [SOUND_EVENTS["smoke_alarm"](np.random.default_rng(seed)) for seed in range(12)]
+    single = [a for a in alarms if a.cue == len(a.audio)]
+    double = [a for a in alarms if a.cue < len(a.audio)]
+    assert single and double, "both one-round and two-round alarms are drawn"
+    for audio, cue in double:
+        assert np.array_equal(audio[:cue], audio[len(audio) - cue:]), "the second round repeats the first"
+        assert not audio[cue:cue + 16000].any(), "a silent pause follows the first round"
+    item = streams.Item("event", "smoke_alarm", None, double[0].audio, double[0].cue)
+    segment = item.segment(start=CHUNK * 5)
+    assert segment.reply_chunk == streams.reply_chunk(CHUNK * 5 + double[0].cue) < segment.end // CHUNK
+    stream = streams.Stream(0, "train", np.zeros(segment.end + 8 * CHUNK - segment.end % CHUNK, np.float32), [segment])
+    assert np.flatnonzero(stream.labels() != streams.SILENT).tolist() == [segment.reply_chunk]
 
 
 @needs_synth
