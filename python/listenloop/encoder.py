@@ -62,7 +62,11 @@ class ChunkBatch:
 
     def vectors(self, row: int) -> np.ndarray:
         """A copy of row `row`'s audio vectors [10, H]; ModelOutputError when not finite."""
-        audio = self.audio[row].copy()
-        if not np.isfinite(audio).all():
-            raise ModelOutputError("the encoder computed NaN or infinite audio vectors")
-        return audio
+        return finite_vectors(self.audio[row].copy())
+
+
+def finite_vectors(audio: np.ndarray) -> np.ndarray:
+    """`audio` (encoder output) itself; ModelOutputError when it holds NaN or infinite numbers."""
+    if not np.isfinite(audio).all():
+        raise ModelOutputError("the encoder computed NaN or infinite audio vectors")
+    return audio

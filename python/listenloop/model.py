@@ -20,7 +20,8 @@ from dataclasses import replace
 import numpy as np
 
 from .context import check_capacity
-from .errors import DeviceError, ModelOutputError, ModelPackageError
+from .encoder import ChunkBatch, finite_vectors
+from .errors import DeviceError, ModelPackageError
 from .package import ModelPackage, check_graphs, check_slot_graph, resolve_package
 from .profiles import CPU, Profile, cpu_fallback, load_profile, provider_arguments, resolve_providers, session_options
 from .protocol import FRAMES_PER_CHUNK, N_MELS, STEP, VECTORS_PER_CHUNK
@@ -260,8 +261,6 @@ class Model:
             audio = np.empty((len(mel), VECTORS_PER_CHUNK, self.hidden), np.float32)
             with self._single_chunk_lock:  # one staging for every thread
                 if self._single_chunk is None:
-                    from .encoder import ChunkBatch
-
                     self._single_chunk = ChunkBatch(self, 1, self.encoder_graph_id())
                 for i, chunk in enumerate(mel):
                     self._single_chunk.stage(0, chunk)
@@ -269,9 +268,7 @@ class Model:
                     audio[i] = self._single_chunk.audio[0]
         else:
             audio = self.encoder.run(["audio_embeds"], {"mel": mel})[0]
-        if check and not np.isfinite(audio).all():
-            raise ModelOutputError("the encoder computed NaN or infinite audio vectors")
-        return audio
+        return finite_vectors(audio) if check else audio
 
     def new_cache(self, stream):
         """The KV cache of a new stream (kv_cache.py): its slot in the pool when there is one
