@@ -491,7 +491,7 @@ class Check:
             "peer": {"status": "pending", "error": None, "phase": None, "ran": None, "figures": None,
                      "wall_seconds": None},
             "error": None, "seconds_total": None}
-        for precision in [x for x in args.precisions if x in args.stream_precisions] if args.stream_counts else ():
+        for precision in filter(self.wants_slots, args.precisions):
             self.report["streams"][precision] = {
                 "status": "pending", "error": None, "phase": None, "profile": args.profiles[0],
                 "context": args.streams_context, "ran": {"providers": None, "warnings": []},
