@@ -75,7 +75,7 @@ class Segment:
     start: int  # first sample
     end: int  # one past the last sample of the dry sound
     reply: tasks.Reply | None  # None: must stay silent
-    cue_end: int | None = None  # one past the sample the reply waits for, if before `end` (module doc)
+    cue_end: int | None = None  # one past the sample the reply waits for; None: `end` (module doc)
 
     @property
     def reply_chunk(self) -> int | None:
@@ -132,7 +132,7 @@ class Item:
     name: str  # event type, command name, or "distractor"
     text: str | None
     audio: np.ndarray  # dry, peak 1
-    cue: int | None = None  # samples until the reply is due, if before the end (sounds.Sound)
+    cue: int | None = None  # samples until the reply is due (sounds.Sound); None: the whole item
 
     @property
     def reply(self) -> tasks.Reply | None:
@@ -150,8 +150,7 @@ def render_item(rng: np.random.Generator, kind: str, name: str, split: str, text
     "distractor"; `text` picks the phrase (else a random one of the split), `voice` the
     speaker (else a random one of the split)."""
     if kind == "event":
-        sound = SOUND_EVENTS[name](rng)
-        return Item(kind, name, None, sound.audio, sound.cue if sound.cue < len(sound.audio) else None)
+        return Item(kind, name, None, *SOUND_EVENTS[name](rng))
     if kind == "command":
         command = next((c for c in tasks.COMMANDS if c.name == name), None)
         if command is None:
